@@ -1,0 +1,165 @@
+"""Reading shards back: untrusted input, so every access is checked and memory is bounded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import ShardError
+from . import schema
+
+JOURNAL_READ_BYTES = 1 << 20
+MAX_RECORD_BYTES = 16 << 20
+DEFAULT_ROWS_PER_READ = 1 << 18
+
+
+class ShardReader:
+    """Read-only view of one shard; opens crashed (still SWMR-flagged) files too.
+
+    Use as a context manager. Raises ``ShardError`` for anything that is not a readable shard.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r", swmr=True, locking="best-effort")
+        except FileNotFoundError:
+            raise ShardError(f"{self.path}: no such shard") from None
+        except OSError as exc:
+            raise ShardError(f"{self.path}: not a readable HDF5 shard ({_first_line(exc)})") from None
+        try:
+            self.attrs = self._check_attrs()
+            self._check_layout()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _check_attrs(self) -> dict[str, Any]:
+        try:
+            attrs = {k: _plain(v) for k, v in self._file.attrs.items()}
+        except (OSError, KeyError, TypeError) as exc:
+            raise ShardError(f"{self.path}: attributes unreadable ({_first_line(exc)})") from None
+        if attrs.get("format") != schema.FORMAT:
+            raise ShardError(f"{self.path}: not a prov4ml_dist shard (format={attrs.get('format')!r:.60})")
+        version = attrs.get("schema_version")
+        if not isinstance(version, int) or not 1 <= version <= schema.SCHEMA_VERSION:
+            raise ShardError(f"{self.path}: unsupported shard schema version {version!r:.20}")
+        for key, kind in (("run_id", str), ("rank", int), ("attempt", int)):
+            if not isinstance(attrs.get(key), kind):
+                raise ShardError(f"{self.path}: attribute {key!r} missing or not {kind.__name__}")
+        return attrs
+
+    def _check_layout(self) -> None:
+        for name in schema.TABLES:
+            ds = self._file.get(name)
+            if not isinstance(ds, h5py.Dataset) or ds.dtype != schema.ROW_DTYPE or ds.ndim != 1:
+                raise ShardError(f"{self.path}: table {name!r} missing or of the wrong type")
+        ds = self._file.get(schema.JOURNAL)
+        if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1:
+            raise ShardError(f"{self.path}: journal missing or of the wrong type")
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def run_id(self) -> str:
+        return self.attrs["run_id"]
+
+    @property
+    def rank(self) -> int:
+        return self.attrs["rank"]
+
+    @property
+    def attempt(self) -> int:
+        return self.attrs["attempt"]
+
+    def rows(self, table: str) -> int:
+        """Number of rows flushed to ``table``."""
+        return int(self._file[table].shape[0])
+
+    def iter_rows(self, table: str, rows_per_read: int = DEFAULT_ROWS_PER_READ) -> Iterator[np.ndarray]:
+        """The table's rows in bounded slices (structured arrays of ``schema.ROW_DTYPE``)."""
+        if table not in schema.TABLES:
+            raise ShardError(f"unknown table {table!r}")
+        ds = self._file[table]
+        n = ds.shape[0]
+        for start in range(0, n, rows_per_read):
+            try:
+                yield ds[start:min(n, start + rows_per_read)]
+            except OSError as exc:
+                raise ShardError(f"{self.path}: table {table!r} unreadable at row {start} "
+                                 f"({_first_line(exc)})") from None
+
+    def read_table(self, table: str) -> np.ndarray:
+        """All rows of a table at once; prefer ``iter_rows`` for large shards."""
+        parts = list(self.iter_rows(table))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=schema.ROW_DTYPE)
+
+    def records(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
+        """Journal records in order; a torn last line is skipped, a corrupt one is an error."""
+        ds = self._file[schema.JOURNAL]
+        n = ds.shape[0]
+        pending = b""
+        for start in range(0, n, JOURNAL_READ_BYTES):
+            try:
+                pending += ds[start:min(n, start + JOURNAL_READ_BYTES)].tobytes()
+            except OSError as exc:
+                raise ShardError(f"{self.path}: journal unreadable ({_first_line(exc)})") from None
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > MAX_RECORD_BYTES:
+                raise ShardError(f"{self.path}: journal record over {MAX_RECORD_BYTES} bytes")
+            for line in lines:
+                record = self._parse(line)
+                if kind is None or record["kind"] == kind:
+                    yield record
+
+    def _parse(self, line: bytes) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ShardError(f"{self.path}: corrupt journal record {line[:60]!r}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+            raise ShardError(f"{self.path}: journal record without a kind: {line[:60]!r}")
+        return record
+
+    def start_record(self) -> dict[str, Any]:
+        """The run metadata written at ``start_run``."""
+        for record in self.records("start"):
+            return record
+        raise ShardError(f"{self.path}: no start record (killed before its first flush?)")
+
+    def end_record(self) -> dict[str, Any] | None:
+        """The ``end`` record, or None when the rank never reached a clean ``end_run``."""
+        end = None
+        for record in self.records("end"):
+            end = record
+        return end
+
+    def series(self, table: str) -> dict[int, dict[str, Any]]:
+        """Series id → its declaration, for one table."""
+        return {r["id"]: r for r in self.records("series") if r.get("table") == table
+                and isinstance(r.get("id"), int)}
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute values as plain Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

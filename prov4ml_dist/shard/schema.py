@@ -1,0 +1,57 @@
+"""The on-disk layout of a rank's shard: every name lives here, nowhere else.
+
+A shard is an HDF5 file written by exactly one process, in SWMR mode so that a SIGKILL at
+any moment leaves a file that opens (with ``swmr=True``) and holds everything flushed.
+SWMR forbids creating objects once writing starts, so the layout is fixed:
+
+- file attributes (written before SWMR starts): ``format``, ``schema_version``, ``run_id``,
+  ``experiment_name``, ``rank``, ``attempt`` (torchrun restart count), ``created`` (unix s);
+- ``/metrics`` and ``/system``: append-only tables of ``ROW_DTYPE`` rows; ``series`` is an id
+  declared by a ``series`` record in the journal before its first row is flushed;
+- ``/journal``: append-only UTF-8 JSON Lines as ``uint8``; every record is a JSON object with
+  ``kind`` and ``time`` (unix seconds). A torn last line (crash mid-write) is ignored.
+
+Journal record kinds and their fields (besides ``kind`` and ``time``):
+
+- ``start``: ``run_id``, ``experiment_name``, ``user_namespace``, ``topology`` (dict),
+  ``environment`` (dict), ``settings`` (dict); always the first record;
+- ``series``: ``table`` (``metrics``/``system``), ``id``, ``key``, ``context``, ``source``,
+  plus free-form extras for system series (``unit``, ``device``, ``scope``);
+- ``param``: ``key``, ``value`` (JSON value; non-JSON values as their ``repr``);
+- ``artifact``: ``name``, ``context``, ``step``, ``timestamp``, ``path`` (relative to the rank
+  root when ``copied``, else absolute), ``size``, ``sha256``, ``copied``, ``item`` (``artifact``,
+  ``model``, ``model_version``, ``model_layers``), ``model_name`` and ``version`` for models;
+- ``model``: ``model_name`` and model information (parameters, memory footprint, class);
+- ``dataset``: ``label`` and ``stats`` (dict);
+- ``sensor``: what the sampler found or lost (``name``, ``available``, ``reason``, ...);
+- ``warning``: ``where``, ``message`` — a failure that was survived, never silent;
+- ``end``: ``status`` and ``rows`` (dict table → rows written); present only after a clean close.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT = "prov4ml_dist.shard"
+SCHEMA_VERSION = 1
+
+TABLES = ("metrics", "system")
+JOURNAL = "journal"
+
+ROW_DTYPE = np.dtype([("series", "<i4"), ("step", "<i8"), ("value", "<f8"), ("time", "<f8")])
+
+TABLE_CHUNK_ROWS = 16384
+JOURNAL_CHUNK_BYTES = 65536
+
+SHARDS_DIR = "shards"
+ARTIFACTS_DIR = "artifacts"
+
+
+def shard_name(rank: int, attempt: int = 0) -> str:
+    """``rank-00003.h5``; a torchrun restart gets its own file: ``rank-00003.restart-1.h5``."""
+    return f"rank-{rank:05d}.h5" if attempt == 0 else f"rank-{rank:05d}.restart-{attempt}.h5"
+
+
+def rank_artifacts_dir(rank: int) -> str:
+    """Per-rank artifact directory, relative to the run directory."""
+    return f"{ARTIFACTS_DIR}/rank-{rank:05d}"

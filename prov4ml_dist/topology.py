@@ -1,0 +1,133 @@
+"""Who am I in the job: rank, local rank, node, world size, launcher — most specific first.
+
+Order: torchrun (its variables describe the worker, even under ``srun torchrun`` where
+SLURM_PROCID is only the node's launcher index), an initialised torch.distributed, a Slurm
+step, Open MPI, MPICH/PMI, else a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+# Environment variables worth keeping as provenance of how the process was launched.
+LAUNCHER_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "PMIX_RANK", "MPI_LOCALRANKID")
+LAUNCHER_ENV_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HOSTNAME")
+# Slurm variables that may hold secrets or are noise in provenance.
+LAUNCHER_ENV_SKIP = ("SLURM_JOB_PASSWORD",)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits in the job. ``node_rank`` is the index of its node in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    restart_count: int = 0
+    launcher: str = "single"
+    hostname: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    job_id: str | None = None
+    step_id: str | None = None
+    elastic_run_id: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def _slurm_step(env: Mapping[str, str]) -> str | None:
+    return env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
+
+
+def detect(env: Mapping[str, str] | None = None) -> Topology:
+    """Detect the topology from the environment (and torch.distributed when initialised)."""
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    common = {"job_id": job_id, "step_id": _slurm_step(env) if job_id else None}
+
+    if "RANK" in env and ("TORCHELASTIC_RUN_ID" in env or "LOCAL_RANK" in env):
+        return Topology(
+            rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
+            local_rank=_int(env, "LOCAL_RANK", 0), local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
+            node_rank=_int(env, "GROUP_RANK", _int(env, "SLURM_NODEID", 0)),
+            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+            launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "env",
+            elastic_run_id=env.get("TORCHELASTIC_RUN_ID"), **common)
+
+    dist = _initialised_dist()
+    if dist is not None:
+        return Topology(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                        local_rank=_int(env, "LOCAL_RANK", _int(env, "SLURM_LOCALID", 0)),
+                        node_rank=_int(env, "SLURM_NODEID", 0), launcher="torch.distributed", **common)
+
+    if job_id and _slurm_step(env) is not None and "SLURM_PROCID" in env:
+        return Topology(
+            rank=_int(env, "SLURM_PROCID", 0), world_size=_int(env, "SLURM_NTASKS", _int(env, "SLURM_NPROCS", 1)),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            local_world_size=_slurm_tasks_on_node(env),
+            node_rank=_int(env, "SLURM_NODEID", 0), launcher="slurm", **common)
+
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return Topology(
+            rank=_int(env, "OMPI_COMM_WORLD_RANK", 0), world_size=_int(env, "OMPI_COMM_WORLD_SIZE", 1),
+            local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+            local_world_size=_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1),
+            node_rank=_int(env, "OMPI_COMM_WORLD_NODE_RANK", 0), launcher="openmpi", **common)
+
+    if "PMI_RANK" in env:
+        return Topology(
+            rank=_int(env, "PMI_RANK", 0), world_size=_int(env, "PMI_SIZE", 1),
+            local_rank=_int(env, "MPI_LOCALRANKID", 0), local_world_size=_int(env, "MPI_LOCALNRANKS", 1),
+            launcher="mpich", **common)
+
+    return Topology(**common)
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
+    """SLURM_TASKS_PER_NODE looks like '2(x3),1'; the value for our node is what we need."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    node = _int(env, "SLURM_NODEID", 0) or 0
+    counts: list[int] = []
+    for part in spec.split(","):
+        value, _, rep = part.partition("(x")
+        try:
+            counts += [int(value)] * (int(rep.rstrip(")")) if rep else 1)
+        except ValueError:
+            return 1
+    return counts[node] if node < len(counts) else 1
+
+
+def _initialised_dist():
+    """torch.distributed if it is imported and initialised; never imports torch itself."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist
+    except Exception:  # noqa: BLE001 - a broken torch install must not stop logging
+        return None
+    return None
+
+
+def launcher_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launcher's variables, recorded as provenance of how the job was started."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in sorted(env.items())
+            if (k.startswith(LAUNCHER_ENV_PREFIXES) or k in LAUNCHER_ENV_NAMES) and k not in LAUNCHER_ENV_SKIP}
