@@ -42,7 +42,7 @@ class SeriesTable:
         self._journal = journal
         self._wake = wake
         self._max_rows = max_buffer_rows
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._ids: dict[tuple, int] = {}
         self._rows: deque[tuple[int, int, float, float]] = deque()
         self.rows_written = 0
@@ -79,9 +79,9 @@ class ShardWriter:
         self.path = Path(path)
         self.flush_interval = flush_interval
         self.failures: list[str] = []
-        self._journal_lock = threading.Lock()
+        self._journal_lock = threading.RLock()  # re-entrant: a signal handler may close mid-record
         self._journal_buf: list[bytes] = []
-        self._flush_lock = threading.Lock()
+        self._flush_lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._file = self._create(attrs)

@@ -1,0 +1,185 @@
+"""The public, module-level API (yProv4ML's), over the one active ``Run`` of this process.
+
+Arguments are checked here and in ``Run``; yProv4ML 2.x/3.x spellings are accepted and
+mapped (see README, "Coming from yProv4ML").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .context import LoggingItemKind
+from .errors import InvalidInputError, RunStateError
+from .process_hooks import ExitHooks
+from .run import Run, RunConfig
+from .topology import detect
+
+log = logging.getLogger(__name__)
+
+_active: Run | None = None
+_hooks: ExitHooks | None = None
+
+# yProv4ML options that have no effect here, and why (also in the README).
+YPROV4ML_OPTIONS = {
+    "collect_all_processes": "every rank always writes its own shard; rank 0 merges them",
+    "save_after_n_logs": "points are flushed every flush_interval seconds instead",
+    "metrics_file_type": "metrics are always stored in HDF5 (shards and merged.h5)",
+    "csv_separator": "metrics are always stored in HDF5; `prov4ml-dist export --format csv` writes CSV",
+    "use_compressor": "no archive is made; the run directory is the result",
+    "disable_codecarbon": "energy comes from NVML and RAPL counters, not codecarbon",
+    "create_graph": "pass create_graph to end_run",
+    "create_svg": "pass create_svg to end_run",
+}
+
+
+def _run() -> Run:
+    run = _active
+    if run is None:
+        raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
+    return run
+
+
+def get_active_run() -> Run | None:
+    """The active Run of this process, or None."""
+    return _active
+
+
+def start_run(prov_user_namespace: str | None = None, experiment_name: str | None = None,
+              provenance_save_dir: str | os.PathLike | None = None, *, run_id: str | None = None,
+              local_dir: str | os.PathLike | None = None, flush_interval: float = 1.0,
+              sample_interval: float | None = 1.0, merge_timeout: float = 300.0,
+              prov_save_path: str | os.PathLike | None = None, rank: int | None = None,
+              **yprov4ml_options: Any) -> Path:
+    """Start recording this process; returns the run directory shared by all ranks of the job."""
+    global _active, _hooks
+    if _active is not None:
+        raise RunStateError(f"a run is already active ({_active.run_dir}); call end_run() first")
+    unknown = sorted(set(yprov4ml_options) - set(YPROV4ML_OPTIONS))
+    if unknown:
+        raise TypeError(f"start_run() got unexpected keyword arguments: {', '.join(unknown)}")
+    save_dir = provenance_save_dir if provenance_save_dir is not None else prov_save_path
+    config = RunConfig(
+        experiment_name=experiment_name or "experiment",
+        provenance_save_dir=Path(save_dir if save_dir is not None else "prov"),
+        user_namespace=prov_user_namespace or "http://example.org/",
+        run_id=run_id, local_dir=Path(local_dir) if local_dir is not None else None,
+        flush_interval=flush_interval, sample_interval=sample_interval, merge_timeout=merge_timeout,
+        yprov4ml_options={k: repr(v) if isinstance(v, Enum) else v for k, v in yprov4ml_options.items()},
+    )
+    topology = detect()
+    if rank is not None and rank != topology.rank:
+        if topology.launcher == "single":
+            topology = replace(topology, rank=int(rank))
+        else:
+            log.warning("start_run(rank=%s) ignored: the launcher (%s) says rank %s",
+                        rank, topology.launcher, topology.rank)
+    run = Run(config, topology)
+    _active = run
+    _hooks = ExitHooks(run.close)
+    return run.run_dir
+
+
+def end_run(create_graph: bool = False, create_svg: bool = False, **_yprov4ml_options: Any) -> Path | None:
+    """Close this rank's shard and merge. Returns the merged prov.json on rank 0, None elsewhere
+    (and None when the merge is left to ``prov4ml-dist merge``)."""
+    global _active, _hooks
+    run = _run()
+    _active = None
+    if _hooks is not None:
+        _hooks.remove()
+        _hooks = None
+    return run.end(create_graph=create_graph, create_svg=create_svg)
+
+
+def log_metric(key: str, value: Any, context: Any, step: int | None = None, source: Any = None) -> None:
+    """Record one point of a metric series (the hot path: no I/O)."""
+    run = _active
+    if run is None:
+        raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
+    run.log_metric(key, value, context, step, source)
+
+
+def log_metrics(metrics: dict[str, Any], context: Any, step: int | None = None, source: Any = None) -> None:
+    """Several metrics at the same step."""
+    if not isinstance(metrics, dict):
+        raise InvalidInputError(f"log_metrics takes a dict of key → value, got {type(metrics).__name__}")
+    run = _run()
+    for key, value in metrics.items():
+        run.log_metric(key, value, context, step, source)
+
+
+def log_param(key: str, value: Any) -> None:
+    """Record a parameter; non-JSON values are stored as their repr."""
+    _run().log_param(key, value)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"log_params takes a dict of key → value, got {type(params).__name__}")
+    run = _run()
+    for key, value in params.items():
+        run.log_param(key, value)
+
+
+def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: Any = None,
+                 step: int | None = None, timestamp: int | None = None,
+                 log_copy_in_prov_directory: bool = True) -> dict[str, Any]:
+    """Record a file, directory or value under the name ``artifact_path``.
+
+    yProv4ML 2.x's ``log_artifact(path, context, step)`` works too: the file is ``artifact_path``.
+    """
+    if isinstance(value, Enum) and (context is None or isinstance(context, int)):
+        value, context, step = None, value, step if context is None else context
+    if value is None:
+        value = artifact_path
+    if context is None:
+        raise InvalidInputError("log_artifact needs a context (prov4ml.Context.TRAINING, ...)")
+    same_file = isinstance(value, (str, os.PathLike)) and os.fspath(value) == os.fspath(artifact_path)
+    name = os.path.basename(os.fspath(artifact_path)) if same_file else artifact_path
+    return _run().log_artifact(name, value, context, step, timestamp, copy=log_copy_in_prov_directory)
+
+
+def log_model(model: Any, model_name: Any = "default", log_model_info: bool = True,
+              log_model_layers: bool = False, log_as_artifact: bool = True) -> None:
+    """Model information, optionally its layers (JSON) and its final weights as an artifact.
+    3.x's ``log_model(model_name, model)`` order is recognised by type."""
+    if isinstance(model, str) and not isinstance(model_name, str):
+        model, model_name = model_name, model
+    _run().log_model(model, model_name, log_model_info, log_model_layers, log_as_artifact)
+
+
+def save_model_version(model: Any, model_name: Any, context: Any, step: int | None = None,
+                       timestamp: int | None = None) -> dict[str, Any]:
+    """Save a new numbered version of a model (state dict) and record it."""
+    if isinstance(model, str) and not isinstance(model_name, str):
+        model, model_name = model_name, model
+    return _run().save_model_version(model, model_name, context, step, timestamp)
+
+
+def log_dataset(dataset: Any, label: Any) -> None:
+    """Dataset statistics; 3.x's ``log_dataset(label, dataset)`` order is recognised by type."""
+    if isinstance(dataset, str) and not isinstance(label, str):
+        dataset, label = label, dataset
+    _run().log_dataset(dataset, label)
+
+
+def log_current_execution_time(label: str, context: Any, step: int | None = None) -> None:
+    """yProv4ML: seconds since start_run, as a metric."""
+    run = _run()
+    run.log_metric(label, time.time() - run.started, context, step, LoggingItemKind.EXECUTION_TIME)
+
+
+def log_system_metrics(context: Any = None, step: int | None = None) -> None:
+    """yProv4ML: take a system sample now (the background sampler records them anyway)."""
+    _run().sample_now()
+
+
+def log_carbon_metrics(context: Any = None, step: int | None = None) -> None:
+    """yProv4ML: energy is read from NVML/RAPL counters by the sampler; this samples now."""
+    _run().sample_now()

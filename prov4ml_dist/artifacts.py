@@ -1,0 +1,195 @@
+"""Safe storage of artifacts: names confined to the rank's artifact directory, no symlinks
+followed, nothing overwritten, sha256 computed while copying (one read of each file)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from .errors import ArtifactError
+
+CHUNK = 1 << 20
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def safe_relative(name: object) -> PurePosixPath:
+    """A relative artifact name that cannot leave its directory ('../x', '/etc/x' are refused)."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip():
+        raise ArtifactError(f"artifact name must be a non-empty string, got {name!r:.80}")
+    if "\x00" in name or not name.isprintable():
+        raise ArtifactError(f"artifact name contains control characters: {name!r:.80}")
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or any(part in ("..", "") for part in path.parts):
+        raise ArtifactError(f"artifact name {name!r:.80} must be relative and stay inside the artifacts directory")
+    return path
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """sha256 and size of a regular file, read without following a symlink."""
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, _OPEN_READ)
+    with os.fdopen(fd, "rb") as src:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+class ArtifactStore:
+    """One rank's artifact directory. Every write creates a new file; an existing name gets a
+    numbered sibling (``config.1.yaml``) so no earlier version is ever lost."""
+
+    def __init__(self, rank_root: Path, relative_dir: str) -> None:
+        self.rank_root = rank_root
+        self.directory = rank_root / relative_dir
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._real_dir = self.directory.resolve()
+
+    def add_file(self, name: object, source: str | os.PathLike, copy: bool = True) -> dict[str, Any]:
+        """Record a file or directory; copy it under ``name`` unless ``copy`` is false."""
+        rel = safe_relative(name)
+        src = Path(os.fspath(source)).expanduser()
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {str(src)!r} does not exist") from None
+        except OSError as exc:
+            raise ArtifactError(f"artifact {str(src)!r} cannot be read: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ArtifactError(f"artifact {str(src)!r} is a symlink; pass its target "
+                                f"({os.path.realpath(src)!r}) if that is what you mean")
+        if stat.S_ISDIR(st.st_mode):
+            return self._add_directory(rel, src, copy)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"artifact {str(src)!r} is not a regular file or directory")
+        if not copy:
+            sha, size = _checked_hash(src)
+            return {"path": str(src.resolve()), "size": size, "sha256": sha, "copied": False}
+        dest = self._new_path(rel)
+        sha, size = _copy_file(src, dest)
+        return self._record(dest, sha, size)
+
+    def _add_directory(self, rel: PurePosixPath, src: Path, copy: bool) -> dict[str, Any]:
+        """Directories: regular files only (symlinks and special files are listed as skipped);
+        the sha256 is that of the sorted 'sha256  relative/path' manifest."""
+        dest = self._new_path(rel) if copy else None
+        lines, skipped, total = [], [], 0
+        for path in sorted(_walk(src)):
+            relpath = path.relative_to(src).as_posix()
+            if not path.is_file() or path.is_symlink():
+                skipped.append(relpath)
+                continue
+            if dest is not None:
+                target = dest / relpath
+                target.parent.mkdir(parents=True, exist_ok=True)
+                sha, size = _copy_file(path, target)
+            else:
+                sha, size = _checked_hash(path)
+            lines.append(f"{sha}  {relpath}\n")
+            total += size
+        if dest is not None and not dest.exists():
+            dest.mkdir()
+        sha = hashlib.sha256("".join(lines).encode()).hexdigest()
+        if dest is None:
+            record = {"path": str(src.resolve()), "size": total, "sha256": sha, "copied": False}
+        else:
+            record = self._record(dest, sha, total)
+        return {**record, "directory": True, "files": len(lines), "skipped": skipped}
+
+    def add_bytes(self, name: object, data: bytes) -> dict[str, Any]:
+        """Store in-memory content (serialised values, model files) as a new artifact file."""
+        dest = self._new_path(safe_relative(name))
+        fd = os.open(dest, _OPEN_NEW, 0o666)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        return self._record(dest, hashlib.sha256(data).hexdigest(), len(data))
+
+    def add_value(self, name: object, value: Any) -> dict[str, Any]:
+        """Serialise a non-file value: bytes as is, NumPy arrays as .npy, JSON values as JSON."""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return self.add_bytes(name, bytes(value))
+        if isinstance(value, np.ndarray):
+            buf = io.BytesIO()
+            np.save(buf, value, allow_pickle=False)
+            return self.add_bytes(name, buf.getvalue())
+        try:
+            data = json.dumps(value, allow_nan=False, sort_keys=True).encode()
+        except (TypeError, ValueError):
+            raise ArtifactError(
+                f"cannot store a {type(value).__name__} as an artifact: pass a file path, bytes, "
+                "a NumPy array or a JSON-serialisable value") from None
+        return self.add_bytes(name, data)
+
+    def reserve(self, name: object) -> Path:
+        """A fresh path for a file the caller writes itself (e.g. torch.save), inside the store."""
+        return self._new_path(safe_relative(name))
+
+    def record_for(self, path: Path) -> dict[str, Any]:
+        sha, size = sha256_file(path)
+        return self._record(path, sha, size)
+
+    def _record(self, dest: Path, sha: str, size: int) -> dict[str, Any]:
+        return {"path": dest.relative_to(self.rank_root).as_posix(), "size": size, "sha256": sha, "copied": True}
+
+    def _new_path(self, rel: PurePosixPath) -> Path:
+        """An unused path for ``rel`` inside the store; parents are checked to stay inside."""
+        dest = self.directory.joinpath(*rel.parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        real_parent = dest.parent.resolve()
+        if real_parent != self._real_dir and self._real_dir not in real_parent.parents:
+            raise ArtifactError(f"artifact name {str(rel)!r} resolves outside the artifacts directory")
+        candidate, n = dest, 0
+        while os.path.lexists(candidate):
+            n += 1
+            candidate = dest.with_name(f"{rel.stem}.{n}{rel.suffix}" if rel.suffix else f"{rel.name}.{n}")
+        return candidate
+
+
+def _walk(root: Path):
+    """Every path below ``root`` without following symlinked directories."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
+            yield base / name
+
+
+def _checked_hash(src: Path) -> tuple[str, int]:
+    try:
+        return sha256_file(src)
+    except OSError as exc:
+        raise ArtifactError(f"artifact {str(src)!r} cannot be read: {exc.strerror}") from None
+
+
+def _copy_file(src: Path, dest: Path) -> tuple[str, int]:
+    """Copy without following symlinks at either end; hash in the same pass."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        fd_in = os.open(src, _OPEN_READ)
+    except OSError as exc:
+        raise ArtifactError(f"artifact {str(src)!r} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd_in, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise ArtifactError(f"artifact {str(src)!r} is not a regular file")
+        fd_out = os.open(dest, _OPEN_NEW, 0o666)
+        try:
+            with os.fdopen(fd_out, "wb") as fout:
+                while chunk := fin.read(CHUNK):
+                    digest.update(chunk)
+                    fout.write(chunk)
+                    size += len(chunk)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+    return digest.hexdigest(), size

@@ -1,0 +1,66 @@
+"""Model information and model files: what ``log_model`` and ``save_model_version`` record.
+
+torch is imported lazily: the library must load (and merge offline) where torch is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelSaveError
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """Parameter counts and memory footprint of a torch module; the class name of anything else."""
+    info: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    parameters = getattr(model, "parameters", None)
+    if callable(parameters):
+        params = list(parameters())
+        buffers = list(model.buffers()) if callable(getattr(model, "buffers", None)) else []
+        info.update(
+            parameters=int(sum(p.numel() for p in params)),
+            trainable_parameters=int(sum(p.numel() for p in params if p.requires_grad)),
+            memory_bytes=int(sum(t.numel() * t.element_size() for t in params + buffers)),
+            dtypes=sorted({str(p.dtype) for p in params}),
+            devices=sorted({str(p.device) for p in params}),
+        )
+    return info
+
+
+def layer_table(model: Any) -> list[dict[str, Any]]:
+    """One row per leaf module: name, type, parameter count and shapes, dtype."""
+    named_modules = getattr(model, "named_modules", None)
+    if not callable(named_modules):
+        return []
+    rows = []
+    for name, module in named_modules():
+        if any(True for _ in module.children()):
+            continue
+        params = list(module.parameters(recurse=False))
+        rows.append({
+            "name": name or type(module).__name__,
+            "type": type(module).__name__,
+            "parameters": int(sum(p.numel() for p in params)),
+            "shapes": {n: list(p.shape) for n, p in module.named_parameters(recurse=False)},
+            "dtype": str(params[0].dtype) if params else None,
+            "repr": repr(module)[:200],
+        })
+    return rows
+
+
+def save_model(model: Any, dest: Path) -> None:
+    """``torch.save`` of the state dict (or the object) to ``dest``, atomically: a model that
+    cannot be pickled raises ``ModelSaveError`` and leaves no file behind."""
+    import torch
+
+    state = model.state_dict() if callable(getattr(model, "state_dict", None)) else model
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, dest)
+    except Exception as exc:  # noqa: BLE001 - pickling can raise anything
+        tmp.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
+        raise ModelSaveError(f"torch.save could not save model {type(model).__name__}: {exc}") from exc

@@ -1,0 +1,290 @@
+"""One process's run: identity, directories, the shard writer, artifacts, and the hot path.
+
+A ``Run`` can be built directly (tests do); the module-level API in ``api.py`` only keeps a
+handle to the active one.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from . import environment, models
+from .artifacts import ArtifactStore
+from .context import check_name, context_name, source_name
+from .datasets import dataset_stats
+from .errors import InvalidInputError, RunStateError
+from .shard import ShardWriter, schema
+from .topology import Topology, detect
+
+log = logging.getLogger(__name__)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``start_run`` was asked for; recorded in the shard as ``settings``."""
+
+    experiment_name: str = "experiment"
+    provenance_save_dir: Path = Path("prov")
+    user_namespace: str = "http://example.org/"
+    run_id: str | None = None
+    local_dir: Path | None = None
+    flush_interval: float = 1.0
+    sample_interval: float | None = 1.0
+    merge_timeout: float = 300.0
+    yprov4ml_options: dict[str, Any] = field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time plus random bits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def launcher_run_id(topology: Topology) -> str | None:
+    """A run id every rank derives alike from its launcher, with no communication."""
+    if topology.elastic_run_id and topology.elastic_run_id != "none":
+        return f"torchrun-{topology.elastic_run_id}"
+    if topology.job_id:
+        step = f".{topology.step_id}" if topology.step_id not in (None, "") else ""
+        return f"slurm-{topology.job_id}{step}"
+    return None
+
+
+def resolve_run_id(config: RunConfig, topology: Topology) -> str:
+    """Explicit id, else the launcher's, else rank 0's broadcast; never a directory scan."""
+    if config.run_id is not None:
+        return check_name(config.run_id, "run_id")
+    from_launcher = launcher_run_id(topology)
+    if from_launcher is not None:
+        return from_launcher
+    if topology.world_size == 1:
+        return new_run_id()
+    from .transport import agree_run_id
+
+    agreed = agree_run_id(topology, new_run_id(), timeout=min(config.merge_timeout, 120.0))
+    if agreed is None:
+        raise RunStateError(
+            f"rank {topology.rank} of {topology.world_size}: cannot agree on a run id with the other ranks "
+            "(no TORCHELASTIC_RUN_ID, no SLURM_JOB_ID, no initialised torch.distributed or MPI); "
+            "pass the same start_run(run_id=...) on every rank")
+    return check_name(agreed, "run_id")
+
+
+def as_metric_value(value: Any) -> float:
+    """A metric value as a float: numbers, NumPy scalars, one-element tensors and arrays.
+    NaN and ±inf are kept (a diverging loss is provenance too)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise InvalidInputError(f"metric value must be a number, got a string: {value!r:.80}")
+    numel = getattr(value, "numel", None)
+    count = numel() if callable(numel) else getattr(value, "size", None)
+    if isinstance(count, int) and count != 1:
+        raise InvalidInputError(f"metric value must be a single number, got {type(value).__name__} "
+                                f"with {count} elements; reduce it (e.g. .mean().item()) first")
+    try:
+        return float(value.item() if callable(getattr(value, "item", None)) else value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"metric value must be a real number, got {type(value).__name__}: {exc}") from None
+
+
+def as_step(step: Any) -> int:
+    """A step as a 64-bit integer (ints, NumPy ints, integer tensors); floats are refused."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise InvalidInputError(f"step must be an integer, got {type(step).__name__}: {step!r:.40}") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidInputError(f"step {value} does not fit in 64 bits")
+    return value
+
+
+def as_param_value(value: Any) -> Any:
+    """Params keep JSON types; NumPy/torch scalars become numbers; anything else its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        return [as_param_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): as_param_value(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        return item()
+    return repr(value)
+
+
+class Run:
+    """The provenance of one process: its shard, its artifacts, its sampler."""
+
+    def __init__(self, config: RunConfig, topology: Topology | None = None) -> None:
+        check_name(config.experiment_name, "experiment_name")
+        if config.flush_interval <= 0:
+            raise InvalidInputError(f"flush_interval must be positive, got {config.flush_interval}")
+        self.config = config
+        self.topology = topology if topology is not None else detect()
+        self.run_id = resolve_run_id(config, self.topology)
+        self.run_dir = (Path(config.provenance_save_dir) / config.experiment_name / self.run_id).absolute()
+        base = Path(config.local_dir) if config.local_dir is not None else None
+        self.rank_root = (base / config.experiment_name / self.run_id).absolute() if base else self.run_dir
+        self.started = time.time()
+        rank, attempt = self.topology.rank, self.topology.restart_count
+        shards = self.rank_root / schema.SHARDS_DIR
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            shards.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunStateError(f"cannot create the run directory {self.rank_root}: {exc.strerror}") from None
+        self.shard_path = shards / schema.shard_name(rank, attempt)
+        attrs = {"run_id": self.run_id, "experiment_name": config.experiment_name, "rank": rank,
+                 "attempt": attempt, "created": self.started}
+        try:
+            self.writer = ShardWriter(self.shard_path, attrs, flush_interval=config.flush_interval)
+        except FileExistsError:
+            raise RunStateError(f"{self.shard_path} already exists: run id {self.run_id!r} was used before; "
+                                "pass a new run_id") from None
+        except OSError as exc:
+            raise RunStateError(f"cannot create the shard {self.shard_path}: {exc}") from None
+        self.artifacts = ArtifactStore(self.rank_root, schema.rank_artifacts_dir(rank))
+        self._artifact_records: list[dict[str, Any]] = []
+        self._model_versions: dict[str, int] = {}
+        self._series: dict[tuple, list[int]] = {}
+        self._series_lock = threading.Lock()
+        self._append = self.writer.metrics.append
+        self._closed = False
+        self.sampler = None
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+        self.writer.record({"kind": "start", "time": self.started, "run_id": self.run_id,
+                            "experiment_name": config.experiment_name, "user_namespace": config.user_namespace,
+                            "topology": self.topology.as_dict(), "environment": environment.capture(),
+                            "settings": settings, "shard": self.shard_path.name})
+
+    # -- hot path -------------------------------------------------------------------------
+    def log_metric(self, key: str, value: Any, context: Any, step: Any = None, source: Any = None) -> None:
+        """Buffer one metric point: a dict lookup, a float check and a deque append."""
+        try:
+            series = self._series[(key, context, source)]
+        except KeyError:
+            series = self._new_series(key, context, source)
+        except TypeError:
+            raise InvalidInputError(f"metric key, context and source must be hashable; got key={key!r:.60}") from None
+        if type(value) is not float:
+            value = as_metric_value(value)
+        if step is None:
+            step = series[1]
+        elif type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
+            step = as_step(step)
+        series[1] = step + 1
+        self._append(series[0], step, value, time.time())
+
+    def _new_series(self, key: Any, context: Any, source: Any) -> list[int]:
+        """First point of a (key, context, source): validate once, then cache [id, next step]."""
+        check_name(key, "metric key")
+        names = (key, context_name(context), source_name(source))
+        with self._series_lock:
+            series = self._series.get((key, context, source))
+            if series is None:
+                series = [self.writer.metrics.register(*names), 0]
+                self._series[(key, context, source)] = series
+        return series
+
+    # -- records --------------------------------------------------------------------------
+    def log_param(self, key: str, value: Any) -> None:
+        self.writer.record({"kind": "param", "time": time.time(), "key": check_name(key, "param key"),
+                            "value": as_param_value(value)})
+
+    def log_artifact(self, name: Any, value: Any, context: Any, step: Any = None, timestamp: Any = None,
+                     copy: bool = True) -> dict[str, Any]:
+        """Record a file, directory or in-memory value; returns the artifact record."""
+        ctx = context_name(context) if context is not None else None
+        step = as_step(step) if step is not None else None
+        if isinstance(value, (str, os.PathLike)):
+            stored = self.artifacts.add_file(name, value, copy=copy)
+        else:
+            stored = self.artifacts.add_value(name, value)
+        return self._add_artifact({"name": str(name), "context": ctx, "step": step, "timestamp": timestamp,
+                                   "item": "artifact", **stored})
+
+    def save_model_version(self, model: Any, model_name: str, context: Any, step: Any = None,
+                           timestamp: Any = None) -> dict[str, Any]:
+        """A new version of ``model_name`` (0, 1, 2, ... per rank) under models/<name>/."""
+        check_name(model_name, "model_name")
+        ctx = context_name(context) if context is not None else None
+        step = as_step(step) if step is not None else None
+        version = self._model_versions.get(model_name, -1) + 1
+        dest = self.artifacts.reserve(f"models/{model_name}/{model_name}_v{version:04d}.pt")
+        models.save_model(model, dest)
+        self._model_versions[model_name] = version
+        return self._add_artifact({"name": f"{model_name}_v{version:04d}.pt", "context": ctx, "step": step,
+                                   "timestamp": timestamp, "item": "model_version", "model_name": model_name,
+                                   "version": version, **self.artifacts.record_for(dest)})
+
+    def log_model(self, model: Any, model_name: str = "default", log_model_info: bool = True,
+                  log_model_layers: bool = False, log_as_artifact: bool = True) -> None:
+        check_name(model_name, "model_name")
+        if log_model_info:
+            self.writer.record({"kind": "model", "time": time.time(), "model_name": model_name,
+                                **models.model_info(model)})
+        if log_model_layers:
+            stored = self.artifacts.add_value(f"models/{model_name}/layers.json", models.layer_table(model))
+            self._add_artifact({"name": "layers.json", "context": None, "step": None, "timestamp": None,
+                                "item": "model_layers", "model_name": model_name, **stored})
+        if log_as_artifact:
+            dest = self.artifacts.reserve(f"models/{model_name}/{model_name}_final.pt")
+            models.save_model(model, dest)
+            self._add_artifact({"name": dest.name, "context": None, "step": None, "timestamp": None,
+                                "item": "model", "model_name": model_name, **self.artifacts.record_for(dest)})
+
+    def log_dataset(self, dataset: Any, label: str) -> None:
+        self.writer.record({"kind": "dataset", "time": time.time(), "label": check_name(label, "dataset label"),
+                            "stats": dataset_stats(dataset)})
+
+    def _add_artifact(self, record: dict[str, Any]) -> dict[str, Any]:
+        record = {"kind": "artifact", "time": time.time(), **record}
+        self.writer.record(record)
+        self._artifact_records.append(record)
+        return record
+
+    def artifact_records(self) -> list[dict[str, Any]]:
+        """This rank's artifact records (paths relative to ``rank_root`` when copied)."""
+        return list(self._artifact_records)
+
+    def sample_now(self) -> None:
+        """One system sample now (yProv4ML's log_system_metrics); nothing when sampling is off."""
+        if self.sampler is not None:
+            self.sampler.sample_now()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, status: str = "ok") -> None:
+        """Flush and close this rank's shard; no merge. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.writer.close(status)
+
+    def end(self, create_graph: bool = False, create_svg: bool = False) -> Path | None:
+        """Close the shard, then take part in the merge. Rank 0 gets prov.json; others None."""
+        self.close("ok")
+        from .aggregate import finish_run
+
+        prov_json = finish_run(self)
+        if prov_json is not None and (create_graph or create_svg):
+            from .provenance import write_graph
+
+            write_graph(prov_json, svg=create_svg)
+        return prov_json
