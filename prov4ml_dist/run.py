@@ -161,7 +161,9 @@ class Run:
         self._model_versions: dict[str, int] = {}
         self._series: dict[tuple, list[int]] = {}
         self._series_lock = threading.Lock()
-        self._append = self.writer.metrics.append
+        self._by_context: dict[int, dict[str, list[int]]] = {}
+        self._context_refs: dict[int, Any] = {}
+        self._push = self.writer.metrics.push
         self._closed = False
         self.sampler = None
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
@@ -172,11 +174,11 @@ class Run:
 
     # -- hot path -------------------------------------------------------------------------
     def log_metric(self, key: str, value: Any, context: Any, step: Any = None, source: Any = None) -> None:
-        """Buffer one metric point: a dict lookup, a float check and a deque append."""
+        """Buffer one metric point: two dict lookups, a float check and a deque append."""
         try:
-            series = self._series[(key, context, source)]
+            series = self._by_context[id(context)][key] if source is None else self._lookup(key, context, source)
         except KeyError:
-            series = self._new_series(key, context, source)
+            series = self._lookup(key, context, source)
         except TypeError:
             raise InvalidInputError(f"metric key, context and source must be hashable; got key={key!r:.60}") from None
         if type(value) is not float:
@@ -186,17 +188,26 @@ class Run:
         elif type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
             step = as_step(step)
         series[1] = step + 1
-        self._append(series[0], step, value, time.time())
+        self._push((series[0], step, value, time.time()))
 
-    def _new_series(self, key: Any, context: Any, source: Any) -> list[int]:
-        """First point of a (key, context, source): validate once, then cache [id, next step]."""
-        check_name(key, "metric key")
-        names = (key, context_name(context), source_name(source))
-        with self._series_lock:
-            series = self._series.get((key, context, source))
-            if series is None:
-                series = [self.writer.metrics.register(*names), 0]
-                self._series[(key, context, source)] = series
+    def _lookup(self, key: Any, context: Any, source: Any) -> list[int]:
+        """The [id, next step] of a (key, context, source), validated and created on first use.
+
+        Enum contexts are also cached by ``id()`` (Enum.__hash__ is Python code, ~80 ns a call);
+        the cache holds the member, so its id cannot be reused. Strings stay keyed by value.
+        """
+        ident = (key, context, source)
+        series = self._series.get(ident)
+        if series is None:
+            check_name(key, "metric key")
+            names = (key, context_name(context), source_name(source))
+            with self._series_lock:
+                series = self._series.get(ident)
+                if series is None:
+                    series = self._series[ident] = [self.writer.metrics.register(*names), 0]
+        if source is None and isinstance(context, Enum):
+            self._by_context.setdefault(id(context), {}).setdefault(key, series)
+            self._context_refs[id(context)] = context
         return series
 
     # -- records --------------------------------------------------------------------------
