@@ -22,6 +22,7 @@ from .artifacts import ArtifactStore
 from .context import check_name, context_name, source_name
 from .datasets import dataset_stats
 from .errors import InvalidInputError, RunStateError
+from .sampling import Sampler
 from .shard import ShardWriter, schema
 from .topology import Topology, detect
 
@@ -165,12 +166,16 @@ class Run:
         self._context_refs: dict[int, Any] = {}
         self._push = self.writer.metrics.push
         self._closed = False
-        self.sampler = None
+        self.sampler: Sampler | None = None
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
         self.writer.record({"kind": "start", "time": self.started, "run_id": self.run_id,
                             "experiment_name": config.experiment_name, "user_namespace": config.user_namespace,
                             "topology": self.topology.as_dict(), "environment": environment.capture(),
                             "settings": settings, "shard": self.shard_path.name})
+        self.writer.flush()  # the shard is identifiable from the first moment, even if killed at once
+        if config.sample_interval is not None:
+            self.sampler = Sampler(self.writer.system, self.writer.record, self.topology, config.sample_interval)
+            self.sampler.start()
 
     # -- hot path -------------------------------------------------------------------------
     def log_metric(self, key: str, value: Any, context: Any, step: Any = None, source: Any = None) -> None:
@@ -286,6 +291,8 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        if self.sampler is not None:
+            self.sampler.stop()  # before the writer closes: its energy record must reach the shard
         self.writer.close(status)
 
     def end(self, create_graph: bool = False, create_svg: bool = False) -> Path | None:

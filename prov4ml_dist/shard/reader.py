@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
 import json
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +18,8 @@ import numpy as np
 from ..errors import ShardError
 from . import schema
 
+log = logging.getLogger(__name__)
+
 JOURNAL_READ_BYTES = 1 << 20
 MAX_RECORD_BYTES = 16 << 20
 DEFAULT_ROWS_PER_READ = 1 << 18
@@ -22,22 +29,55 @@ class ShardReader:
     """Read-only view of one shard; opens crashed (still SWMR-flagged) files too.
 
     Use as a context manager. Raises ``ShardError`` for anything that is not a readable shard.
+    ``recovered`` is true for a shard that needed recovery to open: its writer never closed it
+    (SIGKILL, node failure) or the file was cut short; only rows backed by real bytes are read.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self._file = h5py.File(self.path, "r", swmr=True, locking="best-effort")
-        except FileNotFoundError:
-            raise ShardError(f"{self.path}: no such shard") from None
-        except OSError as exc:
-            raise ShardError(f"{self.path}: not a readable HDF5 shard ({_first_line(exc)})") from None
+        self.recovered = False
+        self._file = self._open()
         try:
             self.attrs = self._check_attrs()
             self._check_layout()
+            self._limits = {name: self._readable_length(self._file[name])
+                            for name in (*schema.TABLES, schema.JOURNAL)}
+        except OSError as exc:
+            self._file.close()
+            raise ShardError(f"{self.path}: damaged HDF5 metadata ({_first_line(exc)})") from None
         except BaseException:
             self._file.close()
             raise
+
+    def _open(self) -> h5py.File:
+        """A cleanly closed shard opens normally (with HDF5's end-of-file check). One still
+        flagged as open for SWMR writing (its writer died), or cut short, opens in SWMR-read
+        mode, which tolerates both; ``_readable_length`` then bounds every read."""
+        try:
+            return h5py.File(self.path, "r", locking="best-effort")
+        except FileNotFoundError:
+            raise ShardError(f"{self.path}: no such shard") from None
+        except OSError as exc:
+            if "already open for write" not in str(exc) and "truncated file" not in str(exc):
+                raise ShardError(f"{self.path}: not a readable HDF5 shard ({_first_line(exc)})") from None
+        self.recovered = True
+        try:
+            return _open_swmr_read(self.path)
+        except OSError as exc:
+            raise ShardError(f"{self.path}: not a readable HDF5 shard ({_first_line(exc)})") from None
+
+    def _readable_length(self, ds: h5py.Dataset) -> int:
+        """Rows backed by bytes that exist: SWMR-read skips HDF5's end-of-file check, and a
+        truncated copy of a crashed shard would otherwise read as zeros."""
+        if not self.recovered:
+            return int(ds.shape[0])
+        size = self.path.stat().st_size
+        limit = int(ds.shape[0])
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            if info.byte_offset is None or info.byte_offset + info.size > size:
+                limit = min(limit, int(info.chunk_offset[0]))
+        return limit
 
     def _check_attrs(self) -> dict[str, Any]:
         try:
@@ -86,14 +126,14 @@ class ShardReader:
 
     def rows(self, table: str) -> int:
         """Number of rows flushed to ``table``."""
-        return int(self._file[table].shape[0])
+        return self._limits[table]
 
     def iter_rows(self, table: str, rows_per_read: int = DEFAULT_ROWS_PER_READ) -> Iterator[np.ndarray]:
         """The table's rows in bounded slices (structured arrays of ``schema.ROW_DTYPE``)."""
         if table not in schema.TABLES:
             raise ShardError(f"unknown table {table!r}")
         ds = self._file[table]
-        n = ds.shape[0]
+        n = self._limits[table]
         for start in range(0, n, rows_per_read):
             try:
                 yield ds[start:min(n, start + rows_per_read)]
@@ -109,7 +149,7 @@ class ShardReader:
     def records(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
         """Journal records in order; a torn last line is skipped, a corrupt one is an error."""
         ds = self._file[schema.JOURNAL]
-        n = ds.shape[0]
+        n = self._limits[schema.JOURNAL]
         pending = b""
         for start in range(0, n, JOURNAL_READ_BYTES):
             try:
@@ -150,6 +190,34 @@ class ShardReader:
         """Series id → its declaration, for one table."""
         return {r["id"]: r for r in self.records("series") if r.get("table") == table
                 and isinstance(r.get("id"), int)}
+
+
+@functools.cache
+def _set_read_attempts() -> ctypes._CFuncPtr | None:
+    """HDF5's H5Pset_metadata_read_attempts, which h5py does not wrap, from the HDF5 that h5py
+    loaded. A SWMR reader retries a bad checksum 100 times with back-off by default: over a
+    minute on a damaged file. One attempt suffices for a file no one is writing any more."""
+    libdir = os.path.join(os.path.dirname(h5py.__file__), os.pardir, "h5py.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "libhdf5-*.so*"))) or ["libhdf5.so"]:
+        try:
+            func = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0)).H5Pset_metadata_read_attempts
+        except (OSError, AttributeError):
+            continue
+        func.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        return func
+    log.debug("H5Pset_metadata_read_attempts not found; damaged shards may open slowly")
+    return None
+
+
+def _open_swmr_read(path: Path) -> h5py.File:
+    """Open in SWMR-read mode (tolerates an unclosed writer) with one metadata read attempt."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_file_locking(True, ignore_when_disabled=True)
+    set_attempts = _set_read_attempts()
+    if set_attempts is not None:
+        set_attempts(fapl.id, 1)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
 
 
 def _plain(value: Any) -> Any:

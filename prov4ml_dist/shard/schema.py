@@ -24,6 +24,8 @@ Journal record kinds and their fields (besides ``kind`` and ``time``):
 - ``model``: ``model_name`` and model information (parameters, memory footprint, class);
 - ``dataset``: ``label`` and ``stats`` (dict);
 - ``sensor``: what the sampler found or lost (``name``, ``available``, ``reason``, ...);
+- ``energy``: the sampler's totals at stop: ``gpus`` (per GPU: ``uuid``, ``joules``, ``method``
+  ``counter``/``integrated_power``), ``rapl`` (per domain), ``gpu_joules``, ``rapl_joules``;
 - ``warning``: ``where``, ``message`` — a failure that was survived, never silent;
 - ``end``: ``status`` and ``rows`` (dict table → rows written); present only after a clean close.
 """

@@ -1,0 +1,140 @@
+"""Cost of ``log_metric``: per-call latency, start/end time, memory and bytes on disk.
+
+    python benchmarks/bench_log_metric.py [--points 1e4 1e5 1e6] [--rss-points 1e7]
+
+Every figure is measured in this one run beside a no-op function of the same signature (the
+floor of a Python call here) and beside yProv4ML when it is installed. Per-call percentiles
+come from timing batches of 16 calls with perf_counter_ns (one call is below the timer's
+resolution); the mean comes from timing the whole loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BATCH = 16
+KEYS = [f"metric_{i}" for i in range(4)]
+
+
+def noop(key, value, context, step=None, source=None):  # noqa: ANN001, ARG001 - the floor
+    return None
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def time_calls(fn: Callable, contexts: list, n: int) -> dict[str, float]:
+    """Mean over the whole loop; median/p99/max of per-call time from batches of BATCH calls."""
+    per_call: list[float] = []
+    clock = time.perf_counter_ns
+    start = clock()
+    i = 0
+    while i < n:
+        t0 = clock()
+        for j in range(i, i + BATCH):
+            fn(KEYS[j & 3], 0.5 * j, contexts[(j >> 2) & 1], j)
+        per_call.append((clock() - t0) / BATCH / 1000)
+        i += BATCH
+    mean = (clock() - start) / n / 1000
+    per_call.sort()
+    return {"mean": mean, "median": statistics.median(per_call),
+            "p99": per_call[int(len(per_call) * 0.99)], "max": per_call[-1]}
+
+
+def bench_prov4ml_dist(n: int, root: Path) -> dict[str, float]:
+    import prov4ml_dist as prov4ml
+
+    contexts = [prov4ml.Context.TRAINING, prov4ml.Context.VALIDATION]
+    t0 = time.perf_counter()
+    run_dir = prov4ml.start_run(experiment_name="bench", provenance_save_dir=root, sample_interval=None)
+    started = time.perf_counter() - t0
+    rss0 = rss_mb()
+    result = time_calls(prov4ml.log_metric, contexts, n)
+    rss1 = rss_mb()
+    t0 = time.perf_counter()
+    prov4ml.end_run()
+    result.update(start_ms=started * 1000, end_s=time.perf_counter() - t0, rss_growth_mb=rss1 - rss0,
+                  disk_mb=sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file()) / 2**20)
+    return result
+
+
+def bench_yprov4ml(n: int, root: Path) -> dict[str, float] | None:
+    if importlib.util.find_spec("yprov4ml") is None:
+        return None
+    import yprov4ml
+
+    contexts = [yprov4ml.Context.TRAINING, yprov4ml.Context.VALIDATION]
+    t0 = time.perf_counter()
+    yprov4ml.start_run(prov_user_namespace="http://example.org", experiment_name="bench",
+                       provenance_save_dir=str(root))
+    started = time.perf_counter() - t0
+    rss0 = rss_mb()
+    result = time_calls(yprov4ml.log_metric, contexts, n)
+    rss1 = rss_mb()
+    t0 = time.perf_counter()
+    yprov4ml.end_run(create_graph=False, create_svg=False)
+    result.update(start_ms=started * 1000, end_s=time.perf_counter() - t0, rss_growth_mb=rss1 - rss0,
+                  disk_mb=float("nan"))
+    return result
+
+
+def rss_growth(n: int, root: Path) -> float:
+    """RSS growth over ``n`` points after a warm-up of 1e5 (allocator arenas settle first)."""
+    import prov4ml_dist as prov4ml
+
+    prov4ml.start_run(experiment_name="rss", provenance_save_dir=root, sample_interval=None)
+    log = prov4ml.log_metric
+    ctx = prov4ml.Context.TRAINING
+    for i in range(100_000):
+        log("loss", 0.1, ctx, i)
+    before = rss_mb()
+    for i in range(n):
+        log(KEYS[i & 3], 0.1, ctx, i)
+    after = rss_mb()
+    prov4ml.end_run()
+    return after - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=float, nargs="+", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--rss-points", type=float, default=1e7, help="0 to skip the RSS test")
+    args = parser.parse_args()
+    header = f"{'tool':<14}{'points':>10}{'mean µs':>9}{'median':>8}{'p99':>8}{'max':>9}" \
+             f"{'start ms':>10}{'end s':>8}{'ΔRSS MB':>9}{'disk MB':>9}"
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for points in args.points:
+            n = int(points) // BATCH * BATCH
+            floor = time_calls(noop, [0, 1], n)
+            print(f"{'no-op call':<14}{n:>10}{floor['mean']:>9.3f}{floor['median']:>8.3f}{floor['p99']:>8.3f}"
+                  f"{floor['max']:>9.1f}")
+            rows = [("prov4ml_dist", bench_prov4ml_dist(n, Path(tmp) / f"p{n}"))]
+            rows.append(("yProv4ML", bench_yprov4ml(n, Path(tmp) / f"y{n}")))
+            for name, r in rows:
+                if r is None:
+                    print(f"{name:<14}{n:>10}   (not installed)")
+                    continue
+                print(f"{name:<14}{n:>10}{r['mean']:>9.3f}{r['median']:>8.3f}{r['p99']:>8.3f}{r['max']:>9.1f}"
+                      f"{r['start_ms']:>10.1f}{r['end_s']:>8.3f}{r['rss_growth_mb']:>9.1f}{r['disk_mb']:>9.1f}")
+        if args.rss_points:
+            n = int(args.rss_points)
+            print(f"\nRSS growth over {n:.0e} points (after a 1e5 warm-up): {rss_growth(n, Path(tmp) / 'rss'):.1f} MB")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
