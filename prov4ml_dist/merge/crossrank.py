@@ -1,0 +1,223 @@
+"""Cross-rank statistics per (group, step) and the straggler report, in bounded memory.
+
+A group is a (key, context, source, attempt): the same series on the ranks that ran
+together. Groups small enough are read together in one window and aggregated at once.
+A larger group is streamed: one cursor per series (per monotone run of steps, for a
+series whose step went backwards), read in blocks and merged by step; a step is complete
+once every cursor has moved past it, so only a block per cursor is ever held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from . import layout
+from .series import SeriesIndex
+from .store import Appender
+
+WINDOW_ROWS = 1 << 19
+MIN_BLOCK_ROWS = 256
+MAX_CURSORS = 8192
+
+PARTIAL_DTYPE = np.dtype([("group", "<i4"), ("step", "<i8"), ("rank", "<i4"), ("n", "<i8"), ("nv", "<i8"),
+                          ("sum", "<f8"), ("min", "<f8"), ("max", "<f8"), ("tmin", "<f8"), ("tmax", "<f8")])
+
+
+def partials(rows: np.ndarray, group_of: np.ndarray) -> np.ndarray:
+    """Collapse each run of rows with the same (series, step) into one partial aggregate."""
+    if not len(rows):
+        return np.empty(0, dtype=PARTIAL_DTYPE)
+    series, step, value, when = rows["series"], rows["step"], rows["value"], rows["time"]
+    starts = np.flatnonzero(np.r_[True, (series[1:] != series[:-1]) | (step[1:] != step[:-1])])
+    isnan = np.isnan(value)
+    out = np.empty(len(starts), dtype=PARTIAL_DTYPE)
+    out["group"] = group_of[series[starts]]
+    out["step"] = step[starts]
+    out["rank"] = rows["rank"][starts]
+    out["n"] = np.diff(np.r_[starts, len(rows)])
+    out["nv"] = np.add.reduceat(~isnan, starts)
+    out["sum"] = np.add.reduceat(np.where(isnan, 0.0, value), starts)
+    out["min"] = np.fmin.reduceat(value, starts)
+    out["max"] = np.fmax.reduceat(value, starts)
+    out["tmin"] = np.minimum.reduceat(when, starts)
+    out["tmax"] = np.maximum.reduceat(when, starts)
+    return out
+
+
+def aggregate(p: np.ndarray) -> np.ndarray:
+    """Partials (complete steps only) → one ``CROSSRANK_DTYPE`` row per (group, step)."""
+    out = np.empty(0, dtype=layout.CROSSRANK_DTYPE)
+    if not len(p):
+        return out
+    p = p[np.lexsort((p["rank"], p["step"], p["group"]))]
+    group, step, rank = p["group"], p["step"], p["rank"]
+    new = np.r_[True, (group[1:] != group[:-1]) | (step[1:] != step[:-1])]
+    starts = np.flatnonzero(new)
+    new_rank = new | np.r_[True, rank[1:] != rank[:-1]]
+    tmax = np.maximum.reduceat(p["tmax"], starts)
+    segment = np.cumsum(new) - 1
+    # The slowest rank: the first partial (lowest rank) whose latest time is the step's latest.
+    candidate = np.where(p["tmax"] == tmax[segment], np.arange(len(p)), len(p))
+    nv = np.add.reduceat(p["nv"], starts)
+    total = np.add.reduceat(p["sum"], starts)
+    out = np.empty(len(starts), dtype=layout.CROSSRANK_DTYPE)
+    out["group"], out["step"] = group[starts], step[starts]
+    out["ranks"] = np.add.reduceat(new_rank, starts)
+    out["count"] = np.add.reduceat(p["n"], starts)
+    out["min"] = np.fmin.reduceat(p["min"], starts)
+    out["max"] = np.fmax.reduceat(p["max"], starts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean"] = np.where(nv > 0, total / np.maximum(nv, 1), math.nan)
+    out["slowest_rank"] = rank[np.minimum.reduceat(candidate, starts)]
+    out["skew"] = tmax - np.minimum.reduceat(p["tmin"], starts)
+    return out
+
+
+@dataclass
+class _Tally:
+    """The straggler report of one group, built from its cross-rank rows as they come."""
+
+    start: int = -1
+    steps: int = 0
+    multi: int = 0
+    skew_sum: float = 0.0
+    skew_max: float = -math.inf
+    skew_max_step: int = layout.NO_VALUE
+    slowest: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _Cursor:
+    pos: int
+    stop: int
+    frontier: float = -math.inf
+
+
+class CrossRank:
+    """Writes ``crossrank`` and ``slowest`` of one table and fills the groups' report columns."""
+
+    def __init__(self, parent: h5py.Group, index: SeriesIndex, problems: list[str]) -> None:
+        self.index = index
+        self.rows = parent[layout.ROWS]
+        self.problems = problems
+        self.stats = Appender(parent, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
+        self.slowest = Appender(parent, layout.SLOWEST, layout.SLOWEST_DTYPE)
+        self.group_of = index.series["group"]
+        self.tallies: dict[int, _Tally] = {}
+
+    def run(self) -> None:
+        groups = self.index.groups
+        g = 0
+        while g < len(groups):
+            start = int(groups["row_start"][g])
+            if groups["row_stop"][g] - start > WINDOW_ROWS:
+                self._emit(self._stream(g), [g])
+                g += 1
+                continue
+            last = int(np.searchsorted(groups["row_stop"], start + WINDOW_ROWS, side="right"))
+            rows = self.rows[start:int(groups["row_stop"][last - 1])]
+            self._emit(iter([aggregate(partials(rows, self.group_of))]), range(g, last))
+            g = last
+        self.stats.flush()
+        self.slowest.flush()
+
+    def _emit(self, batches: Iterator[np.ndarray], groups: range | list[int]) -> None:
+        for rows in batches:
+            self._tally(rows, self.stats.size)
+            self.stats.extend(rows)
+        for g in groups:
+            self._finish(g, self.tallies.pop(g, _Tally()))
+
+    def _tally(self, rows: np.ndarray, base: int) -> None:
+        starts = np.flatnonzero(np.r_[True, rows["group"][1:] != rows["group"][:-1]]) if len(rows) else []
+        for a, b in zip(starts, [*starts[1:], len(rows)], strict=True):
+            part = rows[a:b]
+            tally = self.tallies.setdefault(int(part["group"][0]), _Tally())
+            if tally.start < 0:
+                tally.start = base + int(a)
+            tally.steps += len(part)
+            multi = part[part["ranks"] >= 2]
+            if not len(multi):
+                continue
+            tally.multi += len(multi)
+            tally.skew_sum += float(multi["skew"].sum())
+            top = int(np.argmax(multi["skew"]))
+            if multi["skew"][top] > tally.skew_max:
+                tally.skew_max, tally.skew_max_step = float(multi["skew"][top]), int(multi["step"][top])
+            ranks, counts = np.unique(multi["slowest_rank"], return_counts=True)
+            tally.slowest.update(dict(zip(ranks.tolist(), counts.tolist(), strict=True)))
+
+    def _finish(self, g: int, tally: _Tally) -> None:
+        row = self.index.groups[g:g + 1]
+        start = tally.start if tally.steps else self.stats.size
+        row["stat_start"], row["stat_stop"] = start, start + tally.steps
+        row["multi_rank_steps"] = tally.multi
+        row["skew_mean"] = tally.skew_sum / tally.multi if tally.multi else math.nan
+        row["skew_max"] = tally.skew_max if tally.multi else math.nan
+        row["skew_max_step"] = tally.skew_max_step
+        # Most often slowest; ties go to the lower rank.
+        rank, steps = min(tally.slowest.items(), key=lambda rc: (-rc[1], rc[0]), default=(layout.NO_VALUE, 0))
+        row["slowest_rank"], row["slowest_steps"] = rank, steps
+        for r in sorted(tally.slowest):
+            self.slowest.add((g, r, tally.slowest[r]))
+
+    def _stream(self, g: int) -> Iterator[np.ndarray]:
+        """A large group: k-way merge of its monotone runs, emitting complete steps."""
+        cursors = self._cursors(g)
+        if cursors is None:
+            return
+        block = max(MIN_BLOCK_ROWS, WINDOW_ROWS // max(1, len(cursors)))
+        pending: list[np.ndarray] = []
+        while cursors:
+            low = min(c.frontier for c in cursors)
+            for c in cursors:
+                if c.frontier == low:
+                    rows = self.rows[c.pos:min(c.stop, c.pos + block)]
+                    c.pos += len(rows)
+                    c.frontier = int(rows["step"][-1])
+                    pending.append(partials(rows, self.group_of))
+            cursors = [c for c in cursors if c.pos < c.stop]
+            bound = min((c.frontier for c in cursors), default=math.inf)
+            p = np.concatenate(pending)
+            done = p["step"] < bound
+            pending = [p[~done]]
+            if done.any():
+                yield aggregate(p[done])
+
+    def _cursors(self, g: int) -> list[_Cursor] | None:
+        """One cursor per monotone run of steps of each series of the group."""
+        groups, series = self.index.groups, self.index.series
+        cursors: list[_Cursor] = []
+        for s in range(int(groups["series_start"][g]), int(groups["series_stop"][g])):
+            start, stop = int(series["row_start"][s]), int(series["row_stop"][s])
+            if start == stop:
+                continue
+            if series["runs"][s] == 1:
+                cursors.append(_Cursor(start, stop))
+            else:
+                cursors += [_Cursor(a, b) for a, b in self._runs(start, stop)]
+            if len(cursors) > MAX_CURSORS:
+                self.problems.append(
+                    f"no cross-rank statistics for {self.index.table} key {groups['key'][g]!r} context "
+                    f"{groups['context'][g]!r}: its steps go backwards more than {MAX_CURSORS} times")
+                return None
+        return cursors
+
+    def _runs(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Row ranges where the step never decreases (a second read of this series only)."""
+        bounds, previous = [start], None
+        for a in range(start, stop, WINDOW_ROWS):
+            steps = self.rows.fields("step")[a:min(stop, a + WINDOW_ROWS)]
+            if previous is not None and steps[0] < previous:
+                bounds.append(a)
+            bounds += (np.flatnonzero(steps[1:] < steps[:-1]) + 1 + a).tolist()
+            previous = steps[-1]
+            if len(bounds) > MAX_CURSORS:
+                break
+        return list(zip(bounds, [*bounds[1:], stop], strict=True))

@@ -1,0 +1,165 @@
+"""The merged journal: every record kept, params compared across ranks, artifacts
+content-addressed, energy summed per rank, node and job.
+
+Energy records (``kind: energy``, written by the sampler) are read generically: every
+finite number in the record (nested dicts flattened as ``a.b``), apart from ``time``, is an
+amount accrued since the rank's previous energy record and is summed. A record with
+``"scope": "node"`` measures the whole node (RAPL packages): it counts once per node (the
+largest total among the ranks that report it, as they read the same counters), not per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import h5py
+
+from . import layout
+from .scan import ShardInfo, as_text
+from .store import Appender, write_table
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENERGY_SKIP = ("kind", "time", "scope")
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON: the same value always gives the same text."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
+
+
+def hostname(shard: ShardInfo) -> str:
+    topology = shard.start.get("topology")
+    host = topology.get("hostname") if isinstance(topology, dict) else None
+    return host if isinstance(host, str) and host else f"node-{node_rank(shard)}"
+
+
+def node_rank(shard: ShardInfo) -> int:
+    topology = shard.start.get("topology")
+    value = topology.get("node_rank") if isinstance(topology, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else layout.NO_VALUE
+
+
+@dataclass
+class _Content:
+    size: int
+    item: str
+    name: str
+    path: str
+    directory: bool
+    present: int = -1
+    generations: list[tuple] = field(default_factory=list)
+
+
+class Journal:
+    """Takes the shards' records in (rank, attempt) order; writes the journal tables."""
+
+    def __init__(self, out: h5py.File, run_dir: Path, problems: list[str]) -> None:
+        self.run_dir = run_dir
+        self.problems = problems
+        self.records = Appender(out, layout.RECORDS, layout.RECORD_DTYPE)
+        self.params: dict[str, dict[int, str]] = defaultdict(dict)
+        self.contents: dict[str, _Content] = {}
+        self.rank_energy: dict[int, Counter] = defaultdict(Counter)
+        self.node_rank_energy: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
+        self.rank_node: dict[int, str] = {}
+
+    def add(self, shard: ShardInfo) -> None:
+        self.rank_node.setdefault(shard.rank, hostname(shard))
+        for record in shard.records:
+            when = record.get("time")
+            when = float(when) if isinstance(when, (int, float)) and not isinstance(when, bool) else math.nan
+            self.records.add((shard.rank, shard.attempt, record["kind"], when, dumps(record)))
+            if record["kind"] == "param" and isinstance(record.get("key"), str):
+                self.params[record["key"]][shard.rank] = dumps(record.get("value"))
+            elif record["kind"] == "artifact":
+                self._artifact(shard, record, when)
+            elif record["kind"] == "energy":
+                self._energy(shard, record)
+
+    def _artifact(self, shard: ShardInfo, record: dict[str, Any], when: float) -> None:
+        sha, size, path = record.get("sha256"), record.get("size"), record.get("path")
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha) and isinstance(size, int) and isinstance(path, str)):
+            self.problems.append(f"rank {shard.rank}: artifact record without a valid sha256, size and path: "
+                                 f"{dumps(record)[:120]}")
+            return
+        name, item = as_text(record.get("name")), as_text(record.get("item")) or "artifact"
+        content = self.contents.setdefault(sha, _Content(size, item, name, path, bool(record.get("directory"))))
+        if record.get("copied") is True:
+            found = self._present(shard.rank, name, path, size, content.directory)
+            content.present = max(content.present, found)
+        version = record.get("version")
+        version = version if isinstance(version, int) and not isinstance(version, bool) else layout.NO_VALUE
+        content.generations.append((shard.rank, shard.attempt, name, path, item, as_text(record.get("model_name")),
+                                    version, as_text(record.get("context")), when, dumps(record)))
+
+    def _present(self, rank: int, name: str, path: str, size: int, directory: bool) -> int:
+        """1 when the copied file is in the run directory (a missing one is a problem, not a failure)."""
+        rel = PurePosixPath(path)
+        if rel.is_absolute() or ".." in rel.parts:
+            self.problems.append(f"rank {rank}: artifact {name!r} has an unsafe path {path!r}; not checked")
+            return 0
+        target = self.run_dir.joinpath(*rel.parts)
+        if directory and target.is_dir() or not directory and target.is_file() and target.stat().st_size == size:
+            return 1
+        state = "missing" if not target.exists() else "not the recorded size"
+        self.problems.append(f"rank {rank}: artifact {name!r} is {state} at {path}")
+        return 0
+
+    def _energy(self, shard: ShardInfo, record: dict[str, Any]) -> None:
+        fields = dict(_numbers(record))
+        if record.get("scope") == "node":
+            self.node_rank_energy[hostname(shard)][shard.rank].update(fields)
+        else:
+            self.rank_energy[shard.rank].update(fields)
+
+    def write(self, out: h5py.File) -> None:
+        self.records.flush()
+        write_table(out, layout.PARAMS, layout.PARAM_DTYPE, self._param_rows())
+        group = out.create_group(layout.ARTIFACTS)
+        shas = sorted(self.contents)
+        write_table(group, layout.CONTENT, layout.CONTENT_DTYPE, [
+            (sha, c.size, c.item, c.name, c.path, c.present, c.directory)
+            for sha, c in ((sha, self.contents[sha]) for sha in shas)])
+        write_table(group, layout.GENERATIONS, layout.GENERATION_DTYPE, [
+            (i, *g) for i, sha in enumerate(shas) for g in self.contents[sha].generations])
+        write_table(out, layout.ENERGY, layout.ENERGY_DTYPE, list(self._energy_rows()))
+
+    def _param_rows(self) -> Iterator[tuple]:
+        for key in sorted(self.params):
+            by_value: dict[str, list[int]] = defaultdict(list)
+            for rank, value in sorted(self.params[key].items()):
+                by_value[value].append(rank)
+            majority = min(by_value, key=lambda v: (-len(by_value[v]), by_value[v][0]))
+            for value in sorted(by_value, key=lambda v: by_value[v][0]):
+                yield key, value, dumps(by_value[value]), value == majority
+
+    def _energy_rows(self) -> Iterator[tuple]:
+        nodes: dict[str, Counter] = defaultdict(Counter)
+        for rank in sorted(self.rank_energy):
+            nodes[self.rank_node[rank]].update(self.rank_energy[rank])
+            yield from (("rank", str(rank), f, v) for f, v in sorted(self.rank_energy[rank].items()))
+        for host, reporters in self.node_rank_energy.items():
+            for name in {f for fields in reporters.values() for f in fields}:
+                nodes[host][name] += max(fields.get(name, 0.0) for fields in reporters.values())
+        job: Counter = Counter()
+        for host in sorted(nodes):
+            job.update(nodes[host])
+            yield from (("node", host, f, v) for f, v in sorted(nodes[host].items()))
+        yield from (("job", "", f, v) for f, v in sorted(job.items()))
+
+
+def _numbers(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    for key, value in record.items():
+        if not prefix and key in _ENERGY_SKIP or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            yield f"{prefix}{key}", float(value)
+        elif isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")

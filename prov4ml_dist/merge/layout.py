@@ -1,0 +1,113 @@
+"""The layout of ``merged.h5``: every name and row type lives here, nowhere else.
+
+``merged.h5`` is written by ``merge_run`` only, from the shards of one run; readers use
+``load_merged`` (small tables) or slice the row tables directly (points).
+
+Root attributes: ``format``, ``layout_version``, ``run_id``, ``experiment_name``,
+``user_namespace``, ``user``, ``world_size``, ``problems`` (JSON list) and ``merge_stamp``
+(JSON: when and by which version it was merged) — the only attribute that differs between
+two merges of the same shards; equality checks ignore it.
+
+- ``/ranks`` (``RANK_DTYPE``): one row per (rank, attempt) sorted by rank and attempt, with
+  completeness (``status``: the end record's status, ``incomplete`` for a shard without an
+  end record, ``missing`` for a rank without a shard, attempt -1), topology columns and the
+  full ``start`` / ``end`` records as JSON.
+- ``/records`` (``RECORD_DTYPE``): every other journal record (param, artifact, model,
+  dataset, energy, sensor, warning, ...) as JSON, in (rank, attempt, journal) order.
+- ``/params`` (``PARAM_DTYPE``): one row per (key, distinct value) with the ranks holding it;
+  ``majority`` marks the value most ranks hold, so disagreements are rows with majority 0.
+- ``/artifacts/content`` (``CONTENT_DTYPE``): artifacts and model versions content-addressed
+  by sha256, sorted by it; ``/artifacts/generations`` (``GENERATION_DTYPE``): which rank
+  saved which content under which name, version and path.
+- ``/energy`` (``ENERGY_DTYPE``): energy fields summed per rank, per node and for the job.
+- ``/metrics`` and ``/system``, one group per shard table, each with:
+  - ``rows`` (``ROW_DTYPE``): every point of every rank, ordered by cross-rank group, then
+    rank and attempt; each series is one contiguous row range, in logging order;
+  - ``series`` (``SERIES_DTYPE``): one row per (key, context, source, rank, attempt); its
+    index is the ``series`` column of ``rows``; ``row_start``/``row_stop`` point into ``rows``;
+  - ``groups`` (``GROUP_DTYPE``): one row per (key, context, source, attempt) — the ranks that
+    ran together — with its series range, its ``crossrank`` range and the straggler report;
+  - ``crossrank`` (``CROSSRANK_DTYPE``): per group and step: ranks, points, min, mean, max
+    (NaN ignored), the slowest rank (latest wall-clock time; ties go to the lower rank) and
+    the time skew (latest minus earliest time of that step);
+  - ``slowest`` (``SLOWEST_DTYPE``): per group, how many steps each rank was the slowest of
+    (steps logged by at least two ranks only).
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+FORMAT = "prov4ml_dist.merged"
+LAYOUT_VERSION = 1
+
+MERGED_NAME = "merged.h5"
+PROV_NAME = "prov.json"
+
+RANKS = "ranks"
+RECORDS = "records"
+PARAMS = "params"
+ARTIFACTS = "artifacts"
+CONTENT = "content"
+GENERATIONS = "generations"
+ENERGY = "energy"
+ROWS = "rows"
+SERIES = "series"
+GROUPS = "groups"
+CROSSRANK = "crossrank"
+SLOWEST = "slowest"
+
+STAMP_ATTR = "merge_stamp"
+PROBLEMS_ATTR = "problems"
+
+STATUS_INCOMPLETE = "incomplete"
+STATUS_MISSING = "missing"
+NO_VALUE = -1  # for integer columns that have no value (no attempt, no rank, no version)
+
+STR = h5py.string_dtype()
+
+ROW_DTYPE = np.dtype([("series", "<i4"), ("rank", "<i4"), ("step", "<i8"), ("value", "<f8"), ("time", "<f8")])
+
+RANK_DTYPE = np.dtype([
+    ("rank", "<i4"), ("attempt", "<i4"), ("node_rank", "<i4"), ("local_rank", "<i4"), ("hostname", STR),
+    ("status", STR), ("complete", "u1"), ("start_time", "<f8"), ("end_time", "<f8"), ("last_time", "<f8"),
+    ("shard", STR), ("reason", STR), ("start", STR), ("end", STR)])
+
+RECORD_DTYPE = np.dtype([("rank", "<i4"), ("attempt", "<i4"), ("kind", STR), ("time", "<f8"), ("json", STR)])
+
+PARAM_DTYPE = np.dtype([("key", STR), ("value", STR), ("ranks", STR), ("majority", "u1")])
+
+CONTENT_DTYPE = np.dtype([("sha256", STR), ("size", "<i8"), ("item", STR), ("name", STR), ("path", STR),
+                          ("present", "i1"), ("directory", "u1")])
+
+GENERATION_DTYPE = np.dtype([
+    ("content", "<i4"), ("rank", "<i4"), ("attempt", "<i4"), ("name", STR), ("path", STR), ("item", STR),
+    ("model_name", STR), ("version", "<i8"), ("context", STR), ("time", "<f8"), ("json", STR)])
+
+ENERGY_DTYPE = np.dtype([("scope", STR), ("name", STR), ("field", STR), ("value", "<f8")])
+
+SERIES_DTYPE = np.dtype([
+    ("key", STR), ("context", STR), ("source", STR), ("extra", STR), ("rank", "<i4"), ("attempt", "<i4"),
+    ("group", "<i4"), ("row_start", "<i8"), ("row_stop", "<i8"), ("count", "<i8"), ("nonfinite", "<i8"),
+    ("runs", "<i8"), ("first_step", "<i8"), ("last_step", "<i8"), ("min", "<f8"), ("max", "<f8"),
+    ("last", "<f8"), ("first_time", "<f8"), ("last_time", "<f8")])
+
+GROUP_DTYPE = np.dtype([
+    ("key", STR), ("context", STR), ("source", STR), ("attempt", "<i4"), ("series_start", "<i8"),
+    ("series_stop", "<i8"), ("row_start", "<i8"), ("row_stop", "<i8"), ("stat_start", "<i8"), ("stat_stop", "<i8"),
+    ("multi_rank_steps", "<i8"), ("slowest_rank", "<i4"), ("slowest_steps", "<i8"), ("skew_mean", "<f8"),
+    ("skew_max", "<f8"), ("skew_max_step", "<i8")])
+
+CROSSRANK_DTYPE = np.dtype([
+    ("group", "<i4"), ("step", "<i8"), ("ranks", "<i4"), ("count", "<i8"), ("min", "<f8"), ("mean", "<f8"),
+    ("max", "<f8"), ("slowest_rank", "<i4"), ("skew", "<f8")])
+
+SLOWEST_DTYPE = np.dtype([("group", "<i4"), ("rank", "<i4"), ("steps", "<i8")])
+
+TABLE_CHUNK_ROWS = 16384
+
+
+def table_path(table: str, name: str) -> str:
+    """``/metrics/rows`` and friends."""
+    return f"/{table}/{name}"

@@ -1,0 +1,197 @@
+"""``merge_run``: the shards (and artifact files) of a run → ``merged.h5`` + ``prov.json``.
+
+A pure function of what is in the run directory: the online merge (rank 0 at end_run) and
+the offline ``prov4ml-dist merge`` call it alike and get the same files. Outputs are written
+under temporary names and moved into place, so a reader never sees half a merge and a
+second merge replaces the first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import MergeError, ShardError
+from ..shard import ShardReader, schema
+from . import layout
+from .crossrank import CrossRank
+from .journal import Journal, dumps, hostname, node_rank
+from .load import load_merged
+from .scan import ShardInfo, default_shards, scan_shards
+from .series import SeriesIndex, build_index, copy_rows
+from .store import write_table
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    merged_h5: Path
+    prov_json: Path
+    problems: list[str]
+
+
+def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
+              missing_ranks: Mapping[int, str] | None = None, world_size: int | None = None,
+              progress: Progress | None = None) -> MergeResult:
+    """Merge the shards of ``run_dir``; bad shards are reported in ``problems``, not raised.
+
+    Raises ``MergeError`` only when no shard of the run can be read or the outputs cannot
+    be written.
+    """
+    # Imported here: provenance builds on merge.model, so a module-level import would be a cycle.
+    from ..provenance import build_document, write_prov_json
+
+    run_dir = Path(run_dir)
+    report = progress or _silent
+    problems: list[str] = []
+    paths = list(shard_paths) if shard_paths is not None else default_shards(run_dir)
+    report("scan", 0, len(paths))
+    shards = scan_shards(paths, problems)
+    report("scan", len(paths), len(paths))
+    if not shards:
+        raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
+                         + (": " + "; ".join(problems) if problems else ""))
+    merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
+    tmp_merged, tmp_prov = _temporary(merged), _temporary(prov)
+    try:
+        with h5py.File(tmp_merged, "w") as out:
+            _write(out, run_dir, shards, dict(missing_ranks or {}), world_size, problems, report)
+        report("prov", 0, 1)
+        write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
+        report("prov", 1, 1)
+        os.replace(tmp_merged, merged)
+        os.replace(tmp_prov, prov)
+    except OSError as exc:
+        raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
+    finally:
+        for tmp in (tmp_merged, tmp_prov):
+            tmp.unlink(missing_ok=True)
+    return MergeResult(merged, prov, problems)
+
+
+def _silent(stage: str, done: int, total: int) -> None:
+    """The default progress callback."""
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], missing: dict[int, str],
+           world_size: int | None, problems: list[str], report: Progress) -> None:
+    first = shards[0].start
+    out.attrs["format"] = layout.FORMAT
+    out.attrs["layout_version"] = layout.LAYOUT_VERSION
+    out.attrs["run_id"] = str(first.get("run_id", ""))
+    out.attrs["experiment_name"] = str(first.get("experiment_name", ""))
+    namespace = first.get("user_namespace")
+    out.attrs["user_namespace"] = namespace if isinstance(namespace, str) else ""
+    environment = first.get("environment")
+    user = environment.get("user") if isinstance(environment, dict) else None
+    out.attrs["user"] = user if isinstance(user, str) else ""
+    out.attrs["world_size"] = _world_size(shards, world_size)
+    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": _version()})
+
+    journal = Journal(out, run_dir, problems)
+    for shard in shards:
+        journal.add(shard)
+        problems.extend(_shard_problems(shard))
+    journal.write(out)
+
+    indexes = [build_index(table, shards) for table in schema.TABLES]
+    for index in indexes:
+        out.create_group(index.table).create_dataset(layout.ROWS, shape=(index.total_rows,), dtype=layout.ROW_DTYPE)
+    _copy(out, shards, indexes, report)
+    for done, index in enumerate(indexes):
+        report("crossrank", done, len(indexes))
+        group = out[index.table]
+        CrossRank(group, index, problems).run()
+        write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
+        write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
+    report("crossrank", len(indexes), len(indexes))
+
+    write_table(out, layout.RANKS, layout.RANK_DTYPE, _rank_rows(shards, missing, int(out.attrs["world_size"])))
+    problems.extend(f"rank {r}: missing ({missing.get(r) or 'no shard found'})"
+                    for r in _missing(shards, missing, int(out.attrs["world_size"])))
+    out.attrs[layout.PROBLEMS_ATTR] = json.dumps(problems)
+
+
+def _copy(out: h5py.File, shards: list[ShardInfo], indexes: list[SeriesIndex], report: Progress) -> None:
+    """Every row of every shard, each shard opened once."""
+    cursors = [index.series["row_start"].copy() for index in indexes]
+    for n, shard in enumerate(shards):
+        report("copy", n, len(shards))
+        try:
+            with ShardReader(shard.path) as reader:
+                for index, cursor in zip(indexes, cursors, strict=True):
+                    latest = copy_rows(reader, shard, n, index, out[index.table][layout.ROWS], cursor)
+                    shard.last_time = float(np.fmax(shard.last_time, latest))
+        except ShardError as exc:
+            raise MergeError(f"shard changed while it was merged: {exc}") from None
+    report("copy", len(shards), len(shards))
+    for index, cursor in zip(indexes, cursors, strict=True):
+        if not np.array_equal(cursor, index.series["row_stop"]):
+            raise MergeError(f"a shard changed while it was merged: table {index.table!r} lost rows")
+
+
+def _shard_problems(shard: ShardInfo) -> list[str]:
+    who = f"rank {shard.rank} attempt {shard.attempt}"
+    found = [f"{who}: {decl.undeclared} rows of {table!r} with undeclared series ids dropped"
+             for table, decl in shard.tables.items() if decl.undeclared]
+    if shard.end is None:
+        found.append(f"{who}: incomplete (no end record: it crashed or is still running); "
+                     "merged up to its last flush")
+    elif isinstance(shard.end.get("failures"), list) and shard.end["failures"]:
+        found.append(f"{who}: {len(shard.end['failures'])} flush failures recorded")
+    return found
+
+
+def _world_size(shards: list[ShardInfo], expected: int | None) -> int:
+    if expected is not None:
+        return int(expected)
+    sizes = [s.start["topology"].get("world_size") for s in shards if isinstance(s.start.get("topology"), dict)]
+    sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool)]
+    return max([*sizes, max(s.rank for s in shards) + 1])
+
+
+def _missing(shards: list[ShardInfo], missing: dict[int, str], world_size: int) -> list[int]:
+    present = {s.rank for s in shards}
+    return sorted((set(range(world_size)) | set(missing)) - present)
+
+
+def _rank_rows(shards: list[ShardInfo], missing: dict[int, str], world_size: int) -> list[tuple]:
+    rows = []
+    for s in shards:
+        topology = s.start.get("topology") if isinstance(s.start.get("topology"), dict) else {}
+        local = topology.get("local_rank")
+        status = (str(s.end.get("status", "ok")) if s.end is not None else layout.STATUS_INCOMPLETE)
+        end_time = s.end.get("time") if s.end is not None else None
+        rows.append((s.rank, s.attempt, node_rank(s), local if isinstance(local, int) else layout.NO_VALUE,
+                     hostname(s), status, s.end is not None, _float(s.start.get("time")), _float(end_time),
+                     s.last_time, s.path.name, missing.get(s.rank, ""), dumps(s.start),
+                     dumps(s.end) if s.end is not None else ""))
+    rows += [(r, layout.NO_VALUE, layout.NO_VALUE, layout.NO_VALUE, "", layout.STATUS_MISSING, False, math.nan,
+              math.nan, math.nan, "", missing.get(r) or "no shard found", "", "")
+             for r in _missing(shards, missing, world_size)]
+    return sorted(rows, key=lambda row: (row[0], row[1]))
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _version() -> str:
+    try:
+        return version("prov4ml-dist")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,146 @@
+"""Finding, checking and reading the journals of the shards of a run (untrusted input).
+
+A shard that cannot be read, is foreign, truncated, or belongs to another run than the
+majority is reported as a problem and left out; the others merge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ShardError
+from ..shard import ShardReader, schema
+
+
+@dataclass
+class TableDecl:
+    """The series a shard declared for one table, and how many rows it had when scanned."""
+
+    ids: np.ndarray  # sorted declared ids
+    decls: list[dict[str, Any]]  # aligned with ids
+    counts: np.ndarray  # rows per declared series
+    rows: int  # rows in the table when scanned; later passes read no more
+    undeclared: int  # rows whose series id was never declared (dropped)
+
+
+@dataclass
+class ShardInfo:
+    """One readable shard of the run: identity, journal and row counts."""
+
+    path: Path
+    rank: int
+    attempt: int
+    start: dict[str, Any]
+    end: dict[str, Any] | None
+    records: list[dict[str, Any]]  # every record except start, end and series
+    tables: dict[str, TableDecl]
+    last_time: float = math.nan
+    problems: list[str] = field(default_factory=list)
+
+
+def default_shards(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / schema.SHARDS_DIR).glob("rank-*.h5"))
+
+
+def scan_shards(paths: Sequence[Path], problems: list[str]) -> list[ShardInfo]:
+    """The readable shards of the majority run id, sorted by (rank, attempt)."""
+    identities: list[tuple[Path, str, int, int]] = []
+    for path in sorted(Path(p) for p in paths):
+        try:
+            with ShardReader(path) as reader:
+                identities.append((path, reader.run_id, reader.rank, reader.attempt))
+        except ShardError as exc:
+            problems.append(f"skipped shard: {exc}")
+    if not identities:
+        return []
+    votes = Counter(run_id for _, run_id, _, _ in identities)
+    top = max(votes.values())
+    # Ties go to the run id of the lowest (rank, attempt): deterministic.
+    run_id = min((rank, attempt, rid) for _, rid, rank, attempt in identities if votes[rid] == top)[2]
+    shards: list[ShardInfo] = []
+    seen: set[tuple[int, int]] = set()
+    for path, rid, rank, attempt in sorted(identities, key=lambda x: (x[2], x[3], str(x[0]))):
+        if rid != run_id:
+            problems.append(f"skipped shard {path}: run id {rid!r} is not the run's {run_id!r}")
+        elif (rank, attempt) in seen:
+            problems.append(f"skipped shard {path}: a second shard of rank {rank} attempt {attempt}")
+        else:
+            try:
+                shards.append(_read_shard(path, rank, attempt))
+                seen.add((rank, attempt))
+            except ShardError as exc:
+                problems.append(f"skipped shard: {exc}")
+    return shards
+
+
+def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
+    """Journal and per-series row counts (the first full read of the rows)."""
+    with ShardReader(path) as reader:
+        start, end, decls, records = None, None, {name: {} for name in schema.TABLES}, []
+        last_time = -math.inf
+        for record in reader.records():
+            kind = record["kind"]
+            if isinstance(record.get("time"), (int, float)):
+                last_time = max(last_time, float(record["time"]))
+            if kind == "start" and start is None:
+                start = record
+            elif kind == "end":
+                end = record
+            elif kind == "series":
+                _declare(decls, record)
+            else:
+                records.append(record)
+        if start is None:
+            raise ShardError(f"{path}: no start record (killed before its first flush?)")
+        tables = {name: _count(reader, name, decls[name]) for name in schema.TABLES}
+    return ShardInfo(path, rank, attempt, start, end, records, tables,
+                     last_time=last_time if last_time > -math.inf else math.nan)
+
+
+def _declare(decls: dict[str, dict[int, dict[str, Any]]], record: dict[str, Any]) -> None:
+    table, ident, key = record.get("table"), record.get("id"), record.get("key")
+    if table in decls and isinstance(ident, int) and not isinstance(ident, bool) and isinstance(key, str):
+        decls[table].setdefault(ident, record)
+
+
+def _count(reader: ShardReader, table: str, declared: dict[int, dict[str, Any]]) -> TableDecl:
+    ids = np.array(sorted(declared), dtype=np.int64)
+    counts = np.zeros(len(ids), dtype=np.int64)
+    rows = reader.rows(table)
+    undeclared = 0
+    for chunk in read_rows(reader, table, rows):
+        idx, valid = local_index(ids, chunk["series"])
+        counts += np.bincount(idx[valid], minlength=len(ids))
+        undeclared += int(len(chunk) - np.count_nonzero(valid))
+    return TableDecl(ids, [declared[i] for i in ids.tolist()], counts, rows, undeclared)
+
+
+def read_rows(reader: ShardReader, table: str, limit: int):
+    """The first ``limit`` rows of a table in bounded slices (a live shard may have grown)."""
+    done = 0
+    for chunk in reader.iter_rows(table):
+        if done + len(chunk) >= limit:
+            yield chunk[:limit - done]
+            return
+        done += len(chunk)
+        yield chunk
+
+
+def local_index(ids: np.ndarray, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position of each row's series among the declared ids, and which rows are declared."""
+    idx = np.searchsorted(ids, series)
+    valid = idx < len(ids)
+    valid[valid] = ids[idx[valid]] == series[valid]
+    return idx, valid
+
+
+def as_text(value: object) -> str:
+    """A string field of an untrusted record: '' when absent, its ``str`` when not a string."""
+    return value if isinstance(value, str) else "" if value is None else str(value)

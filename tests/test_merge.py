@@ -1,0 +1,342 @@
+"""merge_run over shards written by the real ShardWriter: completeness, statistics, robustness."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_merge_support import RUN_ID, T0, crash, log_series, open_shard, shard_path  # noqa: E402
+
+from prov4ml_dist.errors import MergeError  # noqa: E402
+from prov4ml_dist.merge import crossrank, layout, load_merged, merge_run  # noqa: E402
+
+
+def _points(rank: int, steps: int, seed: int = 0) -> list[tuple[int, float, float]]:
+    rng = np.random.default_rng(seed * 100 + rank)
+    values = rng.normal(size=steps)
+    times = T0 + np.arange(steps) + rng.uniform(0, 0.5, size=steps)
+    return [(s, float(values[s]), float(times[s])) for s in range(steps)]
+
+
+def _write_run(run_dir: Path, ranks: int, steps: int = 200) -> dict[int, list[tuple[int, float, float]]]:
+    logged = {}
+    for r in range(ranks):
+        w = open_shard(run_dir, r, ranks)
+        logged[r] = _points(r, steps)
+        log_series(w, "loss", logged[r])
+        log_series(w, "acc", [(s, s / 10, T0 + s) for s in range(steps // 4)], context="VALIDATION")
+        sid = w.system.register("cpu_percent", "", "process", unit="%")
+        for s in range(10):
+            w.system.append(sid, s, 50.0 + r, T0 + s)
+        w.close()
+    return logged
+
+
+def _series_rows(f: h5py.File, table: str, key: str, rank: int, context: str = "TRAINING") -> np.ndarray:
+    series = f[table][layout.SERIES][()]
+    match = [i for i, s in enumerate(series) if s["key"].decode() == key and s["rank"] == rank
+             and s["context"].decode() == context]
+    assert len(match) == 1
+    s = series[match[0]]
+    rows = f[table][layout.ROWS][s["row_start"]:s["row_stop"]]
+    assert (rows["series"] == match[0]).all() and (rows["rank"] == rank).all()
+    return rows
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_point_of_every_rank_is_merged(tmp_path: Path, ranks: int) -> None:
+    logged = _write_run(tmp_path, ranks)
+    result = merge_run(tmp_path)
+    assert result.problems == []
+    with h5py.File(result.merged_h5) as f:
+        assert f["metrics"][layout.ROWS].shape[0] == ranks * 250
+        for r in range(ranks):
+            rows = _series_rows(f, "metrics", "loss", r)
+            expected = np.array(logged[r])
+            np.testing.assert_array_equal(rows["step"], expected[:, 0])
+            np.testing.assert_array_equal(rows["value"], expected[:, 1])
+            np.testing.assert_array_equal(rows["time"], expected[:, 2])
+            assert len(_series_rows(f, "system", "cpu_percent", r, context="")) == 10
+        ranks_table = f[layout.RANKS][()]
+        assert list(ranks_table["rank"]) == list(range(ranks)) and ranks_table["complete"].all()
+    run = load_merged(result.merged_h5)
+    loss = [s for s in run.series if s.key == "loss" and s.rank == 1][0]
+    values = np.array(logged[1])[:, 1]
+    assert (loss.count, loss.first_step, loss.last_step, loss.runs) == (200, 0, 199, 1)
+    assert (loss.min, loss.max, loss.last) == (values.min(), values.max(), values[-1])
+    cpu = [s for s in run.series if s.key == "cpu_percent"][0]
+    assert cpu.extra == {"unit": "%"} and cpu.dataset == "/system/rows"
+
+
+def _crossrank(f: h5py.File, key: str) -> np.ndarray:
+    groups = f["metrics"][layout.GROUPS][()]
+    g = [i for i, row in enumerate(groups) if row["key"].decode() == key][0]
+    return f["metrics"][layout.CROSSRANK][groups[g]["stat_start"]:groups[g]["stat_stop"]], groups[g]
+
+
+def test_cross_rank_statistics_match_numpy(tmp_path: Path) -> None:
+    logged = _write_run(tmp_path, 4)
+    result = merge_run(tmp_path)
+    values = np.array([[v for _, v, _ in logged[r]] for r in range(4)])
+    times = np.array([[t for _, _, t in logged[r]] for r in range(4)])
+    with h5py.File(result.merged_h5) as f:
+        stats, group = _crossrank(f, "loss")
+    np.testing.assert_array_equal(stats["step"], np.arange(200))
+    assert (stats["ranks"] == 4).all() and (stats["count"] == 4).all()
+    np.testing.assert_allclose(stats["min"], values.min(axis=0))
+    np.testing.assert_allclose(stats["max"], values.max(axis=0))
+    np.testing.assert_allclose(stats["mean"], values.mean(axis=0))
+    np.testing.assert_array_equal(stats["slowest_rank"], times.argmax(axis=0))
+    np.testing.assert_allclose(stats["skew"], times.max(axis=0) - times.min(axis=0))
+    counts = np.bincount(times.argmax(axis=0), minlength=4)
+    assert group["slowest_rank"] == counts.argmax() and group["slowest_steps"] == counts.max()
+    assert group["multi_rank_steps"] == 200
+
+
+def test_straggler_is_the_rank_that_is_late_most_often(tmp_path: Path) -> None:
+    for r in range(4):
+        w = open_shard(tmp_path, r, 4)
+        delay = 2.0 if r == 2 else 0.1 * r
+        log_series(w, "loss", [(s, 1.0, T0 + s + delay + (3.0 if r == 1 and s == 7 else 0.0)) for s in range(50)])
+        w.close()
+    run = load_merged(merge_run(tmp_path).merged_h5)
+    loss = [g for g in run.groups if g.key == "loss"][0]
+    assert (loss.slowest_rank, loss.slowest_steps) == (2, 49)
+    assert loss.slowest_counts == {1: 1, 2: 49}
+    assert loss.skew_max == pytest.approx(3.1) and loss.skew_max_step == 7
+    assert loss.skew_mean == pytest.approx((49 * 2.0 + 3.1) / 50)
+
+
+def test_nan_values_are_ignored_by_the_statistics(tmp_path: Path) -> None:
+    for r in range(2):
+        w = open_shard(tmp_path, r, 2)
+        log_series(w, "loss", [(0, float("nan") if r == 0 else 1.0, T0), (1, float("nan"), T0 + 1),
+                               (2, float("inf") if r else 2.0, T0 + 2)])
+        w.close()
+    with h5py.File(merge_run(tmp_path).merged_h5) as f:
+        stats, _ = _crossrank(f, "loss")
+    assert stats["mean"][0] == 1.0 and np.isnan(stats["mean"][1]) and stats["max"][2] == np.inf
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_streamed_large_groups_equal_the_in_memory_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          epochs: int) -> None:
+    """Steps that go backwards (per-epoch batch steps) too: both paths must agree."""
+    rng = np.random.default_rng(3)
+    for r in range(3):
+        w = open_shard(tmp_path, r, 3)
+        points = [(s, float(rng.normal()), T0 + e * 100 + s + rng.uniform()) for e in range(epochs)
+                  for s in range(0, 300, 1 + r % 2)]
+        log_series(w, "loss", points)
+        w.close()
+    window = merge_run(tmp_path)
+    with h5py.File(window.merged_h5) as f:
+        expected = f["metrics"][layout.CROSSRANK][()], f["metrics"][layout.GROUPS][()]
+    monkeypatch.setattr(crossrank, "WINDOW_ROWS", 64)
+    monkeypatch.setattr(crossrank, "MIN_BLOCK_ROWS", 16)
+    streamed = merge_run(tmp_path)
+    with h5py.File(streamed.merged_h5) as f:
+        got = f["metrics"][layout.CROSSRANK][()], f["metrics"][layout.GROUPS][()]
+        assert f["metrics"][layout.SERIES]["runs"].tolist() == [epochs] * 3
+    for a, b in zip(expected, got, strict=True):
+        for name in a.dtype.names:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert len(expected[0]) == 300 and expected[0]["count"].sum() == epochs * (300 + 150 + 300)
+
+
+def test_params_disagreement(tmp_path: Path) -> None:
+    for r in range(4):
+        w = open_shard(tmp_path, r, 4)
+        w.record({"kind": "param", "time": T0, "key": "batch_size", "value": 32})
+        w.record({"kind": "param", "time": T0, "key": "lr", "value": 0.1 if r != 3 else 0.5})
+        w.close()
+    run = load_merged(merge_run(tmp_path).merged_h5)
+    params = {(p.key, json.dumps(p.value)): (p.ranks, p.majority) for p in run.params}
+    assert params == {("batch_size", "32"): ((0, 1, 2, 3), True), ("lr", "0.1"): ((0, 1, 2), True),
+                      ("lr", "0.5"): ((3,), False)}
+
+
+def _artifact(w, run_dir: Path, rank: int, name: str, data: bytes, **extra) -> None:
+    import hashlib
+
+    rel = f"artifacts/rank-{rank:05d}/{name}"
+    (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / rel).write_bytes(data)
+    w.record({"kind": "artifact", "time": T0 + rank, "name": name, "context": "TRAINING", "step": None,
+              "timestamp": None, "path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+              "copied": True, "item": "artifact", **extra})
+
+
+def test_artifacts_are_content_addressed(tmp_path: Path) -> None:
+    for r in range(4):
+        w = open_shard(tmp_path, r, 4)
+        _artifact(w, tmp_path, r, "config.yaml", b"lr: 0.1\n")
+        _artifact(w, tmp_path, r, "log.txt", f"rank {r}".encode())
+        for version in range(2):
+            _artifact(w, tmp_path, r, f"net_v{version}.pt", f"weights {version}".encode(), item="model_version",
+                      model_name="net", version=version)
+        w.close()
+    (tmp_path / "artifacts/rank-00003/log.txt").unlink()
+    result = merge_run(tmp_path)
+    assert result.problems == ["rank 3: artifact 'log.txt' is missing at artifacts/rank-00003/log.txt"]
+    run = load_merged(result.merged_h5)
+    by_name = {}
+    for a in run.artifacts:
+        by_name.setdefault(a.name, []).append(a)
+    assert len(by_name["config.yaml"]) == 1 and len(by_name["log.txt"]) == 4
+    assert sorted(g.rank for g in by_name["config.yaml"][0].generations) == [0, 1, 2, 3]
+    assert sorted(a.present for a in by_name["log.txt"]) == [0, 1, 1, 1]
+    assert [a.generations[0].version for a in by_name["net_v1.pt"]] == [1]
+
+
+def _crashing_rank(run_dir: Path) -> None:
+    w = open_shard(run_dir, 1, 2)
+    log_series(w, "loss", [(s, 1.0, T0 + s) for s in range(100)])
+    crash(w)
+
+
+def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path) -> None:
+    w = open_shard(tmp_path, 0, 2)
+    log_series(w, "loss", [(s, 0.5, T0 + s) for s in range(100)])
+    w.close()
+    child = multiprocessing.get_context("fork").Process(target=_crashing_rank, args=(tmp_path,))
+    child.start()
+    child.join(30)
+    result = merge_run(tmp_path)
+    assert any("rank 1 attempt 0: incomplete" in p for p in result.problems)
+    run = load_merged(result.merged_h5)
+    crashed = [r for r in run.ranks if r.rank == 1][0]
+    assert (crashed.status, crashed.complete, crashed.end_time) == ("incomplete", False, None)
+    assert crashed.last_time >= T0 + 99  # how far it got: its latest flushed row or record
+    assert [s.count for s in run.series if s.key == "loss"] == [100, 100]
+
+
+def test_bad_shards_are_reported_and_the_others_merge(tmp_path: Path) -> None:
+    _write_run(tmp_path, 2)
+    shards = tmp_path / "shards"
+    (shards / "rank-00002.h5").write_bytes(b"garbage" * 100)
+    with h5py.File(shards / "rank-00003.h5", "w") as f:
+        f.attrs["format"] = "something else"
+    w = open_shard(tmp_path, 4, 5, run_id="another-run")
+    w.close()
+    result = merge_run(tmp_path, world_size=5)
+    assert len(result.problems) == 6, result.problems
+    assert sum("rank-0000" in p and "skipped shard" in p for p in result.problems) == 3
+    assert "another-run" in " ".join(result.problems)
+    run = load_merged(result.merged_h5)
+    assert [(r.rank, r.status) for r in run.ranks] == [(0, "ok"), (1, "ok"), (2, "missing"), (3, "missing"),
+                                                      (4, "missing")]
+
+
+@pytest.mark.timeout(60)
+def test_truncated_shard_is_reported_and_the_others_merge(tmp_path: Path) -> None:
+    _write_run(tmp_path, 2)
+    shards = tmp_path / "shards"
+    data = (shards / "rank-00001.h5").read_bytes()
+    (shards / "rank-00001.h5").write_bytes(data[: len(data) // 2])
+    result = merge_run(tmp_path)
+    run = load_merged(result.merged_h5)
+    assert [r.rank for r in run.ranks if r.status == "ok"] == [0]
+    assert any("rank-00001.h5" in p for p in result.problems), result.problems
+
+
+def test_missing_ranks_and_restarts(tmp_path: Path) -> None:
+    for r, attempt in ((0, 0), (1, 0), (1, 1)):
+        w = open_shard(tmp_path, r, 3, attempt=attempt)
+        log_series(w, "loss", [(s, float(r), T0 + s) for s in range(10)])
+        if attempt == 0 and r == 1:
+            w.flush()  # the first attempt of rank 1 died: left open, never closed
+            w._stop.set()
+        else:
+            w.close()
+    result = merge_run(tmp_path, missing_ranks={2: "did not reach end_run within merge_timeout"})
+    run = load_merged(result.merged_h5)
+    assert [(r.rank, r.attempt, r.status) for r in run.ranks] == [(0, 0, "ok"), (1, 0, "incomplete"),
+                                                                  (1, 1, "ok"), (2, -1, "missing")]
+    assert [r.reason for r in run.ranks][-1] == "did not reach end_run within merge_timeout"
+    assert sorted((g.attempt, len(g.series)) for g in run.groups) == [(0, 2), (1, 1)]
+
+
+def test_world_size_marks_ranks_without_shards(tmp_path: Path) -> None:
+    _write_run(tmp_path, 2)
+    result = merge_run(tmp_path, world_size=3)
+    assert "rank 2: missing (no shard found)" in result.problems
+
+
+def test_no_readable_shard_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "rank-00000.h5").write_bytes(b"nope")
+    with pytest.raises(MergeError, match="no readable shard"):
+        merge_run(tmp_path)
+
+
+def _contents(path: Path) -> dict[str, object]:
+    found: dict[str, object] = {}
+    with h5py.File(path) as f:
+        found["/"] = {k: v for k, v in f.attrs.items() if k != layout.STAMP_ATTR}
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                found[name] = obj[()].tolist()
+
+        f.visititems(visit)
+    return found
+
+
+def test_merging_twice_gives_the_same_result(tmp_path: Path) -> None:
+    _write_run(tmp_path, 4)
+    first = merge_run(tmp_path)
+    contents, prov = _contents(first.merged_h5), first.prov_json.read_bytes()
+    second = merge_run(tmp_path, shard_paths=sorted((tmp_path / "shards").glob("*.h5"), reverse=True))
+    assert _contents(second.merged_h5) == contents
+    assert second.prov_json.read_bytes() == prov
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.h5", "prov.json", "shards"]
+
+
+def test_energy_is_summed_per_rank_node_and_job(tmp_path: Path) -> None:
+    for r in range(4):
+        w = open_shard(tmp_path, r, 4)
+        for _ in range(3):
+            w.record({"kind": "energy", "time": T0, "gpu_joules": {"GPU-a": 10.0, "GPU-b": 1.0}, "interval": 1})
+            if r % 2 == 0:
+                w.record({"kind": "energy", "time": T0, "scope": "node", "rapl_joules": 100.0})
+        w.close()
+    run = load_merged(merge_run(tmp_path).merged_h5)
+    energy = {(e.scope, e.name): e.fields for e in run.energy}
+    assert energy[("rank", "1")] == {"gpu_joules.GPU-a": 30.0, "gpu_joules.GPU-b": 3.0, "interval": 3.0}
+    assert energy[("node", "node0")] == {"gpu_joules.GPU-a": 60.0, "gpu_joules.GPU-b": 6.0, "interval": 6.0,
+                                         "rapl_joules": 300.0}
+    assert energy[("job", "")]["rapl_joules"] == 600.0 and energy[("job", "")]["gpu_joules.GPU-a"] == 120.0
+
+
+def test_progress_is_reported(tmp_path: Path) -> None:
+    _write_run(tmp_path, 2)
+    seen: list[tuple[str, int, int]] = []
+    merge_run(tmp_path, progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert [s for s in dict.fromkeys(stage for stage, _, _ in seen)] == ["scan", "copy", "crossrank", "prov"]
+    assert ("copy", 2, 2) in seen
+
+
+def test_undeclared_series_rows_are_dropped_and_reported(tmp_path: Path) -> None:
+    w = open_shard(tmp_path, 0, 1)
+    log_series(w, "loss", [(0, 1.0, T0)])
+    w.metrics.append(7, 0, 1.0, T0)
+    w.close()
+    result = merge_run(tmp_path)
+    assert result.problems == ["rank 0 attempt 0: 1 rows of 'metrics' with undeclared series ids dropped"]
+    assert shard_path(tmp_path, 0).exists() and RUN_ID == load_merged(result.merged_h5).run_id
+
+
+def test_copied_shards_merge_anywhere(tmp_path: Path) -> None:
+    """The offline merge of a copied run directory gives the same PROV as the original."""
+    _write_run(tmp_path / "a", 2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert merge_run(tmp_path / "a").prov_json.read_bytes() == merge_run(tmp_path / "b").prov_json.read_bytes()
