@@ -46,6 +46,14 @@ class RunConfig:
     yprov4ml_options: dict[str, Any] = field(default_factory=dict)
 
 
+def check_component(name: object, what: str) -> str:
+    """A name used as one directory level: no separators, not '.' or '..'."""
+    name = check_name(name, what)
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise InvalidInputError(f"{what} {name!r:.80} must be a single directory name (no '/', not '..')")
+    return name
+
+
 def new_run_id() -> str:
     """Sortable and unique: UTC time plus random bits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
@@ -64,7 +72,7 @@ def launcher_run_id(topology: Topology) -> str | None:
 def resolve_run_id(config: RunConfig, topology: Topology) -> str:
     """Explicit id, else the launcher's, else rank 0's broadcast; never a directory scan."""
     if config.run_id is not None:
-        return check_name(config.run_id, "run_id")
+        return check_component(config.run_id, "run_id")
     from_launcher = launcher_run_id(topology)
     if from_launcher is not None:
         return from_launcher
@@ -78,7 +86,7 @@ def resolve_run_id(config: RunConfig, topology: Topology) -> str:
             f"rank {topology.rank} of {topology.world_size}: cannot agree on a run id with the other ranks "
             "(no TORCHELASTIC_RUN_ID, no SLURM_JOB_ID, no initialised torch.distributed or MPI); "
             "pass the same start_run(run_id=...) on every rank")
-    return check_name(agreed, "run_id")
+    return check_component(agreed, "run_id")
 
 
 def as_metric_value(value: Any) -> float:
@@ -130,7 +138,7 @@ class Run:
     """The provenance of one process: its shard, its artifacts, its sampler."""
 
     def __init__(self, config: RunConfig, topology: Topology | None = None) -> None:
-        check_name(config.experiment_name, "experiment_name")
+        check_component(config.experiment_name, "experiment_name")
         if config.flush_interval <= 0:
             raise InvalidInputError(f"flush_interval must be positive, got {config.flush_interval}")
         self.config = config
@@ -202,7 +210,10 @@ class Run:
         the cache holds the member, so its id cannot be reused. Strings stay keyed by value.
         """
         ident = (key, context, source)
-        series = self._series.get(ident)
+        try:
+            series = self._series.get(ident)
+        except TypeError:
+            raise InvalidInputError(f"metric key, context and source must be hashable; got key={key!r:.60}") from None
         if series is None:
             check_name(key, "metric key")
             names = (key, context_name(context), source_name(source))

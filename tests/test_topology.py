@@ -1,0 +1,86 @@
+"""Rank detection from each launcher's environment, and run ids every rank derives alike."""
+
+from __future__ import annotations
+
+import pytest
+
+from prov4ml_dist.run import RunConfig, launcher_run_id, resolve_run_id
+from prov4ml_dist.topology import Topology, detect, launcher_environment
+
+TORCHRUN = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+            "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_RUN_ID": "abc"}
+
+
+def test_torchrun():
+    t = detect(TORCHRUN)
+    assert (t.rank, t.local_rank, t.world_size, t.local_world_size, t.node_rank, t.restart_count) == (5, 1, 8, 4, 1, 2)
+    assert t.launcher == "torchrun" and t.elastic_run_id == "abc"
+
+
+def test_srun_torchrun_uses_the_worker_rank_not_slurm_procid():
+    env = {**TORCHRUN, "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NODEID": "1",
+           "SLURM_NTASKS": "2"}
+    t = detect(env)
+    assert t.rank == 5 and t.world_size == 8 and t.launcher == "torchrun" and t.job_id == "42"
+
+
+def test_srun_one_task_per_gpu():
+    env = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3", "SLURM_PROCID": "6", "SLURM_LOCALID": "2",
+           "SLURM_NODEID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+    t = detect(env)
+    assert (t.rank, t.local_rank, t.node_rank, t.world_size, t.local_world_size) == (6, 2, 1, 8, 4)
+    assert t.launcher == "slurm" and t.step_id == "3"
+
+
+def test_sbatch_batch_script_is_a_single_process():
+    env = {"SLURM_JOB_ID": "42", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODEID": "0"}
+    t = detect(env)
+    assert t.world_size == 1 and t.launcher == "single" and t.job_id == "42"
+
+
+def test_open_mpi():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_NODE_RANK": "1"}
+    t = detect(env)
+    assert (t.rank, t.world_size, t.local_rank, t.node_rank, t.launcher) == (3, 4, 1, 1, "openmpi")
+
+
+def test_mpich():
+    t = detect({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"})
+    assert (t.rank, t.world_size, t.local_rank, t.launcher) == (2, 4, 0, "mpich")
+
+
+def test_single_process():
+    t = detect({})
+    assert (t.rank, t.world_size, t.launcher) == (0, 1, "single")
+
+
+@pytest.mark.parametrize("spec,node,expected", [("2(x3),1", 3, 1), ("2(x3),1", 2, 2), ("4", 0, 4), ("bad", 0, 1)])
+def test_tasks_per_node(spec, node, expected):
+    env = {"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NODEID": str(node),
+           "SLURM_TASKS_PER_NODE": spec}
+    assert detect(env).local_world_size == expected
+
+
+def test_launcher_environment_keeps_launcher_variables_only():
+    env = {"SLURM_JOB_ID": "1", "SLURM_JOB_PASSWORD": "x", "RANK": "0", "HOME": "/root", "AWS_SECRET": "s"}
+    assert launcher_environment(env) == {"RANK": "0", "SLURM_JOB_ID": "1"}
+
+
+def test_run_ids_every_rank_derives_alike():
+    assert launcher_run_id(detect(TORCHRUN)) == "torchrun-abc"
+    assert launcher_run_id(Topology(job_id="42", step_id="3")) == "slurm-42.3"
+    assert launcher_run_id(Topology(job_id="42")) == "slurm-42"
+    assert launcher_run_id(Topology(elastic_run_id="none")) is None  # torchrun's default is not unique
+
+
+def test_explicit_run_id_wins_and_single_process_gets_a_fresh_one():
+    assert resolve_run_id(RunConfig(run_id="mine"), detect(TORCHRUN)) == "mine"
+    a, b = resolve_run_id(RunConfig(), Topology()), resolve_run_id(RunConfig(), Topology())
+    assert a != b
+
+
+@pytest.mark.parametrize("run_id", ["a\nb", "../up", "a/b", "..", ""])
+def test_run_id_must_be_a_safe_directory_name(run_id):
+    with pytest.raises(ValueError):
+        resolve_run_id(RunConfig(run_id=run_id), Topology())
