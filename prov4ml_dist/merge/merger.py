@@ -20,13 +20,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import MergeError, ShardError
+from ..errors import MergeError
 from ..shard import ShardReader, schema
 from . import layout
 from .crossrank import CrossRank
 from .journal import Journal, dumps, hostname, node_rank
 from .load import load_merged
-from .scan import ShardInfo, default_shards, scan_shards
+from .scan import BAD_SHARD, ShardInfo, default_shards, scan_shards
 from .series import SeriesIndex, build_index, copy_rows
 from .store import write_table
 
@@ -136,7 +136,7 @@ def _copy(out: h5py.File, shards: list[ShardInfo], indexes: list[SeriesIndex], r
                 for index, cursor in zip(indexes, cursors, strict=True):
                     latest = copy_rows(reader, shard, n, index, out[index.table][layout.ROWS], cursor)
                     shard.last_time = float(np.fmax(shard.last_time, latest))
-        except ShardError as exc:
+        except BAD_SHARD as exc:
             raise MergeError(f"shard changed while it was merged: {exc}") from None
     report("copy", len(shards), len(shards))
     for index, cursor in zip(indexes, cursors, strict=True):

@@ -18,6 +18,10 @@ import numpy as np
 from ..errors import ShardError
 from ..shard import ShardReader, schema
 
+# What reading a damaged file can raise: the reader's own error, and HDF5's when a corrupt
+# file gets past the reader's checks (e.g. a chunk index cut off by truncation).
+BAD_SHARD = (ShardError, OSError, RuntimeError)
+
 
 @dataclass
 class TableDecl:
@@ -56,8 +60,8 @@ def scan_shards(paths: Sequence[Path], problems: list[str]) -> list[ShardInfo]:
         try:
             with ShardReader(path) as reader:
                 identities.append((path, reader.run_id, reader.rank, reader.attempt))
-        except ShardError as exc:
-            problems.append(f"skipped shard: {exc}")
+        except BAD_SHARD as exc:
+            problems.append(f"skipped shard: {_described(exc, path)}")
     if not identities:
         return []
     votes = Counter(run_id for _, run_id, _, _ in identities)
@@ -75,9 +79,13 @@ def scan_shards(paths: Sequence[Path], problems: list[str]) -> list[ShardInfo]:
             try:
                 shards.append(_read_shard(path, rank, attempt))
                 seen.add((rank, attempt))
-            except ShardError as exc:
-                problems.append(f"skipped shard: {exc}")
+            except BAD_SHARD as exc:
+                problems.append(f"skipped shard: {_described(exc, path)}")
     return shards
+
+
+def _described(exc: BaseException, path: Path) -> str:
+    return str(exc) if isinstance(exc, ShardError) else f"{path}: unreadable ({type(exc).__name__}: {exc})"
 
 
 def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:

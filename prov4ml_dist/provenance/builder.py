@@ -126,7 +126,7 @@ class _Builder:
             self.doc.actedOnBehalfOf(agent, user)
             for r in attempts:
                 activity = self.doc.activity(
-                    self.ns[local_name(attempt_name(r.rank, r.attempt))], timestamp(r.start_time),
+                    self.ns[local_name("process", attempt_name(r.rank, r.attempt))], timestamp(r.start_time),
                     timestamp(r.end_time), [(PROV_TYPE, self.p4d["RankProcess"]), *self.attrs(self._rank_attrs(r))])
                 self.doc.wasAssociatedWith(activity, agent)
                 self.doc.wasInformedBy(activity, self.run_activity)
@@ -181,7 +181,8 @@ class _Builder:
         key = (rank, attempt, context)
         if key not in self.context_activities:
             parent = self.activities[(rank, attempt)]
-            activity = self.doc.activity(self.ns[local_name(attempt_name(rank, attempt), context)], other_attributes=[
+            activity = self.doc.activity(self.ns[local_name("process", attempt_name(rank, attempt), context)],
+                                         other_attributes=[
                 (PROV_TYPE, self.p4d["ContextActivity"]), *self.attrs([("context", context), ("rank", rank)])])
             self.doc.wasInformedBy(activity, parent)
             self.doc.wasAssociatedWith(activity, self.agent_of[rank])

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from prov.constants import PROV_LABEL
+from prov.constants import PROV_LABEL, PROV_N_MAP
 from prov.model import ProvActivity, ProvAgent, ProvDocument, ProvElement, ProvEntity, ProvRelation
 
 from ..errors import MergeError
@@ -52,7 +52,7 @@ def to_dot(doc: ProvDocument) -> str:
     for record in doc.get_records(ProvRelation):
         ends = [str(value) for _, value in record.formal_attributes[:2]]
         if all(end in nodes for end in ends):
-            lines.append(f'  {nodes[ends[0]]} -> {nodes[ends[1]]} [label="{record.get_type().localpart}"];')
+            lines.append(f'  {nodes[ends[0]]} -> {nodes[ends[1]]} [label="{PROV_N_MAP[record.get_type()]}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
