@@ -1,0 +1,110 @@
+"""One rank of a transport test, run by torchrun or mpiexec; writes OUT_DIR/rank-N.json.
+
+    transport_worker.py OUT_DIR SCENARIO [--init-gloo]
+
+Scenarios:
+  suite      agree on a run id, gather, barrier, and stream a multi-chunk file from every rank to rank 0
+  late       the last rank exits at once; the others gather and meet at a barrier with short timeouts
+  root-gone  rank 0 exits at once; the others wait for its broadcast with a short timeout
+--init-gloo: initialise a gloo process group first and use its store instead of torchrun's agent store.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from prov4ml_dist.topology import detect
+from prov4ml_dist.transport import FileSpec, TransportTimeout, agree_run_id, connect, send_files, write_files
+
+CHUNK = 64 << 10
+TIMEOUT = 3.0
+
+
+def main() -> None:
+    out, scenario = Path(sys.argv[1]), sys.argv[2]
+    if "PMI_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        # An MPI program initialises MPI first: a rank leaving before MPI_Init would hang the
+        # others' MPI_Init (the launcher's doing, not ours).
+        from mpi4py import MPI  # noqa: F401
+    if "--init-gloo" in sys.argv:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # so connect() takes the group's store
+    topology = detect()
+    result = {"rank": topology.rank, "world_size": topology.world_size}
+    if scenario == "suite":
+        suite(topology, out, result)
+    elif scenario == "late":
+        late(topology, result)
+    elif scenario == "root-gone":
+        root_gone(topology, result)
+    (out / f"rank-{topology.rank}.json").write_text(json.dumps(result))
+
+
+def suite(topology, out: Path, result: dict) -> None:
+    result["run_id"] = agree_run_id(topology, f"proposal-of-{os.getpid()}", timeout=30)
+    with connect(topology, "test-suite", timeout=30) as transport:
+        result["transport"] = transport.name
+        gathered = transport.gather({"rank": topology.rank, "pid": os.getpid()}, timeout=30)
+        result["gathered"] = None if gathered is None else {str(k): v for k, v in gathered.items()}
+        result["barrier"] = transport.barrier(timeout=30)
+        # Rank r sends r + 1.5 chunks' worth (uneven, so the last chunk is partial).
+        if topology.rank == 0:
+            received = []
+            for src in range(1, topology.world_size):
+                size = (src * 2 + 3) * CHUNK // 2
+                expected = hashlib.sha256(payload(src, size)).hexdigest()
+                target = out / f"from-{src}.bin"
+                sizes = []
+                outcomes = write_files(recorded(transport.recv_stream(src, timeout=30), sizes),
+                                       [FileSpec(target, size, expected)])
+                received.append({"src": src, "outcome": outcomes[0], "chunks": sizes,
+                                  "sha_ok": hashlib.sha256(target.read_bytes()).hexdigest() == expected})
+            result["received"] = received
+        else:
+            size = (topology.rank * 2 + 3) * CHUNK // 2
+            source = out / f"source-{topology.rank}.bin"
+            source.write_bytes(payload(topology.rank, size))
+            send_files(transport, 0, [(source, size)], timeout=30, start_timeout=30, chunk_size=CHUNK)
+
+
+def payload(rank: int, size: int) -> bytes:
+    return (hashlib.sha256(str(rank).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def recorded(chunks, sizes: list):
+    for chunk in chunks:
+        sizes.append(len(chunk))
+        yield chunk
+
+
+def late(topology, result: dict) -> None:
+    if topology.rank == topology.world_size - 1:
+        sys.exit(0)
+    with connect(topology, "test-late", timeout=30) as transport:
+        t = time.monotonic()
+        gathered = transport.gather({"rank": topology.rank}, timeout=TIMEOUT)
+        result["gathered"] = None if gathered is None else sorted(gathered)
+        result["barrier"] = transport.barrier(timeout=TIMEOUT)
+        result["elapsed"] = time.monotonic() - t
+
+
+def root_gone(topology, result: dict) -> None:
+    if topology.rank == 0:
+        sys.exit(0)
+    with connect(topology, "test-root-gone", timeout=30) as transport:
+        t = time.monotonic()
+        try:
+            transport.broadcast(None, timeout=TIMEOUT)
+            result["error"] = None
+        except TransportTimeout as exc:
+            result["error"] = str(exc)
+        result["elapsed"] = time.monotonic() - t
+
+
+if __name__ == "__main__":
+    main()
