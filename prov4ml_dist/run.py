@@ -173,6 +173,8 @@ class Run:
         self._by_context: dict[int, dict[str, list[int]]] = {}
         self._context_refs: dict[int, Any] = {}
         self._push = self.writer.metrics.push
+        self._buffer = self.writer.metrics.buffer
+        self._hard_limit = self.writer.hard_limit_rows
         self._closed = False
         self.sampler: Sampler | None = None
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
@@ -202,6 +204,8 @@ class Run:
             step = as_step(step)
         series[1] = step + 1
         self._push((series[0], step, value, time.time()))
+        if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
+            self.writer.flush()
 
     def _lookup(self, key: Any, context: Any, source: Any) -> list[int]:
         """The [id, next step] of a (key, context, source), validated and created on first use.

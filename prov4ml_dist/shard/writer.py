@@ -25,7 +25,8 @@ from . import schema
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BUFFER_ROWS = 32768
+DEFAULT_MAX_BUFFER_ROWS = 16384
+HARD_LIMIT_FACTOR = 4  # buffer rows past max_buffer_rows × this: the logging thread flushes
 BUFFER_POLL_S = 0.05
 
 
@@ -37,8 +38,10 @@ def to_json_line(record: dict[str, Any]) -> bytes:
 class SeriesTable:
     """An append-only table of (series, step, value, time) rows with a series registry.
 
-    ``push`` is the bare ``deque.append`` of the row buffer, for the logging hot path: it takes
-    one ``(series, step, value, time)`` tuple. The flusher thread watches the buffer's size.
+    ``buffer`` is the row deque and ``push`` its bare ``append``, for the logging hot path: it
+    takes one ``(series, step, value, time)`` tuple. The flusher thread watches the buffer's
+    size; a logger that outruns a GIL-starved flusher checks ``len(buffer)`` against
+    ``ShardWriter.hard_limit_rows`` and flushes itself (see ``Run.log_metric``).
     """
 
     def __init__(self, name: str, journal: Callable[[dict[str, Any]], None]) -> None:
@@ -46,8 +49,8 @@ class SeriesTable:
         self._journal = journal
         self._lock = threading.RLock()
         self._ids: dict[tuple, int] = {}
-        self._rows: deque[tuple[int, int, float, float]] = deque()
-        self.push = self._rows.append
+        self.buffer: deque[tuple[int, int, float, float]] = deque()
+        self.push = self.buffer.append
         self.rows_written = 0
 
     def register(self, key: str, context: str, source: str, **extra: Any) -> int:
@@ -67,12 +70,12 @@ class SeriesTable:
 
     def pending(self) -> int:
         """Rows buffered and not yet flushed."""
-        return len(self._rows)
+        return len(self.buffer)
 
     def take(self) -> np.ndarray:
         """Remove the buffered rows and return them as a structured array."""
-        pop = self._rows.popleft
-        n = len(self._rows)
+        pop = self.buffer.popleft
+        n = len(self.buffer)
         return np.fromiter((pop() for _ in range(n)), dtype=schema.ROW_DTYPE, count=n)
 
 
@@ -90,6 +93,7 @@ class ShardWriter:
         self._stop = threading.Event()
         self._file = self._create(attrs)
         self._max_rows = max_buffer_rows
+        self.hard_limit_rows = max_buffer_rows * HARD_LIMIT_FACTOR
         self.tables = {name: SeriesTable(name, self.record) for name in schema.TABLES}
         self.metrics = self.tables["metrics"]
         self.system = self.tables["system"]
