@@ -147,8 +147,9 @@ def test_streamed_large_groups_equal_the_in_memory_window(tmp_path: Path, monkey
         got = f["metrics"][layout.CROSSRANK][()], f["metrics"][layout.GROUPS][()]
         assert f["metrics"][layout.SERIES]["runs"].tolist() == [epochs] * 3
     for a, b in zip(expected, got, strict=True):
-        for name in a.dtype.names:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        for name in a.dtype.names:  # sums may add up in another order: the mean to rounding
+            compare = np.testing.assert_allclose if name in ("mean", "skew_mean") else np.testing.assert_array_equal
+            compare(a[name], b[name], err_msg=name)
     assert len(expected[0]) == 300 and expected[0]["count"].sum() == epochs * (300 + 150 + 300)
 
 

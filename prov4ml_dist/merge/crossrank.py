@@ -25,57 +25,76 @@ WINDOW_ROWS = 1 << 19
 MIN_BLOCK_ROWS = 256
 MAX_CURSORS = 8192
 
-PARTIAL_DTYPE = np.dtype([("group", "<i4"), ("step", "<i8"), ("rank", "<i4"), ("n", "<i8"), ("nv", "<i8"),
-                          ("sum", "<f8"), ("min", "<f8"), ("max", "<f8"), ("tmin", "<f8"), ("tmax", "<f8")])
+@dataclass
+class Partials:
+    """Aggregates of runs of rows with the same (series, step), as contiguous columns
+    (a structured array would make every sort and take strided, several times slower)."""
+
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["step"])
+
+    def take(self, index: np.ndarray) -> Partials:
+        return Partials({name: column[index] for name, column in self.columns.items()})
+
+    @staticmethod
+    def concat(parts: list[Partials]) -> Partials:
+        return Partials({name: np.concatenate([p.columns[name] for p in parts]) for name in parts[0].columns})
 
 
-def partials(rows: np.ndarray, group_of: np.ndarray) -> np.ndarray:
+def partials(rows: np.ndarray, group_of: np.ndarray) -> Partials:
     """Collapse each run of rows with the same (series, step) into one partial aggregate."""
-    if not len(rows):
-        return np.empty(0, dtype=PARTIAL_DTYPE)
     series, step, value, when = rows["series"], rows["step"], rows["value"], rows["time"]
-    starts = np.flatnonzero(np.r_[True, (series[1:] != series[:-1]) | (step[1:] != step[:-1])])
+    starts = np.flatnonzero(np.r_[len(rows) > 0, (series[1:] != series[:-1]) | (step[1:] != step[:-1])])
     isnan = np.isnan(value)
-    out = np.empty(len(starts), dtype=PARTIAL_DTYPE)
-    out["group"] = group_of[series[starts]]
-    out["step"] = step[starts]
-    out["rank"] = rows["rank"][starts]
-    out["n"] = np.diff(np.r_[starts, len(rows)])
-    out["nv"] = np.add.reduceat(~isnan, starts)
-    out["sum"] = np.add.reduceat(np.where(isnan, 0.0, value), starts)
-    out["min"] = np.fmin.reduceat(value, starts)
-    out["max"] = np.fmax.reduceat(value, starts)
-    out["tmin"] = np.minimum.reduceat(when, starts)
-    out["tmax"] = np.maximum.reduceat(when, starts)
-    return out
+    return Partials({
+        "group": group_of[series[starts]], "step": step[starts], "rank": rows["rank"][starts],
+        "n": np.diff(np.r_[starts, len(rows)]), "nv": np.add.reduceat(~isnan, starts),
+        "sum": np.add.reduceat(np.where(isnan, 0.0, value), starts), "min": np.fmin.reduceat(value, starts),
+        "max": np.fmax.reduceat(value, starts), "tmin": np.minimum.reduceat(when, starts),
+        "tmax": np.maximum.reduceat(when, starts)})
 
 
-def aggregate(p: np.ndarray) -> np.ndarray:
+def _by_group_step_rank(p: Partials) -> np.ndarray:
+    """A stable order by (group, step, rank): one composite integer key when it fits, as
+    partials come in a few sorted runs that a stable sort merges cheaply."""
+    keys = [p.columns[name] for name in ("group", "step", "rank")]
+    lows = [int(k.min()) for k in keys]
+    spans = [int(k.max()) - low + 1 for k, low in zip(keys, lows, strict=True)]
+    if spans[0] * spans[1] * spans[2] >= 1 << 62:
+        return np.lexsort(keys[::-1])
+    composite = np.zeros(len(p), dtype=np.int64)
+    for key, low, span in zip(keys, lows, spans, strict=True):
+        composite = composite * span + (key - low)
+    return np.argsort(composite, kind="stable")
+
+
+def aggregate(p: Partials) -> np.ndarray:
     """Partials (complete steps only) → one ``CROSSRANK_DTYPE`` row per (group, step)."""
-    out = np.empty(0, dtype=layout.CROSSRANK_DTYPE)
     if not len(p):
-        return out
-    p = p[np.lexsort((p["rank"], p["step"], p["group"]))]
-    group, step, rank = p["group"], p["step"], p["rank"]
+        return np.empty(0, dtype=layout.CROSSRANK_DTYPE)
+    c = p.take(_by_group_step_rank(p)).columns
+    group, step, rank = c["group"], c["step"], c["rank"]
     new = np.r_[True, (group[1:] != group[:-1]) | (step[1:] != step[:-1])]
     starts = np.flatnonzero(new)
     new_rank = new | np.r_[True, rank[1:] != rank[:-1]]
-    tmax = np.maximum.reduceat(p["tmax"], starts)
+    tmax = np.maximum.reduceat(c["tmax"], starts)
     segment = np.cumsum(new) - 1
     # The slowest rank: the first partial (lowest rank) whose latest time is the step's latest.
-    candidate = np.where(p["tmax"] == tmax[segment], np.arange(len(p)), len(p))
-    nv = np.add.reduceat(p["nv"], starts)
-    total = np.add.reduceat(p["sum"], starts)
+    candidate = np.where(c["tmax"] == tmax[segment], np.arange(len(p)), len(p))
+    nv = np.add.reduceat(c["nv"], starts)
+    total = np.add.reduceat(c["sum"], starts)
     out = np.empty(len(starts), dtype=layout.CROSSRANK_DTYPE)
     out["group"], out["step"] = group[starts], step[starts]
     out["ranks"] = np.add.reduceat(new_rank, starts)
-    out["count"] = np.add.reduceat(p["n"], starts)
-    out["min"] = np.fmin.reduceat(p["min"], starts)
-    out["max"] = np.fmax.reduceat(p["max"], starts)
+    out["count"] = np.add.reduceat(c["n"], starts)
+    out["min"] = np.fmin.reduceat(c["min"], starts)
+    out["max"] = np.fmax.reduceat(c["max"], starts)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["mean"] = np.where(nv > 0, total / np.maximum(nv, 1), math.nan)
     out["slowest_rank"] = rank[np.minimum.reduceat(candidate, starts)]
-    out["skew"] = tmax - np.minimum.reduceat(p["tmin"], starts)
+    out["skew"] = tmax - np.minimum.reduceat(c["tmin"], starts)
     return out
 
 
@@ -173,7 +192,7 @@ class CrossRank:
         if cursors is None:
             return
         block = max(MIN_BLOCK_ROWS, WINDOW_ROWS // max(1, len(cursors)))
-        pending: list[np.ndarray] = []
+        pending: list[Partials] = []
         while cursors:
             low = min(c.frontier for c in cursors)
             for c in cursors:
@@ -184,11 +203,11 @@ class CrossRank:
                     pending.append(partials(rows, self.group_of))
             cursors = [c for c in cursors if c.pos < c.stop]
             bound = min((c.frontier for c in cursors), default=math.inf)
-            p = np.concatenate(pending)
-            done = p["step"] < bound
-            pending = [p[~done]]
+            p = Partials.concat(pending)
+            done = p.columns["step"] < bound
+            pending = [p.take(~done)]
             if done.any():
-                yield aggregate(p[done])
+                yield aggregate(p.take(done))
 
     def _cursors(self, g: int) -> list[_Cursor] | None:
         """One cursor per monotone run of steps of each series of the group."""

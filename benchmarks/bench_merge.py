@@ -1,0 +1,130 @@
+"""Merge throughput against a raw h5py read of the same shards, 2,000 keys per rank, and
+rank 0's peak RSS.
+
+    python benchmarks/bench_merge.py [--quick]
+
+Shards get their journal (start record, series declarations) from the real ShardWriter;
+the rows are then appended in bulk with h5py, in the writer's layout, so that building
+32 x 1e6 points takes seconds. Each merge runs in a fresh interpreter so that its peak
+RSS is its own. ``ratio`` = raw read time / merge time (1.0 = as fast as reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from prov4ml_dist.shard import ShardWriter, schema
+from prov4ml_dist.topology import Topology
+
+T0 = 1_700_000_000.0
+BLOCK = 1 << 20
+
+
+def make_run(run_dir: Path, ranks: int, points: int, keys: int) -> None:
+    """``points`` rows per rank over ``keys`` metric keys, logged round-robin as training does."""
+    shards = run_dir / schema.SHARDS_DIR
+    shards.mkdir(parents=True)
+    for rank in range(ranks):
+        path = shards / schema.shard_name(rank)
+        writer = ShardWriter(path, {"run_id": "bench", "rank": rank, "attempt": 0, "experiment_name": "bench"})
+        writer.record({"kind": "start", "time": T0, "run_id": "bench", "experiment_name": "bench",
+                       "user_namespace": "http://example.org/",
+                       "topology": Topology(rank=rank, world_size=ranks, hostname=f"node{rank // 4}").as_dict(),
+                       "environment": {"user": "bench"}, "settings": {}})
+        for k in range(keys):
+            writer.metrics.register(f"metric_{k:05d}", "TRAINING", "")
+        writer.close()
+        rng = np.random.default_rng(rank)
+        with h5py.File(path, "a") as f:
+            table = f["metrics"]
+            for start in range(0, points, BLOCK):
+                n = min(BLOCK, points - start)
+                index = np.arange(start, start + n)
+                rows = np.empty(n, dtype=schema.ROW_DTYPE)
+                rows["series"] = index % keys
+                rows["step"] = index // keys
+                rows["value"] = rng.normal(size=n)
+                rows["time"] = T0 + rows["step"] * 0.01 + rng.uniform(0, 0.005, size=n)
+                table.resize((start + n,))
+                table[start:] = rows
+
+
+def raw_read(run_dir: Path) -> float:
+    """Seconds to read every row of every shard with plain h5py, in the reader's slice size."""
+    started = time.perf_counter()
+    for path in sorted((run_dir / schema.SHARDS_DIR).glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            for name in schema.TABLES:
+                ds = f[name]
+                for start in range(0, ds.shape[0], 1 << 18):
+                    ds[start:start + (1 << 18)]
+    return time.perf_counter() - started
+
+
+def merge_in_child(run_dir: Path) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--merge-child", str(run_dir)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(run_dir: Path) -> None:
+    from prov4ml_dist.merge import merge_run
+
+    started = time.perf_counter()
+    result = merge_run(run_dir)
+    seconds = time.perf_counter() - started
+    assert not result.problems, result.problems
+    print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "prov_kb": result.prov_json.stat().st_size / 1024}))
+
+
+def measure(base: Path, ranks: int, points: int, keys: int) -> dict[str, float]:
+    run_dir = base / f"r{ranks}-p{points}-k{keys}"
+    make_run(run_dir, ranks, points, keys)
+    raw = min(raw_read(run_dir), raw_read(run_dir))
+    merged = merge_in_child(run_dir)
+    shard_mb = sum(p.stat().st_size for p in (run_dir / schema.SHARDS_DIR).glob("*.h5")) / 2**20
+    shutil.rmtree(run_dir)
+    rows = ranks * points
+    return {"ranks": ranks, "points": points, "keys": keys, "shard_mb": shard_mb, "raw_s": raw,
+            "merge_s": merged["seconds"], "ratio": raw / merged["seconds"], "mrows_s": rows / merged["seconds"] / 1e6,
+            "ns_row": merged["seconds"] / rows * 1e9, "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller set (seconds)")
+    parser.add_argument("--merge-child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.merge_child:
+        child(args.merge_child)
+        return
+    if args.quick:
+        cases = [(2, 10**4, 4), (8, 10**4, 4), (2, 10**5, 4), (8, 10**5, 4), (8, 20 * 500, 500), (8, 20 * 2000, 2000)]
+    else:
+        cases = [(r, p, 4) for p in (10**5, 10**6) for r in (2, 8, 32)]
+        cases += [(8, 50 * 500, 500), (8, 50 * 2000, 2000), (8, 200 * 2000, 2000)]
+    header = f"{'ranks':>5} {'points/rank':>11} {'keys':>5} {'shards MB':>9} {'raw s':>7} {'merge s':>8} " \
+             f"{'ratio':>6} {'Mrows/s':>8} {'ns/row':>7} {'RSS MB':>7} {'prov KB':>8}"
+    print(header)
+    with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
+        for ranks, points, keys in cases:
+            m = measure(Path(tmp), ranks, points, keys)
+            print(f"{m['ranks']:>5} {m['points']:>11} {m['keys']:>5} {m['shard_mb']:>9.1f} {m['raw_s']:>7.3f} "
+                  f"{m['merge_s']:>8.3f} {m['ratio']:>6.2f} {m['mrows_s']:>8.2f} {m['ns_row']:>7.0f} "
+                  f"{m['rss_mb']:>7.0f} {m['prov_kb']:>8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
