@@ -81,11 +81,17 @@ class _Builder:
         self.activities: dict[tuple[int, int], QualifiedName] = {}
         self.context_activities: dict[tuple[int, int, str], QualifiedName] = {}
         self.agent_of: dict[int, QualifiedName] = {}
+        self.attr_names: dict[str, QualifiedName] = {}
 
-    def attrs(self, pairs: Iterable[tuple[str, Any]]) -> list[tuple[Any, Any]]:
+    def attrs(self, pairs: Iterable[tuple[str, Any]]) -> list[tuple[QualifiedName, Any]]:
         """p4d attributes from (name, value) pairs; None values are left out."""
-        return [(name if isinstance(name, QualifiedName) else self.p4d[local_name(name)], literal(value))
-                for name, value in pairs if value is not None]
+        return [(self._attr_name(name), literal(value)) for name, value in pairs if value is not None]
+
+    def _attr_name(self, name: str) -> QualifiedName:
+        """Cached: thousands of series share a dozen attribute names."""
+        if name not in self.attr_names:
+            self.attr_names[name] = self.p4d[local_name(name)]
+        return self.attr_names[name]
 
     def build(self) -> ProvDocument:
         run = self.run

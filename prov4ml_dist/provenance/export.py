@@ -6,12 +6,14 @@ draws the usual PROV shapes: entities as ellipses, activities as boxes, agents a
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 from prov.constants import PROV_LABEL, PROV_N_MAP
 from prov.model import ProvActivity, ProvAgent, ProvDocument, ProvElement, ProvEntity, ProvRelation
+from prov.serializers.provjson import ProvJSONEncoder
 
 from ..errors import MergeError
 
@@ -23,7 +25,9 @@ _STYLE = {
 
 
 def write_prov_json(doc: ProvDocument, path: Path) -> None:
-    Path(path).write_text(doc.serialize(format="json"), encoding="utf-8")
+    """``doc.serialize(format="json")`` text, through ``json.dumps``: its C encoder is several
+    times faster than the streaming ``json.dump`` that ``serialize`` uses."""
+    Path(path).write_text(json.dumps(doc, cls=ProvJSONEncoder), encoding="utf-8")
 
 
 def load_document(path: Path) -> ProvDocument:
