@@ -314,9 +314,11 @@ def test_template_merge_after_failed_job(slurm_cluster, tmp_path):
     train_id, merge_id = (int(x) for x in out.split())
     merge = slurm_cluster.collect(merge_id, tmp_path, *slurm_cluster.wait(merge_id))
     train = slurm_cluster.collect(train_id, tmp_path, *slurm_cluster.wait(train_id, timeout=10))
-    assert train.state == "FAILED" and train.exit_code == 3, _describe(train)
+    # srun's status is the worst task's: 3 from rank 1, or 143 when --kill-on-bad-exit's
+    # SIGTERM reaches rank 0 before it has exited by itself.
+    assert train.state == "FAILED" and train.exit_code in (3, 143), _describe(train)
     assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
     run_dir = tmp_path / "prov" / "exp5" / f"slurm-{train_id}"
-    assert f"training job {train_id}: JobState=FAILED ExitCode=3:0" in merge.stdout
+    assert f"training job {train_id}: JobState=FAILED ExitCode={train.exit_code}:0" in merge.stdout
     assert calls.read_text().split("\n")[:3] == [f"merge {run_dir}", "placeholder-rank00000.txt",
                                                   "placeholder-rank00001.txt"]
