@@ -82,11 +82,13 @@ def child(run_dir: Path) -> None:
     import prov4ml_dist.provenance  # noqa: F401 - imported lazily by merge_run; not part of its time
     from prov4ml_dist.merge import merge_run
 
+    stages: dict[str, float] = {}
     started = time.perf_counter()
-    result = merge_run(run_dir)
+    result = merge_run(run_dir, progress=lambda stage, done, total: stages.setdefault(stage, time.perf_counter()))
     seconds = time.perf_counter() - started
     assert not result.problems, result.problems
-    print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds, "prov_s": time.perf_counter() - stages["prov"],
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "prov_kb": result.prov_json.stat().st_size / 1024}))
 
 
@@ -99,8 +101,15 @@ def measure(base: Path, ranks: int, points: int, keys: int) -> dict[str, float]:
     shutil.rmtree(run_dir)
     rows = ranks * points
     return {"ranks": ranks, "points": points, "keys": keys, "shard_mb": shard_mb, "raw_s": raw,
-            "merge_s": merged["seconds"], "ratio": raw / merged["seconds"], "mrows_s": rows / merged["seconds"] / 1e6,
-            "ns_row": merged["seconds"] / rows * 1e9, "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
+            "merge_s": merged["seconds"], "prov_s": merged["prov_s"], "ratio": raw / merged["seconds"],
+            "mrows_s": rows / merged["seconds"] / 1e6, "ns_row": merged["seconds"] / rows * 1e9,
+            "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
+
+
+COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys", "keys", 5, ""),
+           ("shards MB", "shard_mb", 9, ".1f"), ("raw s", "raw_s", 7, ".3f"), ("merge s", "merge_s", 8, ".3f"),
+           ("of it PROV s", "prov_s", 12, ".3f"), ("ratio", "ratio", 6, ".3f"), ("Mrows/s", "mrows_s", 8, ".2f"),
+           ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f")]
 
 
 def main() -> None:
@@ -116,15 +125,11 @@ def main() -> None:
     else:
         cases = [(r, p, 4) for p in (10**5, 10**6) for r in (2, 8, 32)]
         cases += [(8, 50 * 500, 500), (8, 50 * 2000, 2000), (8, 200 * 2000, 2000)]
-    header = f"{'ranks':>5} {'points/rank':>11} {'keys':>5} {'shards MB':>9} {'raw s':>7} {'merge s':>8} " \
-             f"{'ratio':>6} {'Mrows/s':>8} {'ns/row':>7} {'RSS MB':>7} {'prov KB':>8}"
-    print(header)
+    print(" ".join(f"{title:>{width}}" for title, _, width, _ in COLUMNS))
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
         for ranks, points, keys in cases:
             m = measure(Path(tmp), ranks, points, keys)
-            print(f"{m['ranks']:>5} {m['points']:>11} {m['keys']:>5} {m['shard_mb']:>9.1f} {m['raw_s']:>7.3f} "
-                  f"{m['merge_s']:>8.3f} {m['ratio']:>6.2f} {m['mrows_s']:>8.2f} {m['ns_row']:>7.0f} "
-                  f"{m['rss_mb']:>7.0f} {m['prov_kb']:>8.0f}", flush=True)
+            print(" ".join(f"{m[key]:>{width}{spec}}" for _, key, width, spec in COLUMNS), flush=True)
 
 
 if __name__ == "__main__":

@@ -106,9 +106,13 @@ class Journal:
             self.problems.append(f"rank {rank}: artifact {name!r} has an unsafe path {path!r}; not checked")
             return 0
         target = self.run_dir.joinpath(*rel.parts)
-        if directory and target.is_dir() or not directory and target.is_file() and target.stat().st_size == size:
+        try:
+            found = target.is_dir() if directory else target.is_file() and target.stat().st_size == size
+            state = "missing" if not target.exists() else "not the recorded size"
+        except OSError as exc:
+            found, state = False, f"unreadable ({exc.strerror})"
+        if found:
             return 1
-        state = "missing" if not target.exists() else "not the recorded size"
         self.problems.append(f"rank {rank}: artifact {name!r} is {state} at {path}")
         return 0
 
