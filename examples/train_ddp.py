@@ -26,14 +26,19 @@ import prov4ml_dist as prov4ml
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="prov", help="provenance_save_dir")
-    p.add_argument("--experiment", default="demo")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Defaults come from PROV4ML_PROV_DIR, PROV4ML_EXPERIMENT, PROV4ML_RUN_ID and "
+                                       "PROV4ML_LOCAL_DIR when set (the sbatch templates in slurm/ set them).")
+    env = os.environ.get
+    p.add_argument("--out", default=env("PROV4ML_PROV_DIR", "prov"), help="provenance_save_dir")
+    p.add_argument("--experiment", default=env("PROV4ML_EXPERIMENT", "demo"))
+    p.add_argument("--run-id", default=env("PROV4ML_RUN_ID"), help="default: derived from the launcher")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--local-dir", default=None, help="node-local directory for shards (no shared FS)")
+    p.add_argument("--local-dir", default=env("PROV4ML_LOCAL_DIR"),
+                   help="node-local directory for shards and artifacts (no shared filesystem)")
     p.add_argument("--sample-interval", type=float, default=0.5)
     p.add_argument("--merge-timeout", type=float, default=120.0)
     p.add_argument("--exit-before-end-rank", type=int, default=None,
@@ -84,7 +89,7 @@ def main() -> None:
     rank, world, comm = setup_distributed()
     local_dir = Path(args.local_dir) / f"rank-{rank}" if args.local_dir else None
     run_dir = prov4ml.start_run(prov_user_namespace="http://example.org/demo/", experiment_name=args.experiment,
-                                provenance_save_dir=args.out, local_dir=local_dir,
+                                provenance_save_dir=args.out, local_dir=local_dir, run_id=args.run_id,
                                 sample_interval=args.sample_interval, merge_timeout=args.merge_timeout)
     prov4ml.log_params({"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs, "world_size": world})
 
