@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--local-dir", default=env("PROV4ML_LOCAL_DIR"),
                    help="node-local directory for shards and artifacts (no shared filesystem)")
+    p.add_argument("--private-local-dir", action="store_true",
+                   help="give each rank its own subdirectory of --local-dir (simulates node-local disks "
+                        "on one machine)")
     p.add_argument("--sample-interval", type=float, default=0.5)
     p.add_argument("--merge-timeout", type=float, default=120.0)
     p.add_argument("--exit-before-end-rank", type=int, default=None,
@@ -87,7 +90,9 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
     rank, world, comm = setup_distributed()
-    local_dir = Path(args.local_dir) / f"rank-{rank}" if args.local_dir else None
+    local_dir = Path(args.local_dir) if args.local_dir else None
+    if local_dir is not None and args.private_local_dir:
+        local_dir /= f"rank-{rank}"
     run_dir = prov4ml.start_run(prov_user_namespace="http://example.org/demo/", experiment_name=args.experiment,
                                 provenance_save_dir=args.out, local_dir=local_dir, run_id=args.run_id,
                                 sample_interval=args.sample_interval, merge_timeout=args.merge_timeout)
