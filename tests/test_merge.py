@@ -341,3 +341,24 @@ def test_copied_shards_merge_anywhere(tmp_path: Path) -> None:
     _write_run(tmp_path / "a", 2)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert merge_run(tmp_path / "a").prov_json.read_bytes() == merge_run(tmp_path / "b").prov_json.read_bytes()
+
+
+def test_thousands_of_keys_per_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many series per chunk go out in batched scattered writes; every point lands in place."""
+    from prov4ml_dist.merge import store
+
+    monkeypatch.setattr(store, "SCATTER_BATCH", 7)
+    for r in range(2):
+        w = open_shard(tmp_path, r, 2)
+        ids = [w.metrics.register(f"k{k:04d}", "TRAINING", "") for k in range(300)]
+        for step in range(3):
+            for k, sid in enumerate(ids):
+                w.metrics.append(sid, step, float(k * 10 + step + r), T0 + step)
+        w.close()
+    run = load_merged(merge_run(tmp_path).merged_h5)
+    with h5py.File(tmp_path / "merged.h5") as f:
+        rows = f["metrics"][layout.ROWS][()]
+    for s in run.series:
+        k = int(s.key[1:])
+        part = rows[s.row_start:s.row_stop]
+        assert part["step"].tolist() == [0, 1, 2] and part["value"].tolist() == [k * 10 + i + s.rank for i in range(3)]
