@@ -303,19 +303,22 @@ def test_merging_twice_gives_the_same_result(tmp_path: Path) -> None:
 
 
 def test_energy_is_summed_per_rank_node_and_job(tmp_path: Path) -> None:
-    for r in range(4):
+    rapl = [{"zone": "intel-rapl:0", "domain": "package-0", "joules": 100.0, "in_total": True},
+            {"zone": "intel-rapl:0:0", "domain": "package-0/core", "joules": 50.0, "in_total": False}]
+    for r in range(4):  # two nodes of two ranks; local rank 0 samples its node's RAPL counters
         w = open_shard(tmp_path, r, 4)
-        for _ in range(3):
-            w.record({"kind": "energy", "time": T0, "gpu_joules": {"GPU-a": 10.0, "GPU-b": 1.0}, "interval": 1})
-            if r % 2 == 0:
-                w.record({"kind": "energy", "time": T0, "scope": "node", "rapl_joules": 100.0})
+        w.record({"kind": "energy", "time": T0, "rank": r, "start": T0, "samples": 9, "gpu_joules": 10.0 + r,
+                  "gpus": [{"index": r % 2, "uuid": f"GPU-{r}", "joules": 10.0 + r, "method": "counter"}],
+                  "rapl": rapl if r % 2 == 0 else [], "rapl_joules": 100.0 if r % 2 == 0 else 0.0})
         w.close()
     run = load_merged(merge_run(tmp_path).merged_h5)
     energy = {(e.scope, e.name): e.fields for e in run.energy}
-    assert energy[("rank", "1")] == {"gpu_joules.GPU-a": 30.0, "gpu_joules.GPU-b": 3.0, "interval": 3.0}
-    assert energy[("node", "node0")] == {"gpu_joules.GPU-a": 60.0, "gpu_joules.GPU-b": 6.0, "interval": 6.0,
-                                         "rapl_joules": 300.0}
-    assert energy[("job", "")]["rapl_joules"] == 600.0 and energy[("job", "")]["gpu_joules.GPU-a"] == 120.0
+    assert energy[("rank", "1")] == {"gpu.GPU-1.joules": 11.0, "gpu_joules": 11.0}
+    node0 = energy[("node", "node0")]
+    assert node0["gpu_joules"] == 21.0 and node0["rapl_joules"] == 100.0 and node0["total_joules"] == 121.0
+    assert node0["rapl.package-0/core.joules"] == 50.0  # kept per domain, not added to the total
+    job = energy[("job", "")]
+    assert (job["gpu_joules"], job["rapl_joules"], job["total_joules"]) == (46.0, 200.0, 246.0)
 
 
 def test_progress_is_reported(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ def _run(run_dir: Path, ranks: int = 4, points: int = 100, keys: int = 2) -> Pat
         w.record({"kind": "dataset", "time": T0, "label": "train", "stats": {"samples": 100, "shape": [3, 4]}})
         w.record({"kind": "sensor", "time": T0, "name": "nvml", "available": True,
                    "devices": [{"index": 0, "uuid": f"GPU-{r}"}]})
-        w.record({"kind": "energy", "time": T0, "gpu_joules": 5.0})
+        w.record({"kind": "energy", "time": T0, "gpu_joules": 5.0, "rapl": [], "rapl_joules": 0.0,
+                  "gpus": [{"index": 0, "uuid": f"GPU-{r}", "joules": 5.0, "method": "counter"}]})
         for version in range(2):
             data = f"model {version}".encode()
             rel = f"artifacts/rank-{r:05d}/net_v{version}.pt"

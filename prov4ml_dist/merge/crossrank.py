@@ -134,6 +134,10 @@ class CrossRank:
         groups = self.index.groups
         g = 0
         while g < len(groups):
+            if groups["series_stop"][g] - groups["series_start"][g] < 2:
+                self._finish(g, _Tally())  # one rank: nothing to compare, its series is its statistics
+                g += 1
+                continue
             start = int(groups["row_start"][g])
             if groups["row_stop"][g] - start > WINDOW_ROWS:
                 self._emit(self._stream(g), [g])

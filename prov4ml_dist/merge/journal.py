@@ -1,11 +1,12 @@
 """The merged journal: every record kept, params compared across ranks, artifacts
 content-addressed, energy summed per rank, node and job.
 
-Energy records (``kind: energy``, written by the sampler) are read generically: every
-finite number in the record (nested dicts flattened as ``a.b``), apart from ``time``, is an
-amount accrued since the rank's previous energy record and is summed. A record with
-``"scope": "node"`` measures the whole node (RAPL packages): it counts once per node (the
-largest total among the ranks that report it, as they read the same counters), not per rank.
+Energy records (``kind: energy``, written by the sampler at stop; see shard/schema.py) give
+per rank ``gpu_joules`` and per GPU ``gpus[].joules`` (each GPU is sampled only by the rank
+that owns it), and, from the rank that sampled its node's RAPL counters, ``rapl_joules`` and
+``rapl[].joules`` per domain. RAPL measures the whole node: it counts once per node (the
+largest total among ranks that report it, should several), never per rank. ``total_joules``
+of a node or the job is its GPU plus its RAPL (package + DRAM) energy.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from .scan import ShardInfo, as_text
 from .store import Appender, write_table
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_ENERGY_SKIP = ("kind", "time", "scope")
-
-
 def dumps(value: Any) -> str:
     """Canonical JSON: the same value always gives the same text."""
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
@@ -117,11 +115,19 @@ class Journal:
         return 0
 
     def _energy(self, shard: ShardInfo, record: dict[str, Any]) -> None:
-        fields = dict(_numbers(record))
-        if record.get("scope") == "node":
-            self.node_rank_energy[hostname(shard)][shard.rank].update(fields)
-        else:
-            self.rank_energy[shard.rank].update(fields)
+        rank = self.rank_energy[shard.rank]
+        for gpu in _dicts(record.get("gpus")):
+            joules = _finite(gpu.get("joules"))
+            if joules is not None:
+                rank[f"gpu.{as_text(gpu.get('uuid')) or gpu.get('index')}.joules"] += joules
+                rank["gpu_joules"] += joules
+        node = self.node_rank_energy[hostname(shard)][shard.rank]
+        for zone in _dicts(record.get("rapl")):
+            joules = _finite(zone.get("joules"))
+            if joules is not None:
+                node[f"rapl.{as_text(zone.get('domain')) or as_text(zone.get('zone'))}.joules"] += joules
+                if zone.get("in_total") is True:
+                    node["rapl_joules"] += joules
 
     def write(self, out: h5py.File) -> None:
         self.records.flush()
@@ -154,16 +160,19 @@ class Journal:
                 nodes[host][name] += max(fields.get(name, 0.0) for fields in reporters.values())
         job: Counter = Counter()
         for host in sorted(nodes):
+            nodes[host]["total_joules"] = nodes[host]["gpu_joules"] + nodes[host]["rapl_joules"]
             job.update(nodes[host])
             yield from (("node", host, f, v) for f, v in sorted(nodes[host].items()))
         yield from (("job", "", f, v) for f, v in sorted(job.items()))
 
 
-def _numbers(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
-    for key, value in record.items():
-        if not prefix and key in _ENERGY_SKIP or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            yield f"{prefix}{key}", float(value)
-        elif isinstance(value, dict):
-            yield from _numbers(value, f"{prefix}{key}.")
+def _dicts(value: Any) -> Iterator[dict[str, Any]]:
+    """The dict items of a list read back from a shard (anything else is ignored)."""
+    if isinstance(value, list):
+        yield from (v for v in value if isinstance(v, dict))
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None

@@ -42,7 +42,7 @@ class ShardReader:
             self._check_layout()
             self._limits = {name: self._readable_length(self._file[name])
                             for name in (*schema.TABLES, schema.JOURNAL)}
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some damaged indexes
             self._file.close()
             raise ShardError(f"{self.path}: damaged HDF5 metadata ({_first_line(exc)})") from None
         except BaseException:
