@@ -160,14 +160,14 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
     transport.broadcast({"ranks": sorted(manifests), "fetch": {
         str(rank): {"files": [f["index"] for f in files], "start_within": starts[rank]}
         for rank, files in plan.fetch.items()}}, timeout)
-    streamed = _fetch(run, transport, plan, timeout)
+    streamed_files, streamed_bytes = _fetch(run, transport, plan, timeout)
     for rank, path in plan.shards.items():
         if rank not in plan.missing and not path.is_file():
             plan.missing[rank] = "its shard did not reach rank 0 (see aggregate.json)"
     report = {"transport": transport.name, "world_size": transport.world_size, "ranks": sorted(manifests),
               "missing": {str(r): why for r, why in sorted(plan.missing.items())}, "files_present": plan.present,
-              "files_streamed": sum(len(f) for f in plan.fetch.values()), "files_copied": len(plan.copy),
-              "files_linked": len(plan.link), "bytes_streamed": streamed, "seconds": time.monotonic() - started,
+              "files_streamed": streamed_files, "bytes_streamed": streamed_bytes, "files_copied": len(plan.copy),
+              "files_linked": len(plan.link), "seconds": time.monotonic() - started,
               "problems": plan.problems}
     _write_json(run.run_dir / REPORT_NAME, report)
     from .merge import merge_run
@@ -197,12 +197,13 @@ def make_plan(run_dir: Path, manifests: dict[int, Any], world_size: int, timeout
     pending: list[tuple[int, dict[str, Any]]] = []
     for rank in sorted(manifests):
         manifest = manifests[rank]
-        if not isinstance(manifest, dict) or manifest.get("rank") != rank:
+        if not (isinstance(manifest, dict) and manifest.get("rank") == rank and isinstance(manifest.get("files"), list)
+                and isinstance(manifest.get("problems"), list)):
             plan.problems.append(f"rank {rank} sent a malformed manifest")
             plan.missing[rank] = "malformed manifest"
             continue
-        plan.problems += [f"rank {rank}: {p}" for p in manifest.get("problems", []) if isinstance(p, str)]
-        for index, entry in enumerate(manifest.get("files", [])):
+        plan.problems += [f"rank {rank}: {p}" for p in manifest["problems"] if isinstance(p, str)]
+        for index, entry in enumerate(manifest["files"]):
             target = _checked_target(run_dir, rank, entry)
             if target is None:
                 plan.problems.append(f"rank {rank}: refused manifest entry {str(entry)[:120]}")
@@ -223,13 +224,19 @@ def make_plan(run_dir: Path, manifests: dict[int, Any], world_size: int, timeout
         elif rank == 0:
             have[entry["sha256"]] = entry["target"]
             plan.copy.append(entry)
-        elif manifests[rank].get("waits_until", 0) - now < DEPARTURE_MARGIN_S:
+        elif _waits_for(manifests[rank], now) < DEPARTURE_MARGIN_S:
             plan.problems.append(f"rank {rank}: {entry['path']} not transferred: the rank stopped waiting for "
                                  f"rank 0 before it arrived")
         else:
             have[entry["sha256"]] = entry["target"]
             plan.fetch.setdefault(rank, []).append(entry)
     return plan
+
+
+def _waits_for(manifest: dict[str, Any], now: float) -> float:
+    """How much longer the rank waits for rank 0's plan (by its clock, sent in the manifest)."""
+    until = manifest.get("waits_until")
+    return until - now if isinstance(until, (int, float)) else 0.0
 
 
 def _checked_target(run_dir: Path, rank: int, entry: Any) -> Path | None:
@@ -267,14 +274,17 @@ def _stream_starts(plan: _Plan, timeout: float) -> dict[int, float]:
     return starts
 
 
-def _fetch(run: Any, transport: Transport, plan: _Plan, timeout: float) -> int:
-    """Streams, then rank 0's own copies, then links; returns the bytes streamed."""
-    streamed = 0
+def _fetch(run: Any, transport: Transport, plan: _Plan, timeout: float) -> tuple[int, int]:
+    """Streams, then rank 0's own copies, then links; the files and bytes streamed."""
+    files_ok = bytes_ok = 0
     for rank, files in plan.fetch.items():
         outcomes = receive_files(transport, rank, [FileSpec(f["target"], f["size"], f["sha256"]) for f in files],
                                  timeout)
-        streamed += sum(f["size"] for f, problem in zip(files, outcomes, strict=True) if problem is None)
-        plan.problems += [f"rank {rank}: {f['path']}: {p}" for f, p in zip(files, outcomes, strict=True) if p]
+        for f, problem in zip(files, outcomes, strict=True):
+            if problem is None:
+                files_ok, bytes_ok = files_ok + 1, bytes_ok + f["size"]
+            else:
+                plan.problems.append(f"rank {rank}: {f['path']}: {problem}")
     if plan.copy:
         sources = [(run.rank_root / f["path"], f["size"]) for f in plan.copy]
         outcomes = write_files(read_chunks(sources), [FileSpec(f["target"], f["size"], f["sha256"])
@@ -284,7 +294,7 @@ def _fetch(run: Any, transport: Transport, plan: _Plan, timeout: float) -> int:
         problem = _link(source, entry["target"], entry["size"])
         if problem:
             plan.problems.append(f"{entry['path']}: {problem}")
-    return streamed
+    return files_ok, bytes_ok
 
 
 def _link(source: Path, target: Path, size: int) -> str | None:

@@ -92,9 +92,10 @@ def test_malformed_entries_are_refused(tmp_path, bad):
 
 
 def test_absent_malformed_and_shardless_ranks_are_missing_with_a_reason(tmp_path):
-    manifests = {0: manifest(0), 1: {"rank": 7}, 3: {"rank": 3, "files": [], "problems": ["shard unreadable"]}}
-    plan = make_plan(tmp_path, manifests, 4, TIMEOUT)
-    assert "malformed" in plan.missing[1]
+    manifests = {0: manifest(0), 1: {"rank": 7}, 3: {"rank": 3, "files": [], "problems": ["shard unreadable"]},
+                 4: {"rank": 4, "files": "x", "problems": []}}
+    plan = make_plan(tmp_path, manifests, 5, TIMEOUT)
+    assert "malformed" in plan.missing[1] and "malformed" in plan.missing[4]
     assert "did not reach end_run within merge_timeout (60 s)" == plan.missing[2]
     assert "no readable shard" in plan.missing[3]
     assert "rank 3: shard unreadable" in plan.problems

@@ -91,6 +91,14 @@ def test_ranks_do_not_hang_when_rank_0_is_gone(tmp_path, launcher):
     assert WORKER_TIMEOUT_S <= got[1]["elapsed"] < WORKER_TIMEOUT_S + MARGIN_S
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "mpi"])
+def test_a_sender_that_stopped_waiting_does_not_cost_rank_0_a_timeout(tmp_path, launcher):
+    launch(launcher, 2, "transport_worker.py", str(tmp_path), "gave-up")
+    got = results(tmp_path)
+    assert got[1]["sender"] == "gave up"
+    assert "stopped waiting" in got[0]["received"] and got[0]["elapsed"] < MARGIN_S
+
+
 # -- whole runs ----------------------------------------------------------------------------
 def run_dir_of(save_dir: Path) -> Path:
     (run_dir,) = (save_dir / "e2e").iterdir()
@@ -98,9 +106,14 @@ def run_dir_of(save_dir: Path) -> Path:
 
 
 def check_merged(run_dir: Path, ranks: list[int], world_size: int, steps: int = 20) -> None:
-    """Every point of every rank is in merged.h5; prov.json parses with one SoftwareAgent per rank."""
+    """Every point and artifact of every rank is in merged.h5; prov.json parses with one
+    SoftwareAgent per rank."""
     with h5py.File(run_dir / "merged.h5", "r") as f:
         series, rows = f["metrics/series"][()], f["metrics/rows"][()]
+        generations, content = f["artifacts/generations"][()], f["artifacts/content"][()]
+    # Every artifact and model version the merged ranks saved is in the run directory.
+    assert {int(g["rank"]) for g in generations} == set(ranks)
+    assert all(content[g["content"]]["present"] == 1 for g in generations)
     for rank in ranks:
         for key in ("loss", "rank_value"):
             (s,) = [s for s in series if s["key"].decode() == key and s["rank"] == rank]

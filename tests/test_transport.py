@@ -27,7 +27,7 @@ from prov4ml_dist.transport import (
 from prov4ml_dist.transport.connect import _mpi_launched
 
 dist = pytest.importorskip("torch.distributed")
-from prov4ml_dist.transport.torch_dist import WINDOW, StoreTransport  # noqa: E402
+from prov4ml_dist.transport.torch_dist import MAX_VALUE_BYTES, WINDOW, StoreTransport  # noqa: E402
 
 # Slack for thread scheduling on a loaded 2-core machine, on top of a timeout.
 MARGIN_S = 1.5
@@ -70,6 +70,16 @@ def test_broadcast_and_gather_between_ranks(server):
     assert got == [{"id": "r-1"}] * 3
     got = in_threads(lambda: t0.gather("zero", 5), lambda: t1.gather("one", 5), lambda: t2.gather(["two"], 5))
     assert got == [{0: "zero", 1: "one", 2: ["two"]}, None, None]
+
+
+def test_values_and_chunks_over_the_store_server_limit_are_split(server):
+    t0, t1 = ranks(server, 2)
+    big = "x" * (9 << 20)  # torch's libuv store server refuses values over 8 MiB
+    assert in_threads(lambda: t0.broadcast(big, 5), lambda: t1.broadcast(None, 5)) == [big, big]
+    assert in_threads(lambda: t0.gather(1, 5), lambda: t1.gather(big, 5))[0] == {0: 1, 1: big}
+    chunk = bytes(range(256)) * (40 << 12)  # 10 MiB
+    got = in_threads(lambda: [len(c) for c in t0.recv_stream(1, 5)], lambda: t1.send_stream(0, [chunk], 5, 5))
+    assert sum(got[0]) == len(chunk) and max(got[0]) <= MAX_VALUE_BYTES
 
 
 def test_gather_returns_what_arrived_when_a_rank_never_comes(server):

@@ -3,12 +3,15 @@
 MPI's blocking collectives cannot time out, and a nonblocking collective that never
 completes makes ``MPI_Finalize`` hang; so everything here is point-to-point, nonblocking and
 polled against a deadline. It all runs on COMM_WORLD (duplicating it would be a collective
-without a timeout) under tags of our own, and small messages carry the namespace and an
-operation number, so a late message from another operation is recognised and dropped.
+without a timeout) under tags of our own. Small messages carry the namespace and an
+operation number: one from an earlier operation (a late rank) is dropped, one from a later
+operation (a fast rank) is kept until that operation asks for it.
 
-Streams use synchronous sends (``Issend``) with a small window: a chunk only leaves the
-sender once rank 0 has posted the receive for it, so rank 0 holds one chunk at a time however
-many ranks are waiting to send.
+A stream starts when the receiver says so (a small "go" message), so a sender waiting for
+its turn holds nothing in flight and can give up without cancelling anything (MPI cannot
+reliably cancel a send). Chunks then go as synchronous sends (``Issend``) with a small window:
+a chunk only leaves the sender once rank 0 has posted the receive for it, so rank 0 holds
+one chunk at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from mpi4py import MPI
@@ -36,14 +39,15 @@ from .base import (
 )
 
 # Tags of our own; user code is unlikely to use them on COMM_WORLD (MPI guarantees up to 32767).
-TAG_BROADCAST, TAG_GATHER, TAG_STREAM = 31411, 31412, 31413
+TAG_BROADCAST, TAG_GATHER, TAG_STREAM, TAG_GO = 31411, 31412, 31413, 31414
 WINDOW = 2
 # A stream frame larger than this is a protocol error, refused before anything is allocated.
 MAX_FRAME_BYTES = 256 << 20
 _POLL_MAX_S = 0.005
+CANCEL_GRACE_S = 5.0
 
 
-def _poll(ready: Any, deadline: Deadline) -> bool:
+def _poll(ready: Callable[[], Any], deadline: Deadline) -> bool:
     """Call ``ready()`` until it is truthy or the deadline passes, backing off to 5 ms."""
     delay = 5e-5
     while not ready():
@@ -52,6 +56,15 @@ def _poll(ready: Any, deadline: Deadline) -> bool:
         time.sleep(delay)
         delay = min(delay * 2, _POLL_MAX_S)
     return True
+
+
+def _cancel(request: MPI.Request) -> bool:
+    """Cancel a send nobody received; True if it had completed after all. A send that can be
+    neither cancelled nor completed within CANCEL_GRACE_S is abandoned, not waited for."""
+    request.Cancel()
+    status = MPI.Status()
+    done = _poll(lambda: request.Test(status), Deadline(CANCEL_GRACE_S))
+    return done and not status.Is_cancelled()
 
 
 class MpiTransport(Transport):
@@ -85,13 +98,9 @@ class MpiTransport(Transport):
 
     def _complete(self, request: MPI.Request, deadline: Deadline, what: str) -> None:
         """Wait for a send; on timeout cancel it (unless it completed meanwhile) and raise."""
-        if _poll(request.Test, deadline):
+        if _poll(request.Test, deadline) or _cancel(request):
             return
-        request.Cancel()
-        status = MPI.Status()
-        request.Wait(status)
-        if status.Is_cancelled():
-            raise TransportTimeout(f"rank {self.rank}: {what} (timeout {deadline.seconds:.1f} s)")
+        raise TransportTimeout(f"rank {self.rank}: {what} (timeout {deadline.seconds:.1f} s)")
 
     def _envelope(self, op: int, value: Any) -> bytes:
         return encode({"ns": self._namespace, "op": op, "value": value})
@@ -144,21 +153,19 @@ class MpiTransport(Transport):
 
     # -- streams -------------------------------------------------------------------------
     def send_stream(self, dst: int, chunks: Iterable[bytes], timeout: float, start_timeout: float) -> None:
+        try:
+            self._recv(dst, TAG_GO, Deadline(start_timeout), f"waiting for rank {dst} to receive")
+        except TransportTimeout:
+            self._send_small(GAVE_UP, dst, TAG_STREAM)  # so rank 0 does not wait for us in vain
+            raise
         pending: deque[tuple[MPI.Request, bytes]] = deque()  # a frame must live until its send completes
-        started = False
 
-        def drain(keep: int) -> None:
-            nonlocal started
+        def send(frame: bytes, keep: int = WINDOW - 1) -> None:
+            pending.append((self._comm.Issend([frame, MPI.BYTE], dst, TAG_STREAM), frame))
             while len(pending) > keep:
                 request, _ = pending.popleft()
-                self._complete(request, Deadline(timeout if started else start_timeout), f"streaming to rank {dst}")
-                started = True
+                self._complete(request, Deadline(timeout), f"streaming to rank {dst}")
 
-        def send(frame: bytes) -> None:
-            drain(WINDOW - 1)
-            pending.append((self._comm.Issend([frame, MPI.BYTE], dst, TAG_STREAM), frame))
-
-        failure: Exception | None = None
         try:
             try:
                 for chunk in chunks:
@@ -166,23 +173,22 @@ class MpiTransport(Transport):
             except TransportError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reading failed: the receiver hears of it, then the caller
-                failure = exc
-                send(ABORT + str(exc).encode(errors="replace"))
-            else:
-                send(END)
-            drain(0)
+                send(ABORT + str(exc).encode(errors="replace"), keep=0)
+                raise
+            send(END, keep=0)
         except TransportTimeout:
             for request, _ in pending:
-                request.Cancel()
-                request.Wait()
-            if not started:  # rank 0 never got to us: tell it, so it does not wait for us in vain
-                abort = self._comm.Isend([GAVE_UP, MPI.BYTE], dst, TAG_STREAM)
-                _poll(abort.Test, Deadline(1.0))  # a small message goes out eagerly
+                _cancel(request)
             raise
-        if failure is not None:
-            raise failure
+
+    def _send_small(self, data: bytes, dst: int, tag: int) -> None:
+        """A few bytes, sent eagerly: they leave at once, received or not."""
+        request = self._comm.Isend([data, MPI.BYTE], dst, tag)
+        if not _poll(request.Test, Deadline(CANCEL_GRACE_S)):
+            _cancel(request)
 
     def recv_stream(self, src: int, timeout: float) -> Iterator[memoryview]:
+        self._send_small(b"", src, TAG_GO)
         while True:
             _, frame = self._recv(src, TAG_STREAM, Deadline(timeout), f"waiting for rank {src}'s next chunk")
             payload = parse_frame(frame, src)

@@ -42,6 +42,9 @@ from .base import (
 # Chunks of one stream that may sit in the store at once: enough to overlap the sender's
 # reading with the receiver's writing, few enough to bound the store's memory.
 WINDOW = 2
+# torch's libuv store server refuses a value over 8 MiB (and drops the connection): longer
+# values and stream chunks are split into parts of at most this.
+MAX_VALUE_BYTES = 4 << 20
 # torch < 2.3 raises a plain RuntimeError on a store timeout.
 _STORE_TIMEOUT: type[Exception] = getattr(dist, "DistStoreError", RuntimeError)
 
@@ -118,26 +121,45 @@ class StoreTransport(Transport):
             pass
 
     # -- collectives ---------------------------------------------------------------------
+    def _put_value(self, key: str, value: Any) -> None:
+        """A JSON value in parts under ``key/<i>``; ``key`` itself, written last, counts them."""
+        data = encode(value)
+        parts = range(0, len(data), MAX_VALUE_BYTES)
+        for number, offset in enumerate(parts):
+            self._set(f"{key}/{number}", data[offset:offset + MAX_VALUE_BYTES])
+        self._set(key, str(len(parts)).encode())
+
+    def _take_value(self, key: str, delete: bool) -> Any:
+        """The value ``_put_value`` wrote (which must be complete: ``key`` exists)."""
+        count = self._get(key)
+        if not count.isdigit():
+            raise TransportError(f"{key!r} holds {count[:20]!r}, not a count of parts")
+        keys = [f"{key}/{number}" for number in range(int(count))]
+        data = b"".join(self._get(name) for name in keys)
+        if delete:
+            for name in (*keys, key):
+                self._delete(name)
+        return decode(data)
+
     def broadcast(self, value: Any, timeout: float) -> Any:
         key = f"broadcast/{next(self._ops)}"
         if self.rank == 0:
-            self._set(key, encode(value))
+            self._put_value(key, value)
             return value
         self._wait(key, timeout, "waiting for rank 0's broadcast")
-        return decode(self._get(key))
+        return self._take_value(key, delete=False)
 
     def gather(self, value: Any, timeout: float) -> dict[int, Any] | None:
         prefix = f"gather/{next(self._ops)}"
         if self.rank != 0:
-            self._set(f"{prefix}/{self.rank}", encode(value))
+            self._put_value(f"{prefix}/{self.rank}", value)
             return None
         deadline = Deadline(timeout)
         values = {0: value}
         for rank in range(1, self.world_size):
             key = f"{prefix}/{rank}"
             if self._arrived(key, deadline):
-                values[rank] = decode(self._get(key))
-                self._delete(key)
+                values[rank] = self._take_value(key, delete=True)
         return values
 
     # -- streams -------------------------------------------------------------------------
@@ -157,8 +179,10 @@ class StoreTransport(Transport):
         index = 0
         try:
             for chunk in chunks:
-                self._put(prefix, index, DATA + chunk, timeout)
-                index += 1
+                view = memoryview(chunk)
+                for offset in range(0, len(view), MAX_VALUE_BYTES):
+                    self._put(prefix, index, DATA + view[offset:offset + MAX_VALUE_BYTES], timeout)
+                    index += 1
         except TransportError:
             raise
         except Exception as exc:

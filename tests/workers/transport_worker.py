@@ -6,6 +6,7 @@ Scenarios:
   suite      agree on a run id, gather, barrier, and stream a multi-chunk file from every rank to rank 0
   late       the last rank exits at once; the others gather and meet at a barrier with short timeouts
   root-gone  rank 0 exits at once; the others wait for its broadcast with a short timeout
+  gave-up    rank 0 starts receiving only after rank 1 stopped waiting to send
 --init-gloo: initialise a gloo process group first and use its store instead of torchrun's agent store.
 """
 
@@ -17,7 +18,15 @@ import time
 from pathlib import Path
 
 from prov4ml_dist.topology import detect
-from prov4ml_dist.transport import FileSpec, TransportTimeout, agree_run_id, connect, send_files, write_files
+from prov4ml_dist.transport import (
+    FileSpec,
+    StreamAborted,
+    TransportTimeout,
+    agree_run_id,
+    connect,
+    send_files,
+    write_files,
+)
 
 CHUNK = 64 << 10
 TIMEOUT = 3.0
@@ -42,6 +51,8 @@ def main() -> None:
         late(topology, result)
     elif scenario == "root-gone":
         root_gone(topology, result)
+    elif scenario == "gave-up":
+        gave_up(topology, result)
     (out / f"rank-{topology.rank}.json").write_text(json.dumps(result))
 
 
@@ -103,6 +114,24 @@ def root_gone(topology, result: dict) -> None:
             result["error"] = None
         except TransportTimeout as exc:
             result["error"] = str(exc)
+        result["elapsed"] = time.monotonic() - t
+
+
+def gave_up(topology, result: dict) -> None:
+    with connect(topology, "test-gave-up", timeout=30) as transport:
+        if topology.rank == 1:
+            try:
+                transport.send_stream(0, [b"late"], timeout=30, start_timeout=1.0)
+                result["sender"] = "sent"
+            except TransportTimeout:
+                result["sender"] = "gave up"
+            return
+        time.sleep(2.0)
+        t = time.monotonic()
+        try:
+            result["received"] = [bytes(c).decode() for c in transport.recv_stream(1, timeout=30)]
+        except StreamAborted as exc:
+            result["received"] = str(exc)
         result["elapsed"] = time.monotonic() - t
 
 
