@@ -74,7 +74,8 @@ def bench_yprov4ml(n: int, root: Path) -> dict[str, float] | None:
         return None
     import yprov4ml
 
-    contexts = [yprov4ml.Context.TRAINING, yprov4ml.Context.VALIDATION]
+    context = getattr(yprov4ml, "Context", None)  # 2.x has the enum; 3.x takes strings
+    contexts = [context.TRAINING, context.VALIDATION] if context else ["training", "validation"]
     t0 = time.perf_counter()
     yprov4ml.start_run(prov_user_namespace="http://example.org", experiment_name="bench",
                        provenance_save_dir=str(root))

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .context import LoggingItemKind
 from .errors import InvalidInputError, RunStateError
 from .process_hooks import ExitHooks
 from .run import Run, RunConfig
@@ -35,10 +33,12 @@ YPROV4ML_OPTIONS = {
     "disable_codecarbon": "energy comes from NVML and RAPL counters, not codecarbon",
     "create_graph": "pass create_graph to end_run",
     "create_svg": "pass create_svg to end_run",
+    "use_run_id": "used as run_id when run_id is not given",
 }
 
 
-def _run() -> Run:
+def require_run() -> Run:
+    """The active Run; a clear error when there is none."""
     run = _active
     if run is None:
         raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
@@ -64,6 +64,8 @@ def start_run(prov_user_namespace: str | None = None, experiment_name: str | Non
     if unknown:
         raise TypeError(f"start_run() got unexpected keyword arguments: {', '.join(unknown)}")
     save_dir = provenance_save_dir if provenance_save_dir is not None else prov_save_path
+    if run_id is None and yprov4ml_options.get("use_run_id") is not None:
+        run_id = str(yprov4ml_options["use_run_id"])
     config = RunConfig(
         experiment_name=experiment_name or "experiment",
         provenance_save_dir=Path(save_dir if save_dir is not None else "prov"),
@@ -85,11 +87,12 @@ def start_run(prov_user_namespace: str | None = None, experiment_name: str | Non
     return run.run_dir
 
 
-def end_run(create_graph: bool = False, create_svg: bool = False, **_yprov4ml_options: Any) -> Path | None:
+def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate: bool = False) -> Path | None:
     """Close this rank's shard and merge. Returns the merged prov.json on rank 0, None elsewhere
-    (and None when the merge is left to ``prov4ml-dist merge``)."""
+    (and None when the merge is left to ``prov4ml-dist merge``). ``crate_ro_crate`` (yProv4ML)
+    is accepted; no RO-Crate is written."""
     global _active, _hooks
-    run = _run()
+    run = require_run()
     _active = None
     if _hooks is not None:
         _hooks.remove()
@@ -97,8 +100,10 @@ def end_run(create_graph: bool = False, create_svg: bool = False, **_yprov4ml_op
     return run.end(create_graph=create_graph, create_svg=create_svg)
 
 
-def log_metric(key: str, value: Any, context: Any, step: int | None = None, source: Any = None) -> None:
-    """Record one point of a metric series (the hot path: no I/O)."""
+def log_metric(key: str, value: Any, context: Any, step: int | None = None, source: Any = None,
+               timestamp: Any = None) -> None:
+    """Record one point of a metric series (the hot path: no I/O). yProv4ML's ``timestamp`` is
+    accepted; every point carries this process's wall-clock time instead."""
     run = _active
     if run is None:
         raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
@@ -109,30 +114,36 @@ def log_metrics(metrics: dict[str, Any], context: Any, step: int | None = None, 
     """Several metrics at the same step."""
     if not isinstance(metrics, dict):
         raise InvalidInputError(f"log_metrics takes a dict of key → value, got {type(metrics).__name__}")
-    run = _run()
+    run = require_run()
     for key, value in metrics.items():
         run.log_metric(key, value, context, step, source)
 
 
-def log_param(key: str, value: Any) -> None:
-    """Record a parameter; non-JSON values are stored as their repr."""
-    _run().log_param(key, value)
+def log_param(key: str, value: Any, context: Any = None, source: Any = None, is_input: bool = False) -> None:
+    """Record a parameter; non-JSON values are stored as their repr. yProv4ML 3.x's ``context``
+    is recorded; ``source`` and ``is_input`` are accepted."""
+    require_run().log_param(key, value, context)
 
 
 def log_params(params: dict[str, Any]) -> None:
     if not isinstance(params, dict):
         raise InvalidInputError(f"log_params takes a dict of key → value, got {type(params).__name__}")
-    run = _run()
+    run = require_run()
     for key, value in params.items():
         run.log_param(key, value)
 
 
 def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: Any = None,
                  step: int | None = None, timestamp: int | None = None,
-                 log_copy_in_prov_directory: bool = True) -> dict[str, Any]:
+                 log_copy_in_prov_directory: bool = True, *, source: Any = None,
+                 log_copy_subdirectory: str | None = None, is_model: bool = False,
+                 is_input: bool = False) -> dict[str, Any]:
     """Record a file, directory or value under the name ``artifact_path``.
 
     yProv4ML 2.x's ``log_artifact(path, context, step)`` works too: the file is ``artifact_path``.
+    3.x keywords: ``log_copy_subdirectory`` prefixes the stored name, ``is_input`` records the
+    artifact as used (read) by the rank rather than generated; ``source`` and ``is_model`` are
+    accepted.
     """
     if isinstance(value, Enum) and (context is None or isinstance(context, int)):
         value, context, step = None, value, step if context is None else context
@@ -141,45 +152,46 @@ def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: A
     if context is None:
         raise InvalidInputError("log_artifact needs a context (prov4ml.Context.TRAINING, ...)")
     same_file = isinstance(value, (str, os.PathLike)) and os.fspath(value) == os.fspath(artifact_path)
-    name = os.path.basename(os.fspath(artifact_path)) if same_file else artifact_path
-    return _run().log_artifact(name, value, context, step, timestamp, copy=log_copy_in_prov_directory)
+    name = os.path.basename(os.fspath(artifact_path)) if same_file else os.fspath(artifact_path)
+    if log_copy_subdirectory:
+        name = f"{log_copy_subdirectory}/{name}"
+    return require_run().log_artifact(name, value, context, step, timestamp, copy=log_copy_in_prov_directory,
+                               is_input=is_input)
 
 
 def log_model(model: Any, model_name: Any = "default", log_model_info: bool = True,
-              log_model_layers: bool = False, log_as_artifact: bool = True) -> None:
+              log_model_layers: bool = False, log_as_artifact: bool = True, *, context: Any = None,
+              source: Any = None, log_copy_in_prov_directory: bool | None = None, is_input: bool = False) -> None:
     """Model information, optionally its layers (JSON) and its final weights as an artifact.
-    3.x's ``log_model(model_name, model)`` order is recognised by type."""
+    3.x's ``log_model(model_name, model)`` order is recognised by type, and its
+    ``log_copy_in_prov_directory`` means ``log_as_artifact``; ``context``, ``source`` and
+    ``is_input`` are accepted."""
     if isinstance(model, str) and not isinstance(model_name, str):
         model, model_name = model_name, model
-    _run().log_model(model, model_name, log_model_info, log_model_layers, log_as_artifact)
+    if log_copy_in_prov_directory is not None:
+        log_as_artifact = log_copy_in_prov_directory
+    require_run().log_model(model, model_name, log_model_info, log_model_layers, log_as_artifact)
 
 
-def save_model_version(model: Any, model_name: Any, context: Any, step: int | None = None,
-                       timestamp: int | None = None) -> dict[str, Any]:
-    """Save a new numbered version of a model (state dict) and record it."""
+def save_model_version(model: Any, model_name: Any, context: Any = None, step: int | None = None,
+                       timestamp: int | None = None, *, source: Any = None, incremental: bool = True,
+                       is_input: bool = False, log_copy_in_prov_directory: bool = True) -> dict[str, Any]:
+    """Save a new numbered version of a model (state dict) and record it. 3.x's
+    ``save_model_version(model_name, model, context, source, step)`` is recognised by type;
+    its other keywords are accepted (versions are always incremental and always copied)."""
     if isinstance(model, str) and not isinstance(model_name, str):
         model, model_name = model_name, model
-    return _run().save_model_version(model, model_name, context, step, timestamp)
+    if isinstance(step, str) and source is None:  # 3.x's positional order: (..., context, source, step)
+        source, step, timestamp = step, timestamp, None
+    return require_run().save_model_version(model, model_name, context, step, timestamp)
 
 
-def log_dataset(dataset: Any, label: Any) -> None:
-    """Dataset statistics; 3.x's ``log_dataset(label, dataset)`` order is recognised by type."""
+def log_dataset(dataset: Any, label: Any, context: Any = None, source: Any = None,
+                log_dataset_info: bool = True) -> None:
+    """Dataset statistics; 3.x's ``log_dataset(label, dataset)`` order is recognised by type
+    (its ``context``, ``source`` and ``log_dataset_info`` are accepted)."""
     if isinstance(dataset, str) and not isinstance(label, str):
         dataset, label = label, dataset
-    _run().log_dataset(dataset, label)
+    require_run().log_dataset(dataset, label)
 
 
-def log_current_execution_time(label: str, context: Any, step: int | None = None) -> None:
-    """yProv4ML: seconds since start_run, as a metric."""
-    run = _run()
-    run.log_metric(label, time.time() - run.started, context, step, LoggingItemKind.EXECUTION_TIME)
-
-
-def log_system_metrics(context: Any = None, step: int | None = None) -> None:
-    """yProv4ML: take a system sample now (the background sampler records them anyway)."""
-    _run().sample_now()
-
-
-def log_carbon_metrics(context: Any = None, step: int | None = None) -> None:
-    """yProv4ML: energy is read from NVML/RAPL counters by the sampler; this samples now."""
-    _run().sample_now()

@@ -163,8 +163,8 @@ class Run:
         except FileExistsError:
             raise RunStateError(f"{self.shard_path} already exists: run id {self.run_id!r} was used before; "
                                 "pass a new run_id") from None
-        except OSError as exc:
-            raise RunStateError(f"cannot create the shard {self.shard_path}: {exc}") from None
+        except (OSError, RuntimeError) as exc:  # HDF5 reports some write failures as RuntimeError
+            raise RunStateError(f"cannot create the shard {self.shard_path}: {str(exc).splitlines()[0]}") from None
         self.artifacts = ArtifactStore(self.rank_root, schema.rank_artifacts_dir(rank))
         self._artifact_records: list[dict[str, Any]] = []
         self._model_versions: dict[str, int] = {}
@@ -183,6 +183,10 @@ class Run:
                             "topology": self.topology.as_dict(), "environment": environment.capture(),
                             "settings": settings, "shard": self.shard_path.name})
         self.writer.flush()  # the shard is identifiable from the first moment, even if killed at once
+        if self.writer.failures:  # e.g. a full disk: a shard without its start record is of no use
+            self.writer.close("failed-to-start")
+            self.shard_path.unlink(missing_ok=True)
+            raise RunStateError(f"cannot write the shard {self.shard_path}: {self.writer.failures[0]}")
         if config.sample_interval is not None:
             self.sampler = Sampler(self.writer.system, self.writer.record, self.topology, config.sample_interval)
             self.sampler.start()
@@ -231,13 +235,17 @@ class Run:
         return series
 
     # -- records --------------------------------------------------------------------------
-    def log_param(self, key: str, value: Any) -> None:
-        self.writer.record({"kind": "param", "time": time.time(), "key": check_name(key, "param key"),
-                            "value": as_param_value(value)})
+    def log_param(self, key: str, value: Any, context: Any = None) -> None:
+        record = {"kind": "param", "time": time.time(), "key": check_name(key, "param key"),
+                  "value": as_param_value(value)}
+        if context is not None:
+            record["context"] = context_name(context)
+        self.writer.record(record)
 
     def log_artifact(self, name: Any, value: Any, context: Any, step: Any = None, timestamp: Any = None,
-                     copy: bool = True) -> dict[str, Any]:
-        """Record a file, directory or in-memory value; returns the artifact record."""
+                     copy: bool = True, is_input: bool = False) -> dict[str, Any]:
+        """Record a file, directory or in-memory value (``is_input``: read by the run, not
+        produced by it); returns the artifact record."""
         ctx = context_name(context) if context is not None else None
         step = as_step(step) if step is not None else None
         if isinstance(value, (str, os.PathLike)):
@@ -245,7 +253,7 @@ class Run:
         else:
             stored = self.artifacts.add_value(name, value)
         return self._add_artifact({"name": str(name), "context": ctx, "step": step, "timestamp": timestamp,
-                                   "item": "artifact", **stored})
+                                   "item": "input" if is_input else "artifact", **stored})
 
     def save_model_version(self, model: Any, model_name: str, context: Any, step: Any = None,
                            timestamp: Any = None) -> dict[str, Any]:

@@ -242,13 +242,17 @@ class _Builder:
     def _artifacts(self) -> None:
         ids: dict[str, QualifiedName] = {}
         for a in self.run.artifacts:
-            kind = {"model_version": "ModelVersion", "model": "Model"}.get(a.item, "Artifact")
+            kind = {"model_version": "ModelVersion", "model": "Model", "input_model": "Model"}.get(a.item, "Artifact")
             entity = self.doc.entity(self.ns[local_name("artifact", a.sha256)], [
                 (PROV_TYPE, self.p4d[kind]), (PROV_LABEL, a.name), *self.attrs(_artifact_attrs(a))])
             ids[a.sha256] = entity.identifier
-            for rank, attempt in sorted({(g.rank, g.attempt) for g in a.generations}):
+            for rank, attempt, is_input in sorted({(g.rank, g.attempt, g.item.startswith("input"))
+                                                   for g in a.generations}):
                 when = min(g.time for g in a.generations if (g.rank, g.attempt) == (rank, attempt))
-                self.doc.wasGeneratedBy(entity, self.activities[(rank, attempt)], timestamp(when))
+                if is_input:  # yProv4ML's is_input=True: the rank read it
+                    self.doc.used(self.activities[(rank, attempt)], entity, timestamp(when))
+                else:
+                    self.doc.wasGeneratedBy(entity, self.activities[(rank, attempt)], timestamp(when))
         versions: dict[tuple[int, int, str], list[tuple[int, str]]] = defaultdict(list)
         for a in self.run.artifacts:
             for g in a.generations:
