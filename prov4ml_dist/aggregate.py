@@ -67,7 +67,7 @@ def finish_run(run: Any) -> Path | None:
         with connect(topology, namespace, run.config.merge_timeout) as transport:
             if not transport.reaches_peers:
                 _leave_to_offline_merge(run, "the ranks cannot reach each other (no torch.distributed store, "
-                                             "no MPI)")
+                                             "and no MPI initialised by the program)")
                 return None
             if transport.rank == 0:
                 return _collect_and_merge(run, transport)

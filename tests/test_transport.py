@@ -5,6 +5,7 @@ choice of transport from the environment. Multi-process runs are in test_distrib
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -254,5 +255,13 @@ def test_several_ranks_without_a_launcher_cannot_agree():
     ({"OMPI_COMM_WORLD_SIZE": "4"}, True), ({"PMI_SIZE": "2"}, True), ({"PMI_SIZE": "1"}, False),
     ({"PMIX_RANK": "0", "SLURM_NTASKS": "8"}, True), ({"SLURM_NTASKS": "8"}, False), ({"PMI_SIZE": "x"}, False),
 ])
-def test_mpi_is_used_only_when_launched_with_several_processes(env, expected):
+def test_mpi_launchers_are_recognised(env, expected):
     assert _mpi_launched(env) is expected
+
+
+@pytest.mark.skipif("mpi4py.MPI" in sys.modules, reason="MPI already initialised in this process")
+def test_the_end_of_a_run_never_initialises_mpi():
+    """MPI_Init would wait forever for a rank that is gone: only start_run may call it."""
+    with connect(Topology(rank=0, world_size=2), "x", 1, env={"PMI_SIZE": "2"}) as transport:
+        assert isinstance(transport, NoneTransport)
+    assert "mpi4py.MPI" not in sys.modules
