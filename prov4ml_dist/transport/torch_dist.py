@@ -84,7 +84,7 @@ class StoreTransport(Transport):
     def default_store(cls, rank: int, world_size: int, namespace: str) -> StoreTransport:
         """The store of the initialised default process group; a clone when torch can make
         one, so this thread never shares a connection with torch's own watchdog threads."""
-        store = dist.distributed_c10d._get_default_store()
+        store = dist.distributed_c10d._get_default_store()  # no public accessor; stable since torch 1.x
         clone = getattr(store, "clone", None)
         return cls(clone() if clone is not None else store, rank, world_size, namespace)
 
