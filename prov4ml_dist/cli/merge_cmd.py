@@ -1,0 +1,98 @@
+"""``prov4ml-dist merge``: the offline merge of a run whose online merge did not happen (a
+crash, a time limit, no process group) or failed: the same ``merge_run`` as at ``end_run``,
+over the shards alone, so a clean job merges to the same files either way."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from ..merge import load_merged, merge_run
+from ..merge.scan import BAD_SHARD, default_shards
+from ..shard import ShardReader, schema
+from .localdirs import import_local_dirs
+from .output import EXIT_OK, EXIT_PROBLEMS, CliError, duration, warn_all
+from .progress import MergeProgress
+from .rundir import existing_directory
+
+DESCRIPTION = """\
+Build merged.h5 and prov.json of RUN_DIR from its shards alone. A crashed job merges up to
+each shard's last flush; ranks that ended without end_run are marked incomplete. Running it
+again, or after an online merge that timed out, replaces the outputs (it never duplicates).
+Exit status: 0 merged; 1 merged, but a shard or a --local-dirs file was left out (listed);
+2 nothing merged."""
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser("merge", parents=[common], help="build merged.h5 and prov.json from the shards",
+                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="<provenance_save_dir>/<experiment>/<run_id>")
+    p.add_argument("--local-dirs", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="directories copied back from node-local disks, holding <experiment>/<run_id>/shards "
+                        "and artifacts of some ranks: their files are verified and copied into RUN_DIR first")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = existing_directory(args.run_dir)
+    run_id = expected_run_id(run_dir, list(shard_run_ids(default_shards(run_dir)).values()))
+    refused = 0
+    if args.local_dirs:
+        _check_writable(run_dir)
+        report = import_local_dirs(run_dir, args.local_dirs, run_id)
+        warn_all(report.problems)
+        refused = len(report.problems)
+        print(f"--local-dirs: {report.copied} files copied into {run_dir}, {report.present} already there")
+    paths = default_shards(run_dir)
+    if not paths:
+        raise CliError(f"{run_dir} is not a run directory with shards (no {schema.SHARDS_DIR}/rank-*.h5); "
+                       "shards left on node-local disks are brought in with --local-dirs")
+    _check_writable(run_dir)
+    ids = shard_run_ids(paths)
+    foreign = {p for p in paths if ids.get(p, run_id) != run_id}
+    warn_all([f"skipped shard {path}: it belongs to run {ids[path]!r}, not {run_id!r}" for path in sorted(foreign)])
+    started = time.monotonic()
+    progress = MergeProgress(sys.stderr)
+    try:
+        result = merge_run(run_dir, shard_paths=[p for p in paths if p not in foreign], progress=progress)
+    finally:
+        progress.finish()
+    warn_all(result.problems, rest=" (merged.h5 keeps them all, in its 'problems' attribute)")
+    merged = load_merged(result.merged_h5)
+    used = {r.shard for r in merged.ranks if r.shard}
+    skipped = [p for p in paths if p.name not in used]
+    states = Counter(r.status for r in merged.ranks if not r.complete)
+    print(f"merged {len(used)} shard(s) of {merged.world_size} rank(s)"
+          + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")" if states else "")
+          + f", {sum(s.count for s in merged.series)} points in {duration(time.monotonic() - started)}: "
+          f"{result.merged_h5} and {result.prov_json.name}")
+    return EXIT_PROBLEMS if skipped or refused else EXIT_OK
+
+
+def shard_run_ids(paths: list[Path]) -> dict[Path, str]:
+    """The run id of each shard that opens; unreadable ones are left for the merge to report."""
+    ids = {}
+    for path in paths:
+        try:
+            with ShardReader(path) as reader:
+                ids[path] = reader.run_id
+        except BAD_SHARD:
+            continue
+    return ids
+
+
+def expected_run_id(run_dir: Path, ids: list[str]) -> str:
+    """The run's id: the directory's name (``start_run`` names it so) when a shard agrees,
+    else the shards' majority (a renamed directory)."""
+    if not ids or run_dir.name in ids:
+        return run_dir.name
+    return Counter(ids).most_common(1)[0][0]
+
+
+def _check_writable(run_dir: Path) -> None:
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write to {run_dir}: permission denied")
