@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .artifacts import sha256_file
+from .merge.layout import AGGREGATE_REPORT
 from .shard import schema
 from .transport import (
     FileSpec,
@@ -54,7 +55,6 @@ MIN_STREAM_RATE = 8 << 20
 # DEPARTURE_MARGIN_S of its wait left (wall clocks of an HPC job agree far better than that).
 PLAN_GRACE_S = 30.0
 DEPARTURE_MARGIN_S = 10.0
-REPORT_NAME = "aggregate.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -169,7 +169,7 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
               "files_streamed": streamed_files, "bytes_streamed": streamed_bytes, "files_copied": len(plan.copy),
               "files_linked": len(plan.link), "seconds": time.monotonic() - started,
               "problems": plan.problems}
-    _write_json(run.run_dir / REPORT_NAME, report)
+    _write_json(run.run_dir / AGGREGATE_REPORT, report)
     from .merge import merge_run
 
     result = merge_run(run.run_dir, world_size=transport.world_size, missing_ranks=plan.missing)

@@ -82,30 +82,26 @@ class ArtifactStore:
 
     def _add_directory(self, rel: PurePosixPath, src: Path, copy: bool) -> dict[str, Any]:
         """Directories: regular files only (symlinks and special files are listed as skipped);
-        the sha256 is that of the sorted 'sha256  relative/path' manifest."""
-        dest = self._new_path(rel) if copy else None
-        lines, skipped, total = [], [], 0
-        for path in sorted(_walk(src)):
-            relpath = path.relative_to(src).as_posix()
-            if not path.is_file() or path.is_symlink():
-                skipped.append(relpath)
-                continue
-            if dest is not None:
-                target = dest / relpath
-                target.parent.mkdir(parents=True, exist_ok=True)
-                sha, size = _copy_file(path, target)
-            else:
-                sha, size = _checked_hash(path)
-            lines.append(f"{sha}  {relpath}\n")
+        the sha256 is ``directory_sha256``'s."""
+        if not copy:
+            try:
+                sha, total, files, skipped = directory_sha256(src)
+            except OSError as exc:
+                raise ArtifactError(f"artifact {str(src)!r} cannot be read: {exc.strerror}") from None
+            return {"path": str(src.resolve()), "size": total, "sha256": sha, "copied": False, "directory": True,
+                    "files": files, "skipped": skipped}
+        dest = self._new_path(rel)
+        dest.mkdir()
+        members, skipped = directory_entries(src)
+        lines, total = [], 0
+        for relpath in members:
+            target = dest / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sha, size = _copy_file(src / relpath, target)
+            lines.append((sha, relpath))
             total += size
-        if dest is not None and not dest.exists():
-            dest.mkdir()
-        sha = hashlib.sha256("".join(lines).encode()).hexdigest()
-        if dest is None:
-            record = {"path": str(src.resolve()), "size": total, "sha256": sha, "copied": False}
-        else:
-            record = self._record(dest, sha, total)
-        return {**record, "directory": True, "files": len(lines), "skipped": skipped}
+        return {**self._record(dest, manifest_sha256(lines), total), "directory": True, "files": len(lines),
+                "skipped": skipped}
 
     def add_bytes(self, name: object, data: bytes) -> dict[str, Any]:
         """Store in-memory content (serialised values, model files) as a new artifact file."""
@@ -156,12 +152,35 @@ class ArtifactStore:
         return candidate
 
 
-def _walk(root: Path):
-    """Every path below ``root`` without following symlinked directories."""
+def directory_entries(root: Path) -> tuple[list[str], list[str]]:
+    """Sorted relative paths below ``root``: regular files, and what is skipped (symlinks,
+    special files). Symlinked directories are not followed."""
+    members, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
-            yield base / name
+            path = base / name
+            relpath = path.relative_to(root).as_posix()
+            (members if path.is_file() and not path.is_symlink() else skipped).append(relpath)
+    return sorted(members), sorted(skipped)
+
+
+def manifest_sha256(entries: list[tuple[str, str]]) -> str:
+    """A directory's sha256: that of its sorted 'sha256  relative/path' lines."""
+    return hashlib.sha256("".join(f"{sha}  {rel}\n" for sha, rel in sorted(entries, key=lambda e: e[1]))
+                          .encode()).hexdigest()
+
+
+def directory_sha256(root: Path) -> tuple[str, int, int, list[str]]:
+    """sha256, total size, file count and skipped entries of a directory artifact, as stored
+    (raises OSError for an unreadable member)."""
+    members, skipped = directory_entries(root)
+    entries, total = [], 0
+    for relpath in members:
+        sha, size = sha256_file(root / relpath)
+        entries.append((sha, relpath))
+        total += size
+    return manifest_sha256(entries), total, len(entries), skipped
 
 
 def _checked_hash(src: Path) -> tuple[str, int]:

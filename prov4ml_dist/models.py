@@ -56,7 +56,9 @@ def save_model(model: Any, dest: Path) -> None:
     import torch
 
     state = model.state_dict() if callable(getattr(model, "state_dict", None)) else model
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    # torch names the archive inside the file after the file's stem: the temporary name keeps
+    # dest's stem so that identical weights saved by different ranks are identical bytes.
+    tmp = dest.with_suffix(dest.suffix + ".partial")
     try:
         torch.save(state, tmp)
         os.replace(tmp, dest)

@@ -78,9 +78,13 @@ def resolve_run_id(config: RunConfig, topology: Topology) -> str:
         return from_launcher
     if topology.world_size == 1:
         return new_run_id()
-    from .transport import agree_run_id
+    from .transport import TransportError, agree_run_id
 
-    agreed = agree_run_id(topology, new_run_id(), timeout=min(config.merge_timeout, 120.0))
+    try:
+        agreed = agree_run_id(topology, new_run_id(), timeout=min(config.merge_timeout, 120.0))
+    except TransportError as exc:
+        raise RunStateError(f"rank {topology.rank}: rank 0's run id did not arrive ({exc}); are all ranks "
+                            "calling start_run? Passing the same start_run(run_id=...) avoids the exchange") from None
     if agreed is None:
         raise RunStateError(
             f"rank {topology.rank} of {topology.world_size}: cannot agree on a run id with the other ranks "

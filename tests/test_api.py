@@ -283,3 +283,26 @@ def test_datasets(run_dir):
     assert stats["train"]["num_replicas"] == 4 and stats["train"]["batch_size"] == 10
     assert stats["subset"]["total_samples"] == 10 and stats["subset"]["parent_samples"] == 103
     assert stats["full"]["total_samples"] == 103
+
+
+def test_identical_weights_are_identical_bytes_whatever_the_process(run_dir, tmp_path):
+    """Ranks saving the same weights must produce the same sha256 (content-addressed dedup)."""
+    import subprocess
+    import sys
+
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, 0.5)
+    torch.nn.init.zeros_(model.bias)
+    here = prov4ml.save_model_version(model, "m", prov4ml.Context.TRAINING)
+    code = ("import torch, sys; from pathlib import Path; from prov4ml_dist.models import save_model; "
+            "m = torch.nn.Linear(3, 2); torch.nn.init.constant_(m.weight, 0.5); torch.nn.init.zeros_(m.bias); "
+            "d = Path(sys.argv[1]) / 'm_v0000.pt'; save_model(m, d)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    from prov4ml_dist.artifacts import sha256_file
+
+    assert sha256_file(tmp_path / "m_v0000.pt")[0] == here["sha256"]
+
+
+def test_experiment_name_must_be_a_directory_name(tmp_path):
+    with pytest.raises(InvalidInputError):
+        prov4ml.start_run(experiment_name="../up", provenance_save_dir=tmp_path)

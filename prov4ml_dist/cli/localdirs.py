@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..artifacts import sha256_file
+from ..artifacts import directory_entries, sha256_file
 from ..merge.scan import BAD_SHARD
 from ..shard import ShardReader, schema
 from ..transport import FileSpec, read_chunks, write_files
-from .content import content_sha256, directory_members
+from .content import content_sha256
 from .output import CliError
 
 
@@ -96,8 +96,8 @@ def _import_artifact(run_dir: Path, root: Path, rank: int, record: dict[str, Any
         report.problems.append(f"rank {rank}: directory artifact {source} is missing or differs from its "
                                "record; not imported")
         return
-    for member in directory_members(source):
-        _bring(member, target / member.relative_to(source), None, report)
+    for relpath in directory_entries(source)[0]:
+        _bring(source / relpath, target / relpath, None, report)
 
 
 def _own_artifact_path(rank: int, path: object) -> PurePosixPath | None:

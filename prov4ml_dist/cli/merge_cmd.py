@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..merge import load_merged, merge_run
-from ..merge.scan import BAD_SHARD, default_shards
+from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
 from .localdirs import import_local_dirs
 from .output import EXIT_OK, EXIT_PROBLEMS, CliError, duration, warn_all
@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def run(args: argparse.Namespace) -> int:
     run_dir = existing_directory(args.run_dir)
-    run_id = expected_run_id(run_dir, list(shard_run_ids(default_shards(run_dir)).values()))
+    run_id = expected_run_id(run_dir, list(shard_identities(default_shards(run_dir)).values()))
     refused = 0
     if args.local_dirs:
         _check_writable(run_dir)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{run_dir} is not a run directory with shards (no {schema.SHARDS_DIR}/rank-*.h5); "
                        "shards left on node-local disks are brought in with --local-dirs")
     _check_writable(run_dir)
-    ids = shard_run_ids(paths)
+    ids = {path: identity[0] for path, identity in shard_identities(paths).items()}
     foreign = {p for p in paths if ids.get(p, run_id) != run_id}
     warn_all([f"skipped shard {path}: it belongs to run {ids[path]!r}, not {run_id!r}" for path in sorted(foreign)])
     started = time.monotonic()
@@ -73,24 +73,21 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if skipped or refused else EXIT_OK
 
 
-def shard_run_ids(paths: list[Path]) -> dict[Path, str]:
-    """The run id of each shard that opens; unreadable ones are left for the merge to report."""
+def shard_identities(paths: list[Path]) -> dict[Path, tuple[str, int, int]]:
+    """(run id, rank, attempt) of each shard that opens; unreadable ones are left for the merge."""
     ids = {}
     for path in paths:
         try:
             with ShardReader(path) as reader:
-                ids[path] = reader.run_id
+                ids[path] = (reader.run_id, reader.rank, reader.attempt)
         except BAD_SHARD:
             continue
     return ids
 
 
-def expected_run_id(run_dir: Path, ids: list[str]) -> str:
-    """The run's id: the directory's name (``start_run`` names it so) when a shard agrees,
-    else the shards' majority (a renamed directory)."""
-    if not ids or run_dir.name in ids:
-        return run_dir.name
-    return Counter(ids).most_common(1)[0][0]
+def expected_run_id(run_dir: Path, identities: list[tuple[str, int, int]]) -> str:
+    """The run id the merge will keep (``choose_run_id``); the directory's name when no shard opens."""
+    return choose_run_id(run_dir.name, identities) if identities else run_dir.name
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -44,6 +44,7 @@ LAYOUT_VERSION = 1
 
 MERGED_NAME = "merged.h5"
 PROV_NAME = "prov.json"
+AGGREGATE_REPORT = "aggregate.json"  # written by the online aggregation (aggregate.py); its missing ranks are reused
 
 RANKS = "ranks"
 RECORDS = "records"

@@ -40,6 +40,18 @@ class MergeResult:
     problems: list[str]
 
 
+def recorded_missing_ranks(run_dir: Path) -> dict[int, str]:
+    """The ranks the online merge had to do without, and why, from ``aggregate.json``: so an
+    offline merge of the same run gives the same result. Untrusted input: checked, never fatal."""
+    try:
+        report = json.loads((run_dir / layout.AGGREGATE_REPORT).read_text(encoding="utf-8"))
+        missing = report["missing"]
+        return {int(rank): str(reason)[:1000] for rank, reason in missing.items()
+                if str(rank).isdigit() and isinstance(reason, str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
               missing_ranks: Mapping[int, str] | None = None, world_size: int | None = None,
               progress: Progress | None = None) -> MergeResult:
@@ -56,7 +68,7 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
     problems: list[str] = []
     paths = list(shard_paths) if shard_paths is not None else default_shards(run_dir)
     report("scan", 0, len(paths))
-    shards = scan_shards(paths, problems)
+    shards = scan_shards(paths, problems, run_dir.name)
     report("scan", len(paths), len(paths))
     if not shards:
         raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
@@ -65,7 +77,8 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
     tmp_merged, tmp_prov = _temporary(merged), _temporary(prov)
     try:
         with h5py.File(tmp_merged, "w") as out:
-            _write(out, run_dir, shards, dict(missing_ranks or {}), world_size, problems, report)
+            missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
+            _write(out, run_dir, shards, missing, world_size, problems, report)
         report("prov", 0, 1)
         write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
         report("prov", 1, 1)

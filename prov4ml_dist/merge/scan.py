@@ -53,8 +53,19 @@ def default_shards(run_dir: Path) -> list[Path]:
     return sorted((run_dir / schema.SHARDS_DIR).glob("rank-*.h5"))
 
 
-def scan_shards(paths: Sequence[Path], problems: list[str]) -> list[ShardInfo]:
-    """The readable shards of the majority run id, sorted by (rank, attempt)."""
+def choose_run_id(directory_name: str, identities: Sequence[tuple[str, int, int]]) -> str:
+    """The run's id among its shards' (run id, rank, attempt): the run directory's name, which
+    ``start_run`` gives it, when a shard has it; else (a renamed directory) the majority, ties
+    going to the run id of the lowest (rank, attempt) — deterministic either way."""
+    votes = Counter(run_id for run_id, _, _ in identities)
+    if directory_name in votes:
+        return directory_name
+    top = max(votes.values())
+    return min((rank, attempt, rid) for rid, rank, attempt in identities if votes[rid] == top)[2]
+
+
+def scan_shards(paths: Sequence[Path], problems: list[str], directory_name: str = "") -> list[ShardInfo]:
+    """The readable shards of the run (see ``choose_run_id``), sorted by (rank, attempt)."""
     identities: list[tuple[Path, str, int, int]] = []
     for path in sorted(Path(p) for p in paths):
         try:
@@ -64,10 +75,7 @@ def scan_shards(paths: Sequence[Path], problems: list[str]) -> list[ShardInfo]:
             problems.append(f"skipped shard: {_described(exc, path)}")
     if not identities:
         return []
-    votes = Counter(run_id for _, run_id, _, _ in identities)
-    top = max(votes.values())
-    # Ties go to the run id of the lowest (rank, attempt): deterministic.
-    run_id = min((rank, attempt, rid) for _, rid, rank, attempt in identities if votes[rid] == top)[2]
+    run_id = choose_run_id(directory_name, [(rid, rank, attempt) for _, rid, rank, attempt in identities])
     shards: list[ShardInfo] = []
     seen: set[tuple[int, int]] = set()
     for path, rid, rank, attempt in sorted(identities, key=lambda x: (x[2], x[3], str(x[0]))):
