@@ -337,3 +337,13 @@ def test_export_dot_and_provn_defaults_beside_prov_json(small_copy):
         assert (small_copy / f"prov.{fmt}").read_text().startswith(start)
     assert not [p for p in os.listdir(small_copy) if p.endswith(".part")]
 
+
+
+def test_validate_catches_a_shard_changed_after_the_merge(small_copy):
+    main(["merge", str(small_copy)])
+    assert main(["validate", str(small_copy / "prov.json")]) == 0
+    shard = sorted((small_copy / "shards").glob("rank-*.h5"))[-1]
+    with h5py.File(shard, "r+") as f:  # still a readable shard of the run, but not the one merged
+        f.attrs["created"] = 0.0
+    done = cli("validate", small_copy / "prov.json")
+    assert done.returncode == 1 and "does not match its recorded sha256" in done.stdout + done.stderr

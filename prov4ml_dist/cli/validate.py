@@ -20,6 +20,7 @@ import h5py
 from prov.identifier import Namespace
 from prov.model import Literal, ProvActivity, ProvAgent, ProvDocument, ProvElement, ProvEntity, ProvRelation
 
+from ..artifacts import sha256_file
 from ..errors import MergeError
 from ..merge import load_merged
 from ..merge.layout import MERGED_NAME, PROV_NAME
@@ -186,6 +187,10 @@ class _Checks:
                                              f"{rank} of {run_id!r}")
             except BAD_SHARD as exc:
                 self.problems.append(f"shard of rank {rank}: {exc}")
+                continue
+            recorded = _attr(process, "shard_sha256")
+            if recorded is not None and sha256_file(path)[0] != recorded:
+                self.problems.append(f"{path} does not match its recorded sha256 (changed after the merge)")
         self.report.checked["shards"] = count
 
     def _merged(self, run: ProvActivity, run_id: Any) -> None:

@@ -73,7 +73,7 @@ ROW_DTYPE = np.dtype([("series", "<i4"), ("rank", "<i4"), ("step", "<i8"), ("val
 RANK_DTYPE = np.dtype([
     ("rank", "<i4"), ("attempt", "<i4"), ("node_rank", "<i4"), ("local_rank", "<i4"), ("hostname", STR),
     ("status", STR), ("complete", "u1"), ("start_time", "<f8"), ("end_time", "<f8"), ("last_time", "<f8"),
-    ("shard", STR), ("reason", STR), ("start", STR), ("end", STR)])
+    ("shard", STR), ("shard_sha256", STR), ("reason", STR), ("start", STR), ("end", STR)])
 
 RECORD_DTYPE = np.dtype([("rank", "<i4"), ("attempt", "<i4"), ("kind", STR), ("time", "<f8"), ("json", STR)])
 

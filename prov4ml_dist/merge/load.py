@@ -100,7 +100,7 @@ def _rank(row: np.void, per_rank: dict[str, Any]) -> RankAttempt:
         rank=who[0], attempt=who[1], status=_str(row["status"]), complete=bool(row["complete"]),
         node_rank=int(row["node_rank"]), local_rank=int(row["local_rank"]), hostname=_str(row["hostname"]),
         start_time=_num(row["start_time"]), end_time=_num(row["end_time"]), last_time=_num(row["last_time"]),
-        shard=_str(row["shard"]), reason=_str(row["reason"]),
+        shard=_str(row["shard"]), shard_sha256=_str(row["shard_sha256"]), reason=_str(row["reason"]),
         topology=start.get("topology") if isinstance(start.get("topology"), dict) else {},
         environment=start.get("environment") if isinstance(start.get("environment"), dict) else {},
         gpu_uuids=tuple(sorted(set(_uuids(sensors)))), sensors=sensors,

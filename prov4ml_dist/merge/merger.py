@@ -191,10 +191,10 @@ def _rank_rows(shards: list[ShardInfo], missing: dict[int, str], world_size: int
         end_time = s.end.get("time") if s.end is not None else None
         rows.append((s.rank, s.attempt, node_rank(s), local if isinstance(local, int) else layout.NO_VALUE,
                      hostname(s), status, s.end is not None, _float(s.start.get("time")), _float(end_time),
-                     s.last_time, s.path.name, missing.get(s.rank, ""), dumps(s.start),
+                     s.last_time, s.path.name, s.sha256, missing.get(s.rank, ""), dumps(s.start),
                      dumps(s.end) if s.end is not None else ""))
     rows += [(r, layout.NO_VALUE, layout.NO_VALUE, layout.NO_VALUE, "", layout.STATUS_MISSING, False, math.nan,
-              math.nan, math.nan, "", missing.get(r) or "no shard found", "", "")
+              math.nan, math.nan, "", "", missing.get(r) or "no shard found", "", "")
              for r in _missing(shards, missing, world_size)]
     return sorted(rows, key=lambda row: (row[0], row[1]))
 

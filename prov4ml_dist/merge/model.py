@@ -24,6 +24,7 @@ class RankAttempt:
     end_time: float | None
     last_time: float | None  # the latest time seen in its shard: how far a crashed rank got
     shard: str
+    shard_sha256: str
     reason: str
     topology: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import sha256_file
 from ..errors import ShardError
 from ..shard import ShardReader, schema
 
@@ -47,6 +48,7 @@ class ShardInfo:
     tables: dict[str, TableDecl]
     last_time: float = math.nan
     problems: list[str] = field(default_factory=list)
+    sha256: str = ""  # of the shard file as merged: validate checks the file against it
 
 
 def default_shards(run_dir: Path) -> list[Path]:
@@ -117,7 +119,7 @@ def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
             raise ShardError(f"{path}: no start record (killed before its first flush?)")
         tables = {name: _count(reader, name, decls[name]) for name in schema.TABLES}
     return ShardInfo(path, rank, attempt, start, end, records, tables,
-                     last_time=last_time if last_time > -math.inf else math.nan)
+                     last_time=last_time if last_time > -math.inf else math.nan, sha256=sha256_file(path)[0])
 
 
 def _declare(decls: dict[str, dict[int, dict[str, Any]]], record: dict[str, Any]) -> None:

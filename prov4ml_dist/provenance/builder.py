@@ -161,6 +161,7 @@ class _Builder:
         yield "status", r.status
         yield "complete", r.complete
         yield "shard", r.shard or None
+        yield "shard_sha256", r.shard_sha256 or None
         yield "reason", r.reason or None
         yield "last_seen", None if r.complete or r.last_time is None else timestamp(r.last_time)
         yield "warnings", r.warnings or None
