@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 # Environment variables worth keeping as provenance of how the process was launched.
-LAUNCHER_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "PMIX_RANK", "MPI_LOCALRANKID")
+# (Not HOSTNAME: Slurm sets it to the batch node and srun copies it to every task.)
+LAUNCHER_ENV_PREFIXES = ("SLURM_", "SLURMD_", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "PMIX_RANK",
+                         "MPI_LOCALRANKID")
 LAUNCHER_ENV_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                      "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HOSTNAME")
+                      "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 # Slurm variables that may hold secrets or are noise in provenance.
 LAUNCHER_ENV_SKIP = ("SLURM_JOB_PASSWORD",)
 
@@ -65,7 +67,9 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     if "RANK" in env and ("TORCHELASTIC_RUN_ID" in env or "LOCAL_RANK" in env):
         return Topology(
             rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
-            local_rank=_int(env, "LOCAL_RANK", 0), local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE",
+                                  _slurm_tasks_on_node(env) if _slurm_step(env) is not None else 1),
             node_rank=_int(env, "GROUP_RANK", _int(env, "SLURM_NODEID", 0)),
             restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
             launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "env",

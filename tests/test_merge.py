@@ -204,6 +204,19 @@ def _crashing_rank(run_dir: Path) -> None:
     crash(w)
 
 
+def test_rank_that_closed_without_end_run_is_incomplete(tmp_path: Path) -> None:
+    for rank, status in ((0, "ok"), (1, "killed-by-SIGTERM")):
+        w = open_shard(tmp_path, rank, 2)
+        log_series(w, "loss", [(s, 0.5, T0 + s) for s in range(10)])
+        w.close(status)
+    result = merge_run(tmp_path)
+    assert any("rank 1 attempt 0: incomplete (it closed its shard without end_run: killed-by-SIGTERM)" in p
+               for p in result.problems)
+    run = load_merged(result.merged_h5)
+    assert [(r.rank, r.status, r.complete) for r in run.ranks] == [(0, "ok", True), (1, "killed-by-SIGTERM", False)]
+    assert [s.count for s in run.series if s.key == "loss"] == [10, 10]  # its points are all merged
+
+
 def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path) -> None:
     w = open_shard(tmp_path, 0, 2)
     log_series(w, "loss", [(s, 0.5, T0 + s) for s in range(100)])

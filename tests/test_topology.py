@@ -84,3 +84,15 @@ def test_explicit_run_id_wins_and_single_process_gets_a_fresh_one():
 def test_run_id_must_be_a_safe_directory_name(run_id):
     with pytest.raises(ValueError):
         resolve_run_id(RunConfig(run_id=run_id), Topology())
+
+
+def test_srun_recipe_that_sets_rank_variables_keeps_slurms_tasks_per_node():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0",
+           "SLURM_PROCID": "3", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    t = detect(env)
+    assert (t.rank, t.local_world_size, t.node_rank, t.launcher) == (3, 2, 1, "env")
+
+
+def test_launcher_environment_keeps_slurmd_nodename_but_not_the_copied_hostname():
+    env = {"SLURMD_NODENAME": "n2", "HOSTNAME": "batch-node", "SLURM_JOB_ID": "9"}
+    assert launcher_environment(env) == {"SLURMD_NODENAME": "n2", "SLURM_JOB_ID": "9"}

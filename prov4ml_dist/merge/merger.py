@@ -164,7 +164,9 @@ def _shard_problems(shard: ShardInfo) -> list[str]:
     if shard.end is None:
         found.append(f"{who}: incomplete (no end record: it crashed or is still running); "
                      "merged up to its last flush")
-    elif isinstance(shard.end.get("failures"), list) and shard.end["failures"]:
+    elif shard.end.get("status") != "ok":
+        found.append(f"{who}: incomplete (it closed its shard without end_run: {str(shard.end.get('status'))[:80]})")
+    if shard.end is not None and isinstance(shard.end.get("failures"), list) and shard.end["failures"]:
         found.append(f"{who}: {len(shard.end['failures'])} flush failures recorded")
     return found
 
@@ -190,7 +192,7 @@ def _rank_rows(shards: list[ShardInfo], missing: dict[int, str], world_size: int
         status = (str(s.end.get("status", "ok")) if s.end is not None else layout.STATUS_INCOMPLETE)
         end_time = s.end.get("time") if s.end is not None else None
         rows.append((s.rank, s.attempt, node_rank(s), local if isinstance(local, int) else layout.NO_VALUE,
-                     hostname(s), status, s.end is not None, _float(s.start.get("time")), _float(end_time),
+                     hostname(s), status, status == "ok", _float(s.start.get("time")), _float(end_time),
                      s.last_time, s.path.name, s.sha256, missing.get(s.rank, ""), dumps(s.start),
                      dumps(s.end) if s.end is not None else ""))
     rows += [(r, layout.NO_VALUE, layout.NO_VALUE, layout.NO_VALUE, "", layout.STATUS_MISSING, False, math.nan,

@@ -116,11 +116,16 @@ class _Builder:
         yield "run_id", run.run_id
         yield "experiment_name", run.experiment_name
         yield "world_size", run.world_size
-        for status in ("incomplete", "missing"):
-            ranks = sorted({r.rank for r in run.ranks if r.status == status})
-            yield f"{status}_ranks", ranks or None
+        incomplete = sorted({r.rank for r in run.ranks if not r.complete and r.status != "missing"})
+        yield "incomplete_ranks", incomplete or None
+        yield "missing_ranks", sorted({r.rank for r in run.ranks if r.status == "missing"}) or None
         yield "merged_file", "merged.h5"
         yield "problems", len(run.problems)
+        launcher = next((r.environment.get("launcher_env") for r in run.ranks if r.environment), None)
+        if isinstance(launcher, dict):  # the Slurm allocation the job ran in, as rank 0 saw it
+            for name in SLURM_ALLOCATION:
+                if isinstance(launcher.get(name), str):
+                    yield name.lower(), launcher[name]
 
     def _ranks(self, user: Any) -> None:
         by_rank: dict[int, list[RankAttempt]] = defaultdict(list)
@@ -327,6 +332,14 @@ def _group_attrs(g: GroupSummary) -> Iterator[tuple[str, Any]]:
         yield from (("slowest_rank", g.slowest_rank), ("slowest_steps", g.slowest_steps),
                     ("slowest_counts", {str(r): c for r, c in sorted(g.slowest_counts.items())}),
                     ("skew_mean", g.skew_mean), ("skew_max", g.skew_max), ("skew_max_step", g.skew_max_step))
+
+
+SLURM_ALLOCATION = (
+    "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_CLUSTER_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT",
+    "SLURM_JOB_QOS", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE",
+    "SLURM_CPUS_PER_TASK", "SLURM_JOB_CPUS_PER_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK",
+    "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_SUBMIT_HOST", "SLURM_JOB_START_TIME", "SLURM_JOB_END_TIME",
+)
 
 
 def _artifact_attrs(a: Artifact) -> Iterator[tuple[str, Any]]:
