@@ -3,13 +3,16 @@ followed, nothing overwritten, sha256 computed while copying (one read of each f
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -18,6 +21,9 @@ from .errors import ArtifactError
 CHUNK = 1 << 20
 _OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+# Modes of what we create, before the umask: never writable by others, whatever the umask.
+FILE_MODE = 0o664
+DIR_MODE = 0o775
 
 
 def safe_relative(name: object) -> PurePosixPath:
@@ -35,11 +41,14 @@ def safe_relative(name: object) -> PurePosixPath:
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
-    """sha256 and size of a regular file, read without following a symlink."""
+    """sha256 and size of a regular file, read without following a symlink. Anything else is
+    an OSError: a path named by an untrusted record may be /dev/zero, which never ends."""
     digest = hashlib.sha256()
     size = 0
     fd = os.open(path, _OPEN_READ)
     with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         while chunk := src.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -53,7 +62,7 @@ class ArtifactStore:
     def __init__(self, rank_root: Path, relative_dir: str) -> None:
         self.rank_root = rank_root
         self.directory = rank_root / relative_dir
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(DIR_MODE, parents=True, exist_ok=True)
         self._real_dir = self.directory.resolve()
 
     def add_file(self, name: object, source: str | os.PathLike, copy: bool = True) -> dict[str, Any]:
@@ -91,12 +100,13 @@ class ArtifactStore:
             return {"path": str(src.resolve()), "size": total, "sha256": sha, "copied": False, "directory": True,
                     "files": files, "skipped": skipped}
         dest = self._new_path(rel)
-        dest.mkdir()
+        dest.mkdir(DIR_MODE)
         members, skipped = directory_entries(src)
         lines, total = [], 0
         for relpath in members:
             target = dest / relpath
-            target.parent.mkdir(parents=True, exist_ok=True)
+            for parent in reversed(target.relative_to(dest).parents[:-1]):
+                (dest / parent).mkdir(DIR_MODE, exist_ok=True)
             sha, size = _copy_file(src / relpath, target)
             lines.append((sha, relpath))
             total += size
@@ -106,8 +116,7 @@ class ArtifactStore:
     def add_bytes(self, name: object, data: bytes) -> dict[str, Any]:
         """Store in-memory content (serialised values, model files) as a new artifact file."""
         dest = self._new_path(safe_relative(name))
-        fd = os.open(dest, _OPEN_NEW, 0o666)
-        with os.fdopen(fd, "wb") as out:
+        with _new_file(dest) as out:
             out.write(data)
         return self._record(dest, hashlib.sha256(data).hexdigest(), len(data))
 
@@ -139,17 +148,31 @@ class ArtifactStore:
         return {"path": dest.relative_to(self.rank_root).as_posix(), "size": size, "sha256": sha, "copied": True}
 
     def _new_path(self, rel: PurePosixPath) -> Path:
-        """An unused path for ``rel`` inside the store; parents are checked to stay inside."""
+        """An unused path for ``rel`` inside the store; parents are checked to stay inside, before
+        any is created (a symlinked parent must not get a directory made at its target) and after."""
         dest = self.directory.joinpath(*rel.parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        real_parent = dest.parent.resolve()
-        if real_parent != self._real_dir and self._real_dir not in real_parent.parents:
-            raise ArtifactError(f"artifact name {str(rel)!r} resolves outside the artifacts directory")
+        self._check_inside(dest.parent, rel)
+        for parent in reversed(rel.parents[:-1]):
+            self.directory.joinpath(*parent.parts).mkdir(DIR_MODE, exist_ok=True)
+        self._check_inside(dest.parent, rel)
         candidate, n = dest, 0
         while os.path.lexists(candidate):
             n += 1
             candidate = dest.with_name(f"{rel.stem}.{n}{rel.suffix}" if rel.suffix else f"{rel.name}.{n}")
         return candidate
+
+    def _check_inside(self, directory: Path, rel: PurePosixPath) -> None:
+        real = directory.resolve()
+        if real != self._real_dir and self._real_dir not in real.parents:
+            raise ArtifactError(f"artifact name {str(rel)!r} resolves outside the artifacts directory")
+
+
+def drop_world_write(path: Path) -> None:
+    """For files made by code that takes no mode (HDF5, torch.save): under a umask of 0 they
+    would be writable by every user of the machine."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & stat.S_IWOTH:
+        os.chmod(path, mode & ~stat.S_IWOTH)
 
 
 def directory_entries(root: Path) -> tuple[list[str], list[str]]:
@@ -201,14 +224,28 @@ def _copy_file(src: Path, dest: Path) -> tuple[str, int]:
     with os.fdopen(fd_in, "rb") as fin:
         if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
             raise ArtifactError(f"artifact {str(src)!r} is not a regular file")
-        fd_out = os.open(dest, _OPEN_NEW, 0o666)
-        try:
-            with os.fdopen(fd_out, "wb") as fout:
+        with _new_file(dest) as fout:
+            try:
                 while chunk := fin.read(CHUNK):
                     digest.update(chunk)
                     fout.write(chunk)
                     size += len(chunk)
-        except BaseException:
-            dest.unlink(missing_ok=True)
-            raise
+            except OSError as exc:  # a read error (EIO), a full disk
+                raise ArtifactError(f"artifact {str(src)!r} could not be copied: {exc.strerror or exc}") from None
     return digest.hexdigest(), size
+
+
+@contextlib.contextmanager
+def _new_file(dest: Path) -> Iterator[BinaryIO]:
+    """A file that did not exist, never through a symlink, ``FILE_MODE`` less the umask; removed
+    again if writing it fails (a full disk is an ArtifactError, not a half-written artifact)."""
+    fd = os.open(dest, _OPEN_NEW, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        raise ArtifactError(f"artifact {dest.name!r} could not be written: {exc.strerror or exc}") from None
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .artifacts import drop_world_write
 from .errors import ModelSaveError
 
 
@@ -61,6 +62,7 @@ def save_model(model: Any, dest: Path) -> None:
     tmp = dest.with_suffix(dest.suffix + ".partial")
     try:
         torch.save(state, tmp)
+        drop_world_write(tmp)
         os.replace(tmp, dest)
     except Exception as exc:  # noqa: BLE001 - pickling can raise anything
         tmp.unlink(missing_ok=True)

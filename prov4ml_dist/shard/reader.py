@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 JOURNAL_READ_BYTES = 1 << 20
 MAX_RECORD_BYTES = 16 << 20
 DEFAULT_ROWS_PER_READ = 1 << 18
+TAIL_SCAN_ROWS = 1 << 16
+MAX_CHUNK_BYTES = 16 << 20  # reading one row decompresses its whole chunk: bound what a crafted file costs
+MAX_RANK = 1 << 20  # ranks and attempts beyond are not a real job's (and would size the merge's tables)
 
 
 class ShardReader:
@@ -54,6 +58,8 @@ class ShardReader:
         flagged as open for SWMR writing (its writer died), or cut short, opens in SWMR-read
         mode, which tolerates both; ``_readable_length`` then bounds every read."""
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO would block the open forever
+                raise ShardError(f"{self.path}: not a regular file")
             return h5py.File(self.path, "r", locking="best-effort")
         except FileNotFoundError:
             raise ShardError(f"{self.path}: no such shard") from None
@@ -69,15 +75,14 @@ class ShardReader:
     def _readable_length(self, ds: h5py.Dataset) -> int:
         """Rows backed by bytes that exist: SWMR-read skips HDF5's end-of-file check, and a
         truncated copy of a crashed shard would otherwise read as zeros."""
-        if not self.recovered:
-            return int(ds.shape[0])
-        size = self.path.stat().st_size
-        limit = int(ds.shape[0])
-        for i in range(ds.id.get_num_chunks()):
-            info = ds.id.get_chunk_info(i)
-            if info.byte_offset is None or info.byte_offset + info.size > size:
-                limit = min(limit, int(info.chunk_offset[0]))
-        return limit
+        limit = min(int(ds.shape[0]), ds.id.get_storage_size() // ds.dtype.itemsize)  # rows the file holds
+        if self.recovered:
+            size = self.path.stat().st_size
+            for i in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(i)
+                if info.byte_offset is None or info.byte_offset + info.size > size:
+                    limit = min(limit, int(info.chunk_offset[0]))
+        return _without_unwritten_tail(ds, limit)
 
     def _check_attrs(self) -> dict[str, Any]:
         try:
@@ -90,8 +95,11 @@ class ShardReader:
         if not isinstance(version, int) or not 1 <= version <= schema.SCHEMA_VERSION:
             raise ShardError(f"{self.path}: unsupported shard schema version {version!r:.20}")
         for key, kind in (("run_id", str), ("rank", int), ("attempt", int)):
-            if not isinstance(attrs.get(key), kind):
+            if not isinstance(attrs.get(key), kind) or isinstance(attrs[key], bool):
                 raise ShardError(f"{self.path}: attribute {key!r} missing or not {kind.__name__}")
+        for key in ("rank", "attempt"):
+            if not 0 <= attrs[key] < MAX_RANK:
+                raise ShardError(f"{self.path}: attribute {key!r} out of range: {attrs[key]}")
         return attrs
 
     def _check_layout(self) -> None:
@@ -99,9 +107,15 @@ class ShardReader:
             ds = self._file.get(name)
             if not isinstance(ds, h5py.Dataset) or ds.dtype != schema.ROW_DTYPE or ds.ndim != 1:
                 raise ShardError(f"{self.path}: table {name!r} missing or of the wrong type")
+            self._check_chunks(ds)
         ds = self._file.get(schema.JOURNAL)
         if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1:
             raise ShardError(f"{self.path}: journal missing or of the wrong type")
+        self._check_chunks(ds)
+
+    def _check_chunks(self, ds: h5py.Dataset) -> None:
+        if ds.chunks is None or ds.chunks[0] * ds.dtype.itemsize > MAX_CHUNK_BYTES:
+            raise ShardError(f"{self.path}: {ds.name!r} is not stored in chunks of at most {MAX_CHUNK_BYTES} bytes")
 
     def __enter__(self) -> ShardReader:
         return self
@@ -167,7 +181,7 @@ class ShardReader:
     def _parse(self, line: bytes) -> dict[str, Any]:
         try:
             record = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
             raise ShardError(f"{self.path}: corrupt journal record {line[:60]!r}") from None
         if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
             raise ShardError(f"{self.path}: journal record without a kind: {line[:60]!r}")
@@ -218,6 +232,25 @@ def _open_swmr_read(path: Path) -> h5py.File:
         set_attempts(fapl.id, 1)
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
     return h5py.File(fid)
+
+
+def _without_unwritten_tail(ds: h5py.Dataset, limit: int) -> int:
+    """``limit`` less a tail of all-zero rows (bytes, for the journal): rows HDF5 counts but
+    whose data never reached the disk, when a flush failed (disk full) and the file was then
+    closed or abandoned. A real row is never all zero (its time is ``time.time()``), nor is a
+    journal byte (JSON holds no NUL). One row is read when the tail is intact."""
+    scan = 1
+    while limit > 0:
+        start = max(0, limit - scan)
+        try:
+            block = ds[start:limit]
+        except OSError:
+            return limit  # reading the rows reports it
+        written = np.flatnonzero(block.view(np.uint8).reshape(len(block), -1).any(axis=1))
+        if len(written):
+            return start + int(written[-1]) + 1
+        limit, scan = start, TAIL_SCAN_ROWS
+    return 0
 
 
 def _plain(value: Any) -> Any:

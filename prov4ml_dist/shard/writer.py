@@ -5,10 +5,16 @@ thread-safe without a lock (measured here: ~110 ns, against ~380 ns for four ``a
 appends under a lock). A flusher thread turns the rows into a structured array with
 ``np.fromiter`` and appends them to the SWMR file every ``flush_interval`` seconds, or sooner
 when a buffer reaches ``max_buffer_rows``, so memory stays flat however fast the user logs.
+
+A flush is all or nothing. When a write fails (disk full, quota), the tables and the journal
+are cut back to their last flushed length (a longer extent would read back as rows of zeros),
+the journal lines are queued again, and the rows are dropped and counted: the ``end`` record
+says how many, and a ``warning`` record when it happened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -21,6 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..artifacts import drop_world_write
 from . import schema
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BUFFER_ROWS = 16384
 HARD_LIMIT_FACTOR = 4  # buffer rows past max_buffer_rows × this: the logging thread flushes
 BUFFER_POLL_S = 0.05
+MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
+MAX_REQUEUE_BYTES = 4 << 20  # journal bytes kept for the next flush while flushing fails
 
 
 def to_json_line(record: dict[str, Any]) -> bytes:
@@ -86,12 +95,18 @@ class ShardWriter:
                  max_buffer_rows: int = DEFAULT_MAX_BUFFER_ROWS) -> None:
         self.path = Path(path)
         self.flush_interval = flush_interval
-        self.failures: list[str] = []
+        self.failures: list[str] = []  # the first MAX_FAILURE_MESSAGES messages
+        self.failure_count = 0
+        self.lost_rows = dict.fromkeys(schema.TABLES, 0)  # rows dropped by failed flushes
+        self.lost_journal_bytes = 0
         self._journal_lock = threading.RLock()  # re-entrant: a signal handler may close mid-record
         self._journal_buf: list[bytes] = []
         self._flush_lock = threading.RLock()
         self._stop = threading.Event()
         self._file = self._create(attrs)
+        self._flushed = dict.fromkeys((*schema.TABLES, schema.JOURNAL), 0)  # lengths at the last good flush
+        self._inflight: tuple[list[bytes], dict[str, np.ndarray]] | None = None
+        self._failing = False
         self._max_rows = max_buffer_rows
         self.hard_limit_rows = max_buffer_rows * HARD_LIMIT_FACTOR
         self.tables = {name: SeriesTable(name, self.record) for name in schema.TABLES}
@@ -101,8 +116,15 @@ class ShardWriter:
         self._thread.start()
 
     def _create(self, attrs: dict[str, Any]) -> h5py.File:
-        """Create the file exclusively (never overwrite another attempt's shard), then go SWMR."""
-        f = h5py.File(self.path, "x", libver="latest", locking="best-effort")
+        """Create the file exclusively (never overwrite another attempt's shard), then go SWMR.
+        A file this call created but could not set up (disk full) is removed again."""
+        try:
+            f = h5py.File(self.path, "x", libver="latest", locking="best-effort")
+        except FileExistsError:
+            raise
+        except BaseException:
+            self.path.unlink(missing_ok=True)  # O_EXCL succeeded before the failure: the file is ours
+            raise
         try:
             f.attrs["format"] = schema.FORMAT
             f.attrs["schema_version"] = schema.SCHEMA_VERSION
@@ -114,8 +136,11 @@ class ShardWriter:
             f.create_dataset(schema.JOURNAL, shape=(0,), maxshape=(None,), dtype="u1",
                              chunks=(schema.JOURNAL_CHUNK_BYTES,))
             f.swmr_mode = True
+            drop_world_write(self.path)
         except BaseException:
-            f.close()
+            with contextlib.suppress(Exception):
+                f.close()
+            self.path.unlink(missing_ok=True)
             raise
         return f
 
@@ -139,25 +164,87 @@ class ShardWriter:
         with self._flush_lock:
             if self._file is None:
                 return
+            if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
+                self._abandon(keep_rows=True)
             try:
                 self._flush_locked()
             except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
-                message = f"flush of {self.path} failed: {exc}"
-                log.warning(message)
-                self.failures.append(message)
+                self._abandon(keep_rows=False)
+                self._failed(exc)
+            except BaseException:  # KeyboardInterrupt mid-flush: nothing is lost, the exit path flushes
+                self._abandon(keep_rows=True)
+                raise
 
     def _flush_locked(self) -> None:
         # Journal first: series records must land before the rows that use their ids.
         with self._journal_lock:
             lines, self._journal_buf = self._journal_buf, []
-        if lines:
-            _append(self._file[schema.JOURNAL], np.frombuffer(b"".join(lines), dtype="u1"))
-        for name, table in self.tables.items():
-            rows = table.take()
-            if len(rows):
-                _append(self._file[name], rows)
-                table.rows_written += len(rows)
+            self._inflight = (lines, {})
+        rows = {name: table.take() for name, table in self.tables.items()}
+        self._inflight = (lines, rows)
+        data = {schema.JOURNAL: np.frombuffer(b"".join(lines), dtype="u1"), **rows}
+        for name, values in data.items():
+            if len(values):
+                self._append(name, values)
         self._file.flush()
+        self._inflight = None
+        for name, values in data.items():
+            self._flushed[name] += len(values)
+        for name, values in rows.items():
+            self.tables[name].rows_written += len(values)
+        if self._failing:
+            self._failing = False
+            self._note(f"flushing {self.path} works again after {self.failure_count} failed flushes; "
+                       f"rows lost: {self.lost_rows}")
+
+    def _append(self, name: str, values: np.ndarray) -> None:
+        """Write ``values`` after the last flushed row (over whatever a failed flush left).
+        ``Dataset.flush`` writes the cached chunks now: left to the dataset's destructor, a
+        failed write (disk full) would only be printed as an ignored exception."""
+        dataset, start = self._file[name], self._flushed[name]
+        dataset.resize((start + len(values),))
+        dataset[start:] = values
+        dataset.flush()
+
+    def _abandon(self, keep_rows: bool) -> None:
+        """Undo the flush in flight: cut the datasets back, queue its journal lines again, and
+        queue its rows again (``keep_rows``) or count them as lost."""
+        if self._inflight is None:  # a signal handler's flush took it over and finished it
+            return
+        lines, rows = self._inflight
+        self._inflight = None
+        for name, length in self._flushed.items():
+            with contextlib.suppress(Exception):  # the next flush writes from _flushed anyway
+                dataset = self._file[name]
+                if dataset.shape[0] != length:
+                    dataset.resize((length,))
+        with self._journal_lock:
+            if keep_rows or sum(map(len, lines)) <= MAX_REQUEUE_BYTES:
+                self._journal_buf[:0] = lines
+            else:
+                self.lost_journal_bytes += sum(map(len, lines))
+        for name, data in rows.items():
+            if keep_rows:
+                self.tables[name].buffer.extendleft(reversed(data.tolist()))
+            else:
+                self.lost_rows[name] += len(data)
+
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed flush; warn (log and journal) at the first of a series of failures."""
+        self.failure_count += 1
+        message = f"flush of {self.path} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        if len(self.failures) < MAX_FAILURE_MESSAGES:
+            self.failures.append(message)
+        if not self._failing:
+            self._failing = True
+            self._note(f"{message}; training goes on, unflushed points are dropped and counted "
+                       "(further failures are counted, not logged)")
+        else:
+            log.debug(message)
+
+    def _note(self, message: str) -> None:
+        log.warning("prov4ml_dist: %s", message)
+        self.record({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
 
     def close(self, status: str = "ok") -> None:
         """Flush, write the ``end`` record and close. Idempotent."""
@@ -169,7 +256,8 @@ class ShardWriter:
         self.flush()  # rows first, so the end record can count them
         self.record({"kind": "end", "time": time.time(), "status": status,
                      "rows": {n: t.rows_written for n, t in self.tables.items()},
-                     "failures": self.failures})
+                     "failures": self.failures, "failure_count": self.failure_count,
+                     "lost_rows": self.lost_rows, "lost_journal_bytes": self.lost_journal_bytes})
         self.flush()
         with self._flush_lock:
             try:
@@ -178,8 +266,3 @@ class ShardWriter:
                 log.warning("closing %s failed: %s", self.path, exc)
             self._file = None
 
-
-def _append(dataset: h5py.Dataset, data: np.ndarray) -> None:
-    start = dataset.shape[0]
-    dataset.resize((start + len(data),))
-    dataset[start:] = data
