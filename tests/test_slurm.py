@@ -8,29 +8,45 @@ and skips only when the start script says Slurm cannot be installed here (exit 7
 CI (``CI`` set) that is a failure instead. It stops the cluster at the end only if this
 session started it (and not under xdist, nor with PROV4ML_SLURM_KEEP=1).
 
-Helpers for further tests (e.g. on the merged provenance of a real training run):
+The templates (slurm/*.sbatch) run the real examples/train_ddp.py, scaled down to this
+cluster with sbatch options (gloo on CPUs, one epoch of a tiny MLP), and the tests check the
+provenance the library left: one prov:SoftwareAgent per rank in prov.json with the right rank,
+node rank and Slurm job id, one shard per rank, the launcher environment in merged.h5, node-local
+shard directories, and a failed job merged afterwards by `prov4ml-dist merge` (template 5).
+
+Helpers for further tests:
   * ``slurm_cluster.submit(template, workdir, env=..., sbatch_args=...) -> SlurmJob``
-    (job_id, exit_code, stdout, state, output) submits and waits;
+    (job_id, exit_code, stdout, state, output) submits and waits (polling ``scontrol show
+    job`` every 0.25 s: ``sbatch --wait`` polls at 2, 10, 42... s, which would triple the
+    time of these tests; test_sbatch_wait checks --wait itself);
   * ``slurm_cluster.wait(job_id)``, ``.run([...])`` (srun, sbatch ... with the cluster's env),
     ``.env(...)``;
+  * ``run_template(...)`` / ``read_run(job, run_dir) -> RecordedRun`` (agents, run activity,
+    merged.h5 ranks with their launcher environment);
   * ``dist_lines(stdout)``: the records that slurm/dist_check.py prints.
-The templates run slurm/dist_check.py as TRAIN_SCRIPT here; once examples/train_ddp.py
-exists, pass TRAIN_SCRIPT=<it> in ``env`` and look into PROV4ML_PROV_DIR.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import h5py
 import pytest
+from prov.constants import PROV, XSD_LONG
+from prov.model import Literal, ProvActivity, ProvAgent, ProvDocument
+
+from prov4ml_dist.shard import ShardReader
 
 pytestmark = pytest.mark.slow
 
@@ -145,6 +161,15 @@ def _describe(job: SlurmJob) -> str:
     return f"job {job.job_id} {job.state} exit {job.exit_code}; output:\n{job.stdout}"
 
 
+@contextlib.contextmanager
+def explained(*jobs: SlurmJob):
+    """Add the jobs' output to any assertion that fails inside."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError("\n".join([str(exc), *map(_describe, jobs)])) from exc
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     try:
@@ -239,54 +264,285 @@ def test_srun_torchrun_two_nodes_inline(slurm_cluster, tmp_path):
 
 
 # --------------------------------------------------------------------------- templates --
+# Every template runs the real examples/train_ddp.py (tiny MLP, gloo, one epoch) on the
+# cluster, scaled down from the #SBATCH lines by sbatch options; the tests read what the
+# library recorded: prov.json (one prov:SoftwareAgent per rank), merged.h5 (the ranks'
+# start records with the launcher environment) and the shards. One job per template, shared
+# by the tests on it (module-scoped fixtures).
 
-def _template_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {"TRAIN_SCRIPT": str(DIST_CHECK), "PROV4ML_PROV_DIR": str(tmp_path / "prov")}
-    env.update(extra)
-    return env
-
-
-def test_template_torchrun_single_node(slurm_cluster, tmp_path):
-    job = slurm_cluster.submit("torchrun-single-node.sbatch", tmp_path, env=_template_env(tmp_path),
-                               sbatch_args=["--gpus-per-node=2", "--cpus-per-task=2"])
-    assert job.exit_code == 0, _describe(job)
-    recs = dist_lines(job.stdout)
-    assert [r["rank"] for r in recs] == [0, 1], job.stdout  # NPROC_PER_NODE from the 2 (fake) GPUs
-    assert all(r["launcher"] == "torchrun" and r["ok"] and r["world_size"] == 2 for r in recs)
-    assert len({r["env"]["SLURMD_NODENAME"] for r in recs}) == 1
-    assert {r["env"]["PROV4ML_RUN_ID"] for r in recs} == {f"slurm-{job.job_id}"}
+TRAIN_SCRIPT = REPO / "examples" / "train_ddp.py"
+TRAIN_ARGS = "--epochs 1 --samples 512 --sample-interval 0.5"
+NODES = ["p4ml-n1", "p4ml-n2"]  # the emulated nodes (PROV4ML_SLURM_NODE_PREFIX p4ml-n)
 
 
-def test_template_torchrun_multi_node(slurm_cluster, tmp_path):
-    job = slurm_cluster.submit("torchrun-multi-node.sbatch", tmp_path, env=_template_env(tmp_path),
-                               sbatch_args=["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2"])
-    assert job.exit_code == 0, _describe(job)
-    recs = dist_lines(job.stdout)
-    assert [r["rank"] for r in recs] == [0, 1, 2, 3], job.stdout
-    assert all(r["launcher"] == "torchrun" and r["ok"] and r["world_size"] == 4 for r in recs)
-    assert sorted(r["env"]["SLURM_PROCID"] for r in recs) == ["0", "0", "1", "1"]
-    assert any(r["env"]["SLURM_PROCID"] != str(r["rank"]) for r in recs)  # SLURM_PROCID is not the rank
-    assert len({r["env"]["SLURMD_NODENAME"] for r in recs}) == 2
-    assert {r["env"]["TORCHELASTIC_RUN_ID"] for r in recs} == {str(job.job_id)}
+@dataclass
+class RecordedRun:
+    """A training job and the provenance it left."""
+
+    job: SlurmJob
+    run_dir: Path
+    agents: dict[int, dict[str, Any]]  # rank -> the p4d attributes of its prov:SoftwareAgent
+    run: dict[str, Any]  # the p4d attributes of the run activity
+    processes: dict[int, dict[str, Any]]  # rank -> its rank-process activity (first attempt)
+    ranks: dict[int, dict[str, Any]]  # rank -> merged.h5 /ranks row, 'start' and 'end' parsed
+    prov_text: str
+
+    def launcher_env(self, rank: int) -> dict[str, str]:
+        return self.ranks[rank]["start"]["environment"]["launcher_env"]
+
+    def node_of(self, rank: int) -> str:
+        """The Slurm node the rank ran on (slurmd sets SLURMD_NODENAME in every task)."""
+        return self.launcher_env(rank)["SLURMD_NODENAME"]
+
+    def shard_names(self) -> list[str]:
+        return sorted(p.name for p in (self.run_dir / "shards").glob("rank-*.h5"))
 
 
-@pytest.mark.parametrize("torch_env", ["0", "1"])
-def test_template_srun_per_gpu(slurm_cluster, tmp_path, torch_env):
-    job = slurm_cluster.submit("srun-per-gpu.sbatch", tmp_path,
-                               env=_template_env(tmp_path, TORCH_ENV_FROM_SLURM=torch_env),
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2",
-                                            "--cpus-per-task=1"])
-    assert job.exit_code == 0, _describe(job)
-    recs = dist_lines(job.stdout)
-    assert [r["rank"] for r in recs] == [0, 1, 2, 3], job.stdout
-    assert all(r["ok"] and r["world_size"] == 4 for r in recs)
-    assert all(r["env"]["SLURM_PROCID"] == str(r["rank"]) for r in recs)
-    assert [r["local_rank"] for r in recs] == [0, 1, 0, 1]
-    assert {r["launcher"] for r in recs} == {"env" if torch_env == "1" else "slurm"}
+def _value(value: Any) -> Any:
+    """A PROV attribute value as Python: xsd:long -> int, other literals -> their text."""
+    if isinstance(value, Literal):
+        return int(value.value) if value.datatype == XSD_LONG else value.value
+    return value
 
 
-def test_template_mpi(slurm_cluster, tmp_path):
-    job = slurm_cluster.submit("mpi.sbatch", tmp_path, env=_template_env(tmp_path, TRAIN_ARGS="--mpi"),
+def _p4d(record: Any) -> dict[str, Any]:
+    return {k.localpart: _value(v) for k, v in record.attributes if k.namespace.prefix == "p4d"}
+
+
+def read_run(job: SlurmJob, run_dir: Path) -> RecordedRun:
+    """Parse prov.json (with the prov package) and merged.h5 of a run directory."""
+    assert (run_dir / "prov.json").is_file(), f"no prov.json in {run_dir}\n{_describe(job)}"
+    doc = ProvDocument.deserialize(str(run_dir / "prov.json"), format="json")
+    agents: dict[int, dict[str, Any]] = {}
+    for agent in doc.get_records(ProvAgent):
+        if PROV["SoftwareAgent"] in agent.get_asserted_types():
+            attrs = _p4d(agent)
+            assert attrs["rank"] not in agents, f"two agents for rank {attrs['rank']}"
+            agents[attrs["rank"]] = attrs
+    run: dict[str, Any] = {}
+    processes: dict[int, dict[str, Any]] = {}
+    for activity in doc.get_records(ProvActivity):
+        types = activity.get_asserted_types()
+        if any(t.localpart == "Run" for t in types):
+            run = _p4d(activity)
+        elif any(t.localpart == "RankProcess" for t in types):
+            attrs = _p4d(activity)
+            processes.setdefault(attrs["rank"], attrs)
+    ranks: dict[int, dict[str, Any]] = {}
+    with h5py.File(run_dir / "merged.h5", "r") as merged:
+        table = merged["ranks"][:]
+    for row in table:
+        rec = {name: row[name].decode() if isinstance(row[name], bytes) else row[name] for name in table.dtype.names}
+        rec["start"] = json.loads(rec["start"]) if rec["start"] else {}
+        rec["end"] = json.loads(rec["end"]) if rec["end"] else {}
+        ranks[int(rec["rank"])] = rec
+    return RecordedRun(job, run_dir, agents, run, processes, ranks, (run_dir / "prov.json").read_text())
+
+
+def check_ranks(rec: RecordedRun, world_size: int) -> None:
+    """One agent, one shard and one merged.h5 row per rank 0..N-1; the job id on every agent."""
+    expected = list(range(world_size))
+    assert sorted(rec.agents) == expected, rec.agents  # the dict would have caught duplicates
+    assert rec.run["world_size"] == world_size
+    assert rec.shard_names() == [f"rank-{r:05d}.h5" for r in expected]
+    assert sorted(rec.ranks) == expected
+    assert [rec.ranks[r]["shard"] for r in expected] == [f"rank-{r:05d}.h5" for r in expected]
+    for rank, agent in rec.agents.items():
+        assert agent["job_id"] == str(rec.job.job_id), agent
+        assert agent["world_size"] == world_size
+        assert agent["hostname"] == socket.gethostname()  # every emulated node is this machine
+        topo = rec.ranks[rank]["start"]["topology"]
+        assert (topo["rank"], topo["job_id"]) == (rank, str(rec.job.job_id))
+        env = rec.launcher_env(rank)
+        assert env["SLURM_JOB_ID"] == str(rec.job.job_id)
+        assert env["SLURM_CLUSTER_NAME"] == "prov4ml"
+        # The rank's own node; not HOSTNAME, which Slurm sets to the batch node and srun
+        # copies to every task.
+        assert env["SLURMD_NODENAME"] == env["SLURM_TOPOLOGY_ADDR"] in NODES
+        assert "HOSTNAME" not in env
+    # The allocation, in the run activity (as rank 0's environment had it).
+    assert rec.run["slurm_job_id"] == str(rec.job.job_id)
+    assert rec.run["slurm_cluster_name"] == "prov4ml" and rec.run["slurm_job_partition"] == "debug"
+
+
+def check_complete(rec: RecordedRun) -> None:
+    assert all(a["status"] == "complete" for a in rec.agents.values()), rec.agents
+    assert "incomplete_ranks" not in rec.run and "missing_ranks" not in rec.run, rec.run
+    assert rec.run["problems"] == 0, rec.run
+
+
+def check_two_nodes(rec: RecordedRun, per_node: int) -> dict[int, str]:
+    """Node ranks 0 and 1 with ``per_node`` ranks each, each node rank on one Slurm node of
+    its own, local ranks 0..per_node-1 on each; returns node rank -> Slurm node name."""
+    node_of: dict[int, set[str]] = {}
+    for rank, agent in rec.agents.items():
+        node_of.setdefault(agent["node_rank"], set()).add(rec.node_of(rank))
+        assert rec.ranks[rank]["node_rank"] == agent["node_rank"]
+    assert sorted(node_of) == [0, 1], rec.agents
+    assert all(len(names) == 1 for names in node_of.values()), node_of
+    names = {n: next(iter(s)) for n, s in node_of.items()}
+    assert sorted(names.values()) == NODES, names
+    for node_rank in (0, 1):
+        local = sorted(a["local_rank"] for a in rec.agents.values() if a["node_rank"] == node_rank)
+        assert local == list(range(per_node)), rec.agents
+    return names
+
+
+def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_args: list[str],
+                 **env: str) -> RecordedRun:
+    env.setdefault("TRAIN_SCRIPT", str(TRAIN_SCRIPT))
+    env.setdefault("TRAIN_ARGS", TRAIN_ARGS)
+    env.setdefault("PROV4ML_PROV_DIR", str(workdir / "prov"))
+    env.setdefault("PROV4ML_EXPERIMENT", "exp")
+    job = cluster.submit(template, workdir, env=env, sbatch_args=sbatch_args)
+    assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
+    assert "stage-out" not in job.stdout, _describe(job)  # no failed copy from a node-local directory
+    run_dir = Path(env["PROV4ML_PROV_DIR"]) / env["PROV4ML_EXPERIMENT"] / f"slurm-{job.job_id}"
+    assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout, _describe(job)  # rank 0 merged online
+    return read_run(job, run_dir)
+
+
+# -- template 1: one node, torchrun --standalone ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def single_node_run(slurm_cluster, tmp_path_factory):
+    return run_template(slurm_cluster, "torchrun-single-node.sbatch", tmp_path_factory.mktemp("t1"),
+                        ["--gpus-per-node=2", "--cpus-per-task=2"])
+
+
+def test_template_torchrun_single_node(single_node_run):
+    rec = single_node_run
+    check_ranks(rec, 2)  # NPROC_PER_NODE from the 2 (fake) GPUs
+    check_complete(rec)
+    assert {(a["node_rank"], a["launcher"], a["local_world_size"]) for a in rec.agents.values()} == {
+        (0, "torchrun", 2)}
+    assert sorted(a["local_rank"] for a in rec.agents.values()) == [0, 1]
+    # torchrun --standalone: a random rendezvous id, the template's run id instead.
+    assert rec.run["run_id"] == f"slurm-{rec.job.job_id}"
+    assert len({a["elastic_run_id"] for a in rec.agents.values()}) == 1
+    # The batch script is not a step: no step id (sacct calls it <job>.batch).
+    assert all("step_id" not in a for a in rec.agents.values())
+    for rank in (0, 1):
+        env = rec.launcher_env(rank)
+        assert env["RANK"] == str(rank) and env["SLURM_PROCID"] == "0"
+        assert (env["SLURM_JOB_NODELIST"], env["SLURM_JOB_NUM_NODES"], env["SLURM_GPUS_ON_NODE"],
+                env["SLURM_CPUS_PER_TASK"]) == (rec.node_of(rank), "1", "2", "2")
+        assert rec.node_of(rank) in NODES
+
+
+# -- template 2: srun one torchrun per node, c10d; shards on "node-local" disks -----------------
+
+@pytest.fixture(scope="module")
+def multi_node_run(slurm_cluster, tmp_path_factory):
+    """Shards and artifacts on per-node directories (%N -> the node's name): both emulated
+    nodes share this machine's disk, so that is what keeps each node's files to itself."""
+    work = tmp_path_factory.mktemp("t2")
+    return run_template(slurm_cluster, "torchrun-multi-node.sbatch", work,
+                        ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2"],
+                        PROV4ML_LOCAL_DIR=str(work / "local-%N"))
+
+
+def test_template_torchrun_multi_node(multi_node_run):
+    rec = multi_node_run
+    check_ranks(rec, 4)
+    check_complete(rec)
+    check_two_nodes(rec, per_node=2)
+    assert {(a["launcher"], a["step_id"], a["elastic_run_id"], a["local_world_size"])
+            for a in rec.agents.values()} == {("torchrun", "0", str(rec.job.job_id), 2)}
+    # srun numbers the torchruns, not the workers: SLURM_PROCID is 0 or 1, the ranks 0..3.
+    procids = {r: rec.launcher_env(r)["SLURM_PROCID"] for r in rec.agents}
+    assert sorted(procids.values()) == ["0", "0", "1", "1"]
+    assert any(p != str(r) for r, p in procids.items())
+    for rank in rec.agents:
+        env = rec.launcher_env(rank)
+        assert (env["RANK"], env["WORLD_SIZE"], env["TORCHELASTIC_RUN_ID"]) == (str(rank), "4", str(rec.job.job_id))
+        # The job's allocation as Slurm gave it, in every rank's record.
+        assert (env["SLURM_STEP_ID"], env["SLURM_JOB_NODELIST"], env["SLURM_JOB_NUM_NODES"],
+                env["SLURM_GPUS_PER_NODE"], env["SLURM_CPUS_PER_TASK"], env["SLURM_JOB_PARTITION"]) == (
+            "0", "p4ml-n[1-2]", "2", "2", "2", "debug")
+    # ... and the request in the PROV itself, on the run activity.
+    assert (rec.run["slurm_job_nodelist"], rec.run["slurm_job_num_nodes"], rec.run["slurm_gpus_per_node"],
+            rec.run["slurm_cpus_per_task"], rec.run["slurm_ntasks"]) == ("p4ml-n[1-2]", "2", "2", "2", "2")
+
+
+def test_node_local_dirs_streamed_to_rank0(multi_node_run):
+    """Each node kept its ranks' files in its own directory; rank 0 merged online anyway,
+    because the other ranks streamed their files to it (before the template's stage-out)."""
+    rec = multi_node_run
+    work = rec.run_dir.parents[2]
+    run_rel = rec.run_dir.relative_to(work / "prov")
+    for node in NODES:
+        local = work / f"local-{node}" / run_rel
+        on_node = sorted(r for r in rec.agents if rec.node_of(r) == node)
+        assert sorted(p.name for p in (local / "shards").iterdir()) == [f"rank-{r:05d}.h5" for r in on_node]
+        assert sorted(p.name for p in (local / "artifacts").iterdir()) == [f"rank-{r:05d}" for r in on_node]
+        for rank in on_node:  # the run directory holds the same bytes
+            name = f"shards/rank-{rank:05d}.h5"
+            assert (local / name).read_bytes() == (rec.run_dir / name).read_bytes()
+    report = json.loads((rec.run_dir / "aggregate.json").read_text())
+    assert (report["transport"], report["ranks"], report["missing"], report["problems"]) == (
+        "torch_dist", [0, 1, 2, 3], {}, [])
+    assert report["files_present"] == 0  # nothing of any rank was in the shared run directory
+    assert report["files_streamed"] >= 3  # at least the shards of ranks 1, 2, 3
+    assert report["bytes_streamed"] > 0
+    settings = {rec.ranks[r]["start"]["settings"]["local_dir"] for r in rec.agents}
+    assert settings == {str(work / f"local-{n}") for n in NODES}
+
+
+# -- template 3: srun, one task per GPU (CPU here), no torchrun ----------------------------------
+
+@pytest.fixture(scope="module")
+def srun_run(slurm_cluster, tmp_path_factory):
+    return run_template(slurm_cluster, "srun-per-gpu.sbatch", tmp_path_factory.mktemp("t3"),
+                        ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"])
+
+
+def test_template_srun_per_gpu(srun_run):
+    rec = srun_run
+    check_ranks(rec, 4)
+    check_complete(rec)
+    names = check_two_nodes(rec, per_node=2)
+    for rank, agent in rec.agents.items():
+        env = rec.launcher_env(rank)
+        # Slurm's task numbering is the rank: train_ddp copies it into RANK/LOCAL_RANK.
+        assert (env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NODEID"]) == (
+            str(rank), str(agent["local_rank"]), str(agent["node_rank"]))
+        assert names[agent["node_rank"]] == NODES[agent["node_rank"]]
+        # train_ddp sets RANK/LOCAL_RANK itself: launcher "env", tasks per node from Slurm.
+        assert (agent["launcher"], agent["step_id"], agent["local_world_size"]) == ("env", "0", 2)
+        assert (env["SLURM_NTASKS"], env["SLURM_STEP_NUM_TASKS"], env["SLURM_TASKS_PER_NODE"],
+                env["SLURM_CPUS_PER_TASK"], env["SLURM_JOB_NODELIST"]) == ("4", "4", "2(x2)", "1", "p4ml-n[1-2]")
+
+
+# -- template 4: MPI (srun --mpi=pmi2, mpi4py) ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mpi_run(slurm_cluster, tmp_path_factory):
+    return run_template(slurm_cluster, "mpi.sbatch", tmp_path_factory.mktemp("t4"),
+                        ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"])
+
+
+def test_template_mpi(mpi_run):
+    """train_ddp's MPI path (no MASTER_ADDR: weights averaged with mpi4py, no process group);
+    the library sees Slurm tasks and gathers over MPI."""
+    rec = mpi_run
+    check_ranks(rec, 4)
+    check_complete(rec)
+    check_two_nodes(rec, per_node=2)
+    for rank, agent in rec.agents.items():
+        env = rec.launcher_env(rank)
+        assert (agent["launcher"], agent["step_id"], agent["local_world_size"]) == ("slurm", "0", 2)
+        assert (env["SLURM_PROCID"], env["PMI_RANK"], env["PMI_SIZE"]) == (str(rank), str(rank), "4")
+        assert "MASTER_ADDR" not in env and "RANK" not in env
+    assert json.loads((rec.run_dir / "aggregate.json").read_text())["transport"] == "mpi"
+
+
+def test_dist_check_mpi_with_torch_store(slurm_cluster, tmp_path):
+    """slurm/dist_check.py --mpi on template 4 with TORCH_DIST_STORE=1: MPI ranks and a
+    torch.distributed process group over the exported MASTER_ADDR/MASTER_PORT agree."""
+    job = slurm_cluster.submit("mpi.sbatch", tmp_path,
+                               env={"TRAIN_SCRIPT": str(DIST_CHECK), "TRAIN_ARGS": "--mpi", "TORCH_DIST_STORE": "1",
+                                    "PROV4ML_PROV_DIR": str(tmp_path / "prov")},
                                sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2",
                                             "--cpus-per-task=1"])
     assert job.exit_code == 0, _describe(job)
@@ -295,30 +551,122 @@ def test_template_mpi(slurm_cluster, tmp_path):
     assert all(r["launcher"] == "mpi" and r["ok"] and r["mpi_sum"] == 10 and r["torch_sum"] == 10 for r in recs)
     assert "MPICH" in recs[0]["mpi_library"]
     assert len({r["env"]["SLURMD_NODENAME"] for r in recs}) == 2
+    assert {r["env"]["MASTER_ADDR"] for r in recs} == {"p4ml-n1"}
 
 
-def test_template_merge_after_failed_job(slurm_cluster, tmp_path):
-    """Template 5: training fails (rank 1 exits 3) with shards on "node-local" disk; the stage-out
-    still copies them, and the afterany merge job still runs, on the right run directory."""
-    fake_cli = tmp_path / "fake-prov4ml-dist"
-    calls = tmp_path / "merge-calls.txt"
-    fake_cli.write_text(f'#!/bin/bash\necho "$@" >> {calls}\nls "$2/shards" >> {calls}\n')
-    fake_cli.chmod(0o755)
-    env = _template_env(tmp_path, TRAIN_ARGS="--fail-rank 1 --touch-shard", PROV4ML_DIST=str(fake_cli),
-                        PROV4ML_EXPERIMENT="exp5", PROV4ML_LOCAL_DIR=str(tmp_path / "node-local"))
+# -- template 5: a failed training job, then `prov4ml-dist merge` in an afterany job --------------
+
+@pytest.mark.parametrize("node_local", [False, True], ids=["shared-dir", "node-local"])
+def test_template_merge_after_failed_job(slurm_cluster, tmp_path, node_local):
+    """Rank 1 exits (status 3) without end_run; srun's --kill-on-bad-exit ends rank 0 while
+    it waits for rank 1 in the online merge. The afterany job runs the real
+    `prov4ml-dist merge`: prov.json has both ranks, rank 1 incomplete. Node-local: only the
+    template's stage-out brings the shards into the run directory (no rank streamed any)."""
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": f"{TRAIN_ARGS} --exit-before-end-rank 1",
+           "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "exp5",
+           "MERGE_SBATCH_ARGS": f"--chdir={tmp_path} --output={tmp_path}/slurm-%j.out"}
+    if node_local:
+        env["PROV4ML_LOCAL_DIR"] = str(tmp_path / "local-%N")
     out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
                              "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
-                             f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out"],
-                            env={**env, "MERGE_SBATCH_ARGS": f"--chdir={tmp_path} --output={tmp_path}/slurm-%j.out"},
-                            cwd=tmp_path).stdout
+                             f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out"], env=env, cwd=tmp_path).stdout
     train_id, merge_id = (int(x) for x in out.split())
     merge = slurm_cluster.collect(merge_id, tmp_path, *slurm_cluster.wait(merge_id))
     train = slurm_cluster.collect(train_id, tmp_path, *slurm_cluster.wait(train_id, timeout=10))
     # srun's status is the worst task's: 3 from rank 1, or 143 when --kill-on-bad-exit's
     # SIGTERM reaches rank 0 before it has exited by itself.
     assert train.state == "FAILED" and train.exit_code in (3, 143), _describe(train)
+    assert "rank 1: exiting without end_run" in train.stdout
     assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
     run_dir = tmp_path / "prov" / "exp5" / f"slurm-{train_id}"
-    assert f"training job {train_id}: JobState=FAILED ExitCode={train.exit_code}:0" in merge.stdout
-    assert calls.read_text().split("\n")[:3] == [f"merge {run_dir}", "placeholder-rank00000.txt",
-                                                  "placeholder-rank00001.txt"]
+    with explained(train, merge):
+        assert f"training job {train_id}: JobState=FAILED ExitCode={train.exit_code}:0" in merge.stdout
+        assert f"merging {run_dir}" in merge.stdout
+        assert "merged provenance:" not in train.stdout  # no online merge: rank 0 was waiting for rank 1
+        assert not (run_dir / "aggregate.json").exists()
+        assert "stage-out" not in train.stdout  # every node copied its files
+        rec = read_run(train, run_dir)
+        check_ranks(rec, 2)
+        names = check_two_nodes(rec, per_node=1)
+        assert rec.agents[1]["status"] == "incomplete"
+        # Rank 0 got SIGTERM from --kill-on-bad-exit while waiting for rank 1 in end_run (its
+        # shard closed: complete), or, on a slow machine, before end_run (incomplete).
+        assert (rec.agents[0]["status"], rec.processes[0]["status"]) in (
+            ("complete", "ok"), ("incomplete", "killed-by-SIGTERM"))
+        assert 1 in json.loads(rec.run["incomplete_ranks"])
+        assert rec.processes[1]["complete"] is False and rec.processes[1]["status"] == "incomplete"
+        assert rec.ranks[1]["status"] == "incomplete" and not rec.ranks[1]["end"]
+        if node_local:
+            for node_rank, node in names.items():
+                rank = next(r for r, a in rec.agents.items() if a["node_rank"] == node_rank)
+                local = tmp_path / f"local-{node}" / "exp5" / f"slurm-{train_id}"
+                assert sorted(p.name for p in (local / "shards").iterdir()) == [f"rank-{rank:05d}.h5"]
+                name = f"shards/rank-{rank:05d}.h5"
+                assert (local / name).read_bytes() == (run_dir / name).read_bytes()  # copied by the stage-out
+        else:
+            assert not list(tmp_path.glob("local-*"))
+
+
+@dataclass
+class CancelledRun:
+    train: SlurmJob
+    merge: SlurmJob
+    rec: RecordedRun
+
+
+def _metric_rows(shard: Path) -> int:
+    """Metric points a live shard holds so far (0 while it cannot be opened yet)."""
+    try:
+        with ShardReader(shard) as reader:
+            return reader.rows("metrics")
+    except Exception:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def cancelled_run(slurm_cluster, tmp_path_factory):
+    """Template 5 after `scancel` (what a time limit does too: SIGTERM to every step and the
+    batch script, SIGKILL KillWait seconds later): a long training job is cancelled once
+    both ranks are logging; the afterany job merges what the shards hold."""
+    work = tmp_path_factory.mktemp("t5c")
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 512 --sample-interval 0.5",
+           "PROV4ML_PROV_DIR": str(work / "prov"), "PROV4ML_EXPERIMENT": "exp5c",
+           "MERGE_SBATCH_ARGS": f"--chdir={work} --output={work}/slurm-%j.out"}
+    out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
+                             "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                             f"--chdir={work}", f"--output={work}/slurm-%j.out"], env=env, cwd=work).stdout
+    train_id, merge_id = (int(x) for x in out.split())
+    run_dir = work / "prov" / "exp5c" / f"slurm-{train_id}"
+    try:
+        deadline = time.monotonic() + 120
+        # Until both ranks have flushed metric points (so start_run, with its exit hooks, is done).
+        while not all(_metric_rows(run_dir / "shards" / f"rank-{r:05d}.h5") for r in (0, 1)):
+            state = slurm_cluster.job_info(train_id).get("JobState", "")
+            assert state not in FINISHED and time.monotonic() < deadline, f"training job {train_id}: {state}"
+            time.sleep(0.25)
+    finally:
+        slurm_cluster.run(["scancel", str(train_id)], check=False)
+    merge = slurm_cluster.collect(merge_id, work, *slurm_cluster.wait(merge_id))
+    train = slurm_cluster.collect(train_id, work, *slurm_cluster.wait(train_id, timeout=10))
+    assert train.state == "CANCELLED", _describe(train)
+    assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
+    return CancelledRun(train, merge, read_run(train, run_dir))
+
+
+def test_template_merge_after_cancelled_job(cancelled_run):
+    """Both ranks' SIGTERM handlers closed their shards (status killed-by-SIGTERM); the
+    offline merge has both agents, with the job id, marked incomplete, and the points logged
+    before the kill."""
+    rec = cancelled_run.rec
+    assert f"training job {rec.job.job_id}: JobState=CANCELLED" in cancelled_run.merge.stdout
+    check_ranks(rec, 2)
+    check_two_nodes(rec, per_node=1)
+    assert {p["status"] for p in rec.processes.values()} == {"killed-by-SIGTERM"}, rec.processes
+    # Neither reached end_run: both incomplete, on their agents and in the run activity.
+    assert {a["status"] for a in rec.agents.values()} == {"incomplete"}, rec.agents
+    assert json.loads(rec.run["incomplete_ranks"]) == [0, 1], rec.run
+    assert {p["complete"] for p in rec.processes.values()} == {False}
+    assert {rec.ranks[r]["end"]["status"] for r in (0, 1)} == {"killed-by-SIGTERM"}
+    assert "merged provenance:" not in rec.job.stdout
+    with h5py.File(rec.run_dir / "merged.h5", "r") as merged:
+        assert len(merged["metrics/rows"]) > 0

@@ -45,7 +45,7 @@ made_policy=0
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && made_policy=1
 fi
-# shellcheck disable=SC2329  # invoked by the trap
+# shellcheck disable=SC2317,SC2329  # invoked by the trap (SC2317 in older shellcheck)
 cleanup() { [ "$made_policy" -eq 1 ] && rm -f "$policy"; }
 trap cleanup EXIT
 
