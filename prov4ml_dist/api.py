@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, RunStateError
+from .errors import ArtifactError, InvalidInputError, RunStateError
 from .process_hooks import ExitHooks
 from .run import Run, RunConfig
 from .topology import detect
@@ -145,6 +145,8 @@ def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: A
     artifact as used (read) by the rank rather than generated; ``source`` and ``is_model`` are
     accepted.
     """
+    if not isinstance(artifact_path, (str, os.PathLike)):
+        raise ArtifactError(f"artifact_path must be a name or a path, got {type(artifact_path).__name__}")
     if isinstance(value, Enum) and (context is None or isinstance(context, int)):
         value, context, step = None, value, step if context is None else context
     if value is None:

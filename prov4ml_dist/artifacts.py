@@ -152,8 +152,11 @@ class ArtifactStore:
         any is created (a symlinked parent must not get a directory made at its target) and after."""
         dest = self.directory.joinpath(*rel.parts)
         self._check_inside(dest.parent, rel)
-        for parent in reversed(rel.parents[:-1]):
-            self.directory.joinpath(*parent.parts).mkdir(DIR_MODE, exist_ok=True)
+        try:
+            for parent in reversed(rel.parents[:-1]):
+                self.directory.joinpath(*parent.parts).mkdir(DIR_MODE, exist_ok=True)
+        except OSError as exc:  # a name too long, a file where a directory should be, a full disk
+            raise ArtifactError(f"artifact name {str(rel)!r:.120} cannot be stored: {exc.strerror or exc}") from None
         self._check_inside(dest.parent, rel)
         candidate, n = dest, 0
         while os.path.lexists(candidate):
@@ -162,7 +165,10 @@ class ArtifactStore:
         return candidate
 
     def _check_inside(self, directory: Path, rel: PurePosixPath) -> None:
-        real = directory.resolve()
+        try:
+            real = directory.resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise ArtifactError(f"artifact name {str(rel)!r:.120} cannot be resolved") from None
         if real != self._real_dir and self._real_dir not in real.parents:
             raise ArtifactError(f"artifact name {str(rel)!r} resolves outside the artifacts directory")
 
@@ -239,7 +245,10 @@ def _copy_file(src: Path, dest: Path) -> tuple[str, int]:
 def _new_file(dest: Path) -> Iterator[BinaryIO]:
     """A file that did not exist, never through a symlink, ``FILE_MODE`` less the umask; removed
     again if writing it fails (a full disk is an ArtifactError, not a half-written artifact)."""
-    fd = os.open(dest, _OPEN_NEW, FILE_MODE)
+    try:
+        fd = os.open(dest, _OPEN_NEW, FILE_MODE)
+    except OSError as exc:
+        raise ArtifactError(f"artifact {dest.name!r:.120} cannot be created: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as out:
             yield out

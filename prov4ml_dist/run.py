@@ -7,6 +7,8 @@ handle to the active one.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import operator
 import os
 import threading
@@ -52,6 +54,14 @@ def check_component(name: object, what: str) -> str:
     if "/" in name or "\\" in name or name in (".", ".."):
         raise InvalidInputError(f"{what} {name!r:.80} must be a single directory name (no '/', not '..')")
     return name
+
+
+def check_seconds(value: object, what: str, optional: bool = False) -> None:
+    """A duration setting: a finite positive number (None too where ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise InvalidInputError(f"{what} must be a positive, finite number of seconds, got {value!r:.40}")
 
 
 def new_run_id() -> str:
@@ -121,9 +131,12 @@ def as_step(step: Any) -> int:
 
 
 def as_param_value(value: Any) -> Any:
-    """Params keep JSON types; NumPy/torch scalars become numbers; anything else its repr."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    """Params keep JSON types; NumPy/torch scalars become numbers; anything else its repr
+    (NaN and ±inf too: JSON has no such numbers, the journal would refuse the record)."""
+    if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
     if isinstance(value, Enum):
         return value.name
     if isinstance(value, (list, tuple)):
@@ -134,7 +147,7 @@ def as_param_value(value: Any) -> Any:
         return os.fspath(value)
     item = getattr(value, "item", None)
     if callable(item) and getattr(value, "ndim", 1) == 0:
-        return item()
+        return as_param_value(item())
     return repr(value)
 
 
@@ -143,8 +156,8 @@ class Run:
 
     def __init__(self, config: RunConfig, topology: Topology | None = None) -> None:
         check_component(config.experiment_name, "experiment_name")
-        if config.flush_interval <= 0:
-            raise InvalidInputError(f"flush_interval must be positive, got {config.flush_interval}")
+        for what in ("flush_interval", "merge_timeout", "sample_interval"):  # before any file is made
+            check_seconds(getattr(config, what), what, optional=what == "sample_interval")
         self.config = config
         self.topology = topology if topology is not None else detect()
         self.run_id = resolve_run_id(config, self.topology)
@@ -173,6 +186,7 @@ class Run:
         self._artifact_records: list[dict[str, Any]] = []
         self._model_versions: dict[str, int] = {}
         self._series: dict[tuple, list[int]] = {}
+        self._series_by_name: dict[tuple[str, str, str], list[int]] = {}
         self._series_lock = threading.Lock()
         self._by_context: dict[int, dict[str, list[int]]] = {}
         self._context_refs: dict[int, Any] = {}
@@ -199,17 +213,19 @@ class Run:
     def log_metric(self, key: str, value: Any, context: Any, step: Any = None, source: Any = None) -> None:
         """Buffer one metric point: two dict lookups, a float check and a deque append."""
         try:
-            series = self._by_context[id(context)][key] if source is None else self._lookup(key, context, source)
+            series = self._by_context[id(context)][key] if source is None else None
         except KeyError:
-            series = self._lookup(key, context, source)
+            series = None
         except TypeError:
             raise InvalidInputError(f"metric key, context and source must be hashable; got key={key!r:.60}") from None
         if type(value) is not float:
             value = as_metric_value(value)
+        if step is not None and (type(step) is not int or not INT64_MIN <= step <= INT64_MAX):
+            step = as_step(step)
+        if series is None:  # only now: a refused point must not declare a new series
+            series = self._lookup(key, context, source)
         if step is None:
             step = series[1]
-        elif type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
-            step = as_step(step)
         series[1] = step + 1
         self._push((series[0], step, value, time.time()))
         if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
@@ -232,7 +248,11 @@ class Run:
             with self._series_lock:
                 series = self._series.get(ident)
                 if series is None:
-                    series = self._series[ident] = [self.writer.metrics.register(*names), 0]
+                    # One counter per stored series: Context.TRAINING and "TRAINING" are the same series.
+                    series = self._series_by_name.get(names)
+                    if series is None:
+                        series = self._series_by_name[names] = [self.writer.metrics.register(*names), 0]
+                    self._series[ident] = series
         if source is None and isinstance(context, Enum):
             self._by_context.setdefault(id(context), {}).setdefault(key, series)
             self._context_refs[id(context)] = context
@@ -240,11 +260,14 @@ class Run:
 
     # -- records --------------------------------------------------------------------------
     def log_param(self, key: str, value: Any, context: Any = None) -> None:
-        record = {"kind": "param", "time": time.time(), "key": check_name(key, "param key"),
-                  "value": as_param_value(value)}
+        record = {"kind": "param", "time": time.time(), "key": check_name(key, "param key")}
         if context is not None:
             record["context"] = context_name(context)
-        self.writer.record(record)
+        try:
+            record["value"] = as_param_value(value)
+            self.writer.record(record)
+        except RecursionError:
+            raise InvalidInputError(f"param {key!r:.60}: its value is nested too deeply, or contains itself") from None
 
     def log_artifact(self, name: Any, value: Any, context: Any, step: Any = None, timestamp: Any = None,
                      copy: bool = True, is_input: bool = False) -> dict[str, Any]:
