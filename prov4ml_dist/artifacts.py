@@ -64,6 +64,7 @@ class ArtifactStore:
         self.directory = rank_root / relative_dir
         self.directory.mkdir(DIR_MODE, parents=True, exist_ok=True)
         self._real_dir = self.directory.resolve()
+        self._last_number: dict[Path, int] = {}  # the highest number given to a name's copies
 
     def add_file(self, name: object, source: str | os.PathLike, copy: bool = True) -> dict[str, Any]:
         """Record a file or directory; copy it under ``name`` unless ``copy`` is false."""
@@ -158,11 +159,18 @@ class ArtifactStore:
         except OSError as exc:  # a name too long, a file where a directory should be, a full disk
             raise ArtifactError(f"artifact name {str(rel)!r:.120} cannot be stored: {exc.strerror or exc}") from None
         self._check_inside(dest.parent, rel)
-        candidate, n = dest, 0
+        # Numbering resumes where it stopped: a name logged at every step costs one lookup, not one per earlier copy.
+        n = self._last_number.get(dest, 0)
+        candidate = dest if n == 0 else self._numbered(dest, rel, n)
         while os.path.lexists(candidate):
             n += 1
-            candidate = dest.with_name(f"{rel.stem}.{n}{rel.suffix}" if rel.suffix else f"{rel.name}.{n}")
+            candidate = self._numbered(dest, rel, n)
+        self._last_number[dest] = n
         return candidate
+
+    @staticmethod
+    def _numbered(dest: Path, rel: PurePosixPath, n: int) -> Path:
+        return dest.with_name(f"{rel.stem}.{n}{rel.suffix}" if rel.suffix else f"{rel.name}.{n}")
 
     def _check_inside(self, directory: Path, rel: PurePosixPath) -> None:
         try:

@@ -163,18 +163,26 @@ def test_a_shard_of_another_run_is_left_out(tmp_path):
         assert sorted(int(r) for r in f["ranks"]["rank"]) == [0, 1]
 
 
+NAME_KEYS = [("a/b", "TRAINING"), ("../../x", "../ctx"), ("line\nbreak", "c"), ("a\nb", "/etc")]
+
+
+def _crafted_names(run_dir: Path) -> None:
+    """A shard whose names are paths: keys and contexts with separators, '..' and newlines,
+    artifact records at '../../etc/passwd', at an absolute path, and one claiming 10 GB."""
+    craft_shard(run_dir / "shards" / "rank-00000.h5", attrs={"run_id": "../../evil"},
+                records=[start_record("../../evil", world_size=1),
+                         *(_series(i, k, c) for i, (k, c) in enumerate(NAME_KEYS)),
+                         _artifact("../../etc/passwd"), _artifact("/etc/passwd", name="/etc/passwd"),
+                         _artifact("artifacts/rank-00000/big", size=10 << 30)],
+                rows=rows_of([(i, 0, float(i)) for i in range(len(NAME_KEYS))]))
+
+
 def test_names_in_records_are_data_never_paths(tmp_path):
     """Series keys and contexts with separators, '..' and newlines round-trip as strings;
     artifact records pointing at '../../etc/passwd', an absolute path, or claiming 10 GB are
     reported, not followed; a run id of '../../evil' names nothing on disk."""
     run_dir = tmp_path / "box" / "run"
-    keys = [("a/b", "TRAINING"), ("../../x", "../ctx"), ("line\nbreak", "c"), ("a\nb", "/etc")]
-    craft_shard(run_dir / "shards" / "rank-00000.h5", attrs={"run_id": "../../evil"},
-                records=[start_record("../../evil", world_size=1),
-                         *(_series(i, k, c) for i, (k, c) in enumerate(keys)),
-                         _artifact("../../etc/passwd"), _artifact("/etc/passwd", name="/etc/passwd"),
-                         _artifact("artifacts/rank-00000/big", size=10 << 30)],
-                rows=rows_of([(i, 0, float(i)) for i in range(len(keys))]))
+    _crafted_names(run_dir)
     before = files_under(tmp_path)
     (outcome,) = bounded_outcomes("merge", [run_dir])
     assert outcome["outcome"] == "ok", outcome
@@ -186,7 +194,7 @@ def test_names_in_records_are_data_never_paths(tmp_path):
     assert "is missing at artifacts/rank-00000/big" in problems
     with h5py.File(run_dir / "merged.h5", "r") as f:
         stored = sorted((s["key"].decode(), s["context"].decode()) for s in f["metrics/series"][()])
-    assert stored == sorted(keys)
+    assert stored == sorted(NAME_KEYS)
 
 
 def test_absurd_sizes_cost_bounded_memory_and_time(tmp_path):
@@ -270,14 +278,22 @@ def test_the_cli_gives_one_line_errors_on_hostile_run_directories(tmp_path, genu
     for n, kind in enumerate(("fifo", "/dev/zero", "random")):
         dirs.append(_run_with(tmp_path / f"foreign{n}", None, genuine))
         _foreign(dirs[-1] / "shards" / "rank-00000.h5", kind)
+    _crafted_names(tmp_path / "names")
     empty = tmp_path / "empty"
     empty.mkdir()
-    dirs += [empty, tmp_path / "nonexistent"]
+    dirs += [tmp_path / "names", empty, tmp_path / "nonexistent"]
+
+    def outside_the_runs() -> dict:
+        return {k: v for k, v in files_under(tmp_path).items()
+                if not any((tmp_path / k).is_relative_to(d) for d in dirs)}
+
+    before = outside_the_runs()
     for directory in dirs:
         for command in ("merge", "summary", "validate"):
             proc = bounded(["-m", "prov4ml_dist", command, str(directory)], timeout=60)
             assert proc.returncode in (0, 1, 2), (command, directory, proc.stderr[-2000:])
             assert "Traceback" not in proc.stderr, (command, directory, proc.stderr[-2000:])
+    assert outside_the_runs() == before
 
 
 def test_validate_does_not_read_special_files_a_prov_json_names(tmp_path, genuine):

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import operator
+import time
 from collections.abc import Callable
 from enum import Enum
 from fractions import Fraction
@@ -162,7 +163,7 @@ VALID_ARTIFACT_VALUES = st.one_of(
     st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=4)
                  | st.floats(allow_nan=False, allow_infinity=False),
                  lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
-                 max_leaves=6).filter(lambda value: value is not None))  # None: the name is the file
+                 max_leaves=6).filter(lambda value: not isinstance(value, (str, type(None)))))  # a str names a file
 ARTIFACT_VALUES = st.one_of(VALID_ARTIFACT_VALUES, st.floats(), st.builds(object), st.sets(st.integers()))
 
 
@@ -247,3 +248,15 @@ def test_an_unknown_keyword_is_a_type_error(tmp_path_factory, name):
     assert prov4ml.get_active_run() is None
     with pytest.raises(TypeError):
         prov4ml.log_metric("k", 1.0, prov4ml.Context.TRAINING, **{name: 1})
+
+
+def test_a_name_logged_at_every_step_costs_the_same_each_time(run_dir):
+    """Each copy of a name gets the next number (config.1.json, ...): found in one step, not by
+    trying every earlier number (3,000 copies took 33 s that way, found by the test above)."""
+    took = []
+    for _ in range(2000):
+        started = time.perf_counter()
+        prov4ml.log_artifact("ckpt.bin", b"x", prov4ml.Context.TRAINING)
+        took.append(time.perf_counter() - started)
+    assert sum(took[-400:]) < 4 * sum(took[:400])
+    assert prov4ml.log_artifact("ckpt.bin", b"x", prov4ml.Context.TRAINING)["path"].endswith("ckpt.2000.bin")

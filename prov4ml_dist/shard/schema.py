@@ -5,7 +5,8 @@ any moment leaves a file that opens (with ``swmr=True``) and holds everything fl
 SWMR forbids creating objects once writing starts, so the layout is fixed:
 
 - file attributes (written before SWMR starts): ``format``, ``schema_version``, ``run_id``,
-  ``experiment_name``, ``rank``, ``attempt`` (torchrun restart count), ``created`` (unix s);
+  ``experiment_name``, ``rank``, ``attempt`` (torchrun restart count; both in [0, 2**20)),
+  ``created`` (unix s);
 - ``/metrics`` and ``/system``: append-only tables of ``ROW_DTYPE`` rows; ``series`` is an id
   declared by a ``series`` record in the journal before its first row is flushed;
 - ``/journal``: append-only UTF-8 JSON Lines as ``uint8``; every record is a JSON object with
@@ -26,8 +27,12 @@ Journal record kinds and their fields (besides ``kind`` and ``time``):
 - ``sensor``: what the sampler found or lost (``name``, ``available``, ``reason``, ...);
 - ``energy``: the sampler's totals at stop: ``gpus`` (per GPU: ``uuid``, ``joules``, ``method``
   ``counter``/``integrated_power``), ``rapl`` (per domain), ``gpu_joules``, ``rapl_joules``;
-- ``warning``: ``where``, ``message`` — a failure that was survived, never silent;
-- ``end``: ``status`` and ``rows`` (dict table → rows written); present only after a clean close.
+- ``warning``: ``where``, ``message`` — a failure that was survived, never silent (the shard
+  writer records the first failed flush of a series, and the flush that works again);
+- ``end``: ``status``, ``rows`` (dict table → rows written), ``failures`` (the first messages of
+  failed flushes), ``failure_count``, ``lost_rows`` (dict table → rows dropped by failed
+  flushes) and ``lost_journal_bytes``; present only after a clean close. Every point logged
+  before the close is in ``rows`` or in ``lost_rows``.
 """
 
 from __future__ import annotations
