@@ -375,8 +375,6 @@ def genuine_run(tmp_path) -> Path:
     return runs[0].run_dir
 
 
-@pytest.mark.xfail(strict=True, reason="merge: _shard_problems (merge/merger.py) reports how many flushes failed "
-                   "but not how many points were lost (the end record's lost_rows)")
 def test_the_merge_says_how_many_points_a_full_disk_cost(tmp_path):
     with tmpfs(tmp_path / "small", "4m") as small:
         args = ["--run-id", "full", "--fill-disk", "--seconds", "0.5"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+
+from ..provenance.builder import timestamp as utc_datetime
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # the command ran and found problems (validate failed, merge skipped a shard)
@@ -79,9 +80,8 @@ def duration(seconds: float | None) -> str:
 
 def clock(timestamp: float | None) -> str:
     """A unix time as UTC, to the second."""
-    if timestamp is None or not math.isfinite(timestamp):
-        return "-"
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = utc_datetime(timestamp)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC") if when is not None else "-"
 
 
 def ranks_text(ranks: Iterable[int]) -> str:

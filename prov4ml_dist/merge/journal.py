@@ -22,6 +22,7 @@ from typing import Any
 
 import h5py
 
+from ..shard.reader import MAX_RANK
 from . import layout
 from .scan import ShardInfo, as_text
 from .store import Appender, write_table
@@ -40,8 +41,15 @@ def hostname(shard: ShardInfo) -> str:
 
 def node_rank(shard: ShardInfo) -> int:
     topology = shard.start.get("topology")
-    value = topology.get("node_rank") if isinstance(topology, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else layout.NO_VALUE
+    return rank_number(topology.get("node_rank") if isinstance(topology, dict) else None)
+
+
+def rank_number(value: Any) -> int:
+    """A rank-like number read back from a shard, or NO_VALUE when it is not one (a crafted
+    10**30 must not overflow the merged tables' integer columns)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_RANK:
+        return value
+    return layout.NO_VALUE
 
 
 @dataclass

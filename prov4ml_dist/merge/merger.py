@@ -22,9 +22,10 @@ import numpy as np
 
 from ..errors import MergeError
 from ..shard import ShardReader, schema
+from ..shard.reader import MAX_RANK
 from . import layout
 from .crossrank import CrossRank
-from .journal import Journal, dumps, hostname, node_rank
+from .journal import Journal, dumps, hostname, node_rank, rank_number
 from .load import load_merged
 from .scan import BAD_SHARD, ShardInfo, default_shards, scan_shards
 from .series import SeriesIndex, build_index, copy_rows
@@ -161,37 +162,44 @@ def _shard_problems(shard: ShardInfo) -> list[str]:
     who = f"rank {shard.rank} attempt {shard.attempt}"
     found = [f"{who}: {decl.undeclared} rows of {table!r} with undeclared series ids dropped"
              for table, decl in shard.tables.items() if decl.undeclared]
+    found += [f"{who}: {problem}" for problem in shard.problems]
     if shard.end is None:
         found.append(f"{who}: incomplete (no end record: it crashed or is still running); "
                      "merged up to its last flush")
     elif shard.end.get("status") != "ok":
         found.append(f"{who}: incomplete (it closed its shard without end_run: {str(shard.end.get('status'))[:80]})")
-    if shard.end is not None and isinstance(shard.end.get("failures"), list) and shard.end["failures"]:
-        found.append(f"{who}: {len(shard.end['failures'])} flush failures recorded")
+    if shard.end is not None:
+        failed = shard.end.get("failure_count")
+        failed = failed if isinstance(failed, int) else len(shard.end.get("failures") or [])
+        lost = shard.end.get("lost_rows")
+        lost = sum(v for v in lost.values() if isinstance(v, int)) if isinstance(lost, dict) else 0
+        if failed or lost:
+            found.append(f"{who}: {failed} flush failures recorded, {lost} points lost")
     return found
 
 
 def _world_size(shards: list[ShardInfo], expected: int | None) -> int:
+    """The job's size: as told, else the largest a start record claims within MAX_RANK."""
     if expected is not None:
-        return int(expected)
+        return min(int(expected), MAX_RANK)
     sizes = [s.start["topology"].get("world_size") for s in shards if isinstance(s.start.get("topology"), dict)]
-    sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool)]
+    sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_RANK]
     return max([*sizes, max(s.rank for s in shards) + 1])
 
 
 def _missing(shards: list[ShardInfo], missing: dict[int, str], world_size: int) -> list[int]:
     present = {s.rank for s in shards}
-    return sorted((set(range(world_size)) | set(missing)) - present)
+    return sorted((set(range(world_size)) | {r for r in missing if 0 <= r < MAX_RANK}) - present)
 
 
 def _rank_rows(shards: list[ShardInfo], missing: dict[int, str], world_size: int) -> list[tuple]:
     rows = []
     for s in shards:
         topology = s.start.get("topology") if isinstance(s.start.get("topology"), dict) else {}
-        local = topology.get("local_rank")
+        local = rank_number(topology.get("local_rank"))
         status = (str(s.end.get("status", "ok")) if s.end is not None else layout.STATUS_INCOMPLETE)
         end_time = s.end.get("time") if s.end is not None else None
-        rows.append((s.rank, s.attempt, node_rank(s), local if isinstance(local, int) else layout.NO_VALUE,
+        rows.append((s.rank, s.attempt, node_rank(s), local,
                      hostname(s), status, status == "ok", _float(s.start.get("time")), _float(end_time),
                      s.last_time, s.path.name, s.sha256, missing.get(s.rank, ""), dumps(s.start),
                      dumps(s.end) if s.end is not None else ""))

@@ -118,8 +118,10 @@ def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
         if start is None:
             raise ShardError(f"{path}: no start record (killed before its first flush?)")
         tables = {name: _count(reader, name, decls[name]) for name in schema.TABLES}
+        corrupt = reader.corrupt_records
     return ShardInfo(path, rank, attempt, start, end, records, tables,
-                     last_time=last_time if last_time > -math.inf else math.nan, sha256=sha256_file(path)[0])
+                     last_time=last_time if last_time > -math.inf else math.nan, sha256=sha256_file(path)[0],
+                     problems=[f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else [])
 
 
 def _declare(decls: dict[str, dict[int, dict[str, Any]]], record: dict[str, Any]) -> None:

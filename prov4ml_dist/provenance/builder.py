@@ -61,7 +61,14 @@ def literal(value: Any) -> Any:
 
 
 def timestamp(value: float | None) -> datetime | None:
-    return None if value is None or not math.isfinite(value) else datetime.fromtimestamp(value, tz=timezone.utc)
+    """A unix time as an aware datetime; None for a missing, non-finite or out-of-range one
+    (a bit-flipped time column must not fail the merge)."""
+    if value is None or not math.isfinite(value):
+        return None
+    try:
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def attempt_name(rank: int, attempt: int) -> str:

@@ -40,6 +40,7 @@ class ShardReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.recovered = False
+        self.corrupt_records = 0
         self._file = self._open()
         try:
             self.attrs = self._check_attrs()
@@ -161,7 +162,10 @@ class ShardReader:
         return np.concatenate(parts) if parts else np.empty(0, dtype=schema.ROW_DTYPE)
 
     def records(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
-        """Journal records in order; a torn last line is skipped, a corrupt one is an error."""
+        """Journal records in order. A torn last line is skipped; a corrupt one (bit flip) is
+        skipped and counted in ``corrupt_records``, so one bad record does not cost the rank's
+        points. NUL characters (which HDF5 strings cannot hold) are replaced by U+FFFD."""
+        self.corrupt_records = 0
         ds = self._file[schema.JOURNAL]
         n = self._limits[schema.JOURNAL]
         pending = b""
@@ -175,16 +179,19 @@ class ShardReader:
                 raise ShardError(f"{self.path}: journal record over {MAX_RECORD_BYTES} bytes")
             for line in lines:
                 record = self._parse(line)
-                if kind is None or record["kind"] == kind:
+                if record is None:
+                    self.corrupt_records += 1
+                elif kind is None or record["kind"] == kind:
                     yield record
 
-    def _parse(self, line: bytes) -> dict[str, Any]:
+    @staticmethod
+    def _parse(line: bytes) -> dict[str, Any] | None:
         try:
-            record = json.loads(line)
+            record = json.loads(line.replace(b"\\u0000", b"\\ufffd"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
-            raise ShardError(f"{self.path}: corrupt journal record {line[:60]!r}") from None
+            return None
         if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
-            raise ShardError(f"{self.path}: journal record without a kind: {line[:60]!r}")
+            return None
         return record
 
     def start_record(self) -> dict[str, Any]:
