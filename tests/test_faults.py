@@ -386,9 +386,6 @@ def test_the_merge_says_how_many_points_a_full_disk_cost(tmp_path):
     assert any(str(lost) in p and "lost" in p for p in problems), problems
 
 
-@pytest.mark.xfail(strict=True, reason="merge: when merged.h5 cannot be written (disk full) merge_run raises "
-                   "MergeError, but the h5py.File left half-closed in merge/merger.py (line 79, `with h5py.File(tmp_"
-                   "merged, 'w')`) segfaults the process at exit: a training job's end_run would die with -11")
 def test_a_merge_on_a_full_disk_fails_cleanly(tmp_path, genuine_run):
     with tmpfs(tmp_path / "small", "2m") as small:
         run_dir = shutil.copytree(genuine_run, small / "run")

@@ -41,6 +41,11 @@ class MergeResult:
     problems: list[str]
 
 
+# merged.h5 + prov.json against the shards' size: rows grow by a rank column, and cross-rank
+# statistics add a row per step of each key logged by several ranks.
+SPACE_FACTOR = 1.5
+
+
 def recorded_missing_ranks(run_dir: Path) -> dict[int, str]:
     """The ranks the online merge had to do without, and why, from ``aggregate.json``: so an
     offline merge of the same run gives the same result. Untrusted input: checked, never fatal."""
@@ -75,6 +80,7 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
         raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
                          + (": " + "; ".join(problems) if problems else ""))
     merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
+    _check_space(run_dir, shards)
     tmp_merged, tmp_prov = _temporary(merged), _temporary(prov)
     try:
         with h5py.File(tmp_merged, "w") as out:
@@ -91,6 +97,20 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
         for tmp in (tmp_merged, tmp_prov):
             tmp.unlink(missing_ok=True)
     return MergeResult(merged, prov, problems)
+
+
+def _check_space(run_dir: Path, shards: list[ShardInfo]) -> None:
+    """Refuse a merge that cannot fit before HDF5 starts writing: h5py leaves a file whose
+    writes failed on a full disk half-closed, and the process then dies at exit (SIGSEGV)."""
+    need = int(SPACE_FACTOR * sum(s.path.stat().st_size for s in shards)) + (256 << 10)
+    try:
+        stat = os.statvfs(run_dir)
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < need:
+        raise MergeError(f"not enough space to merge {run_dir}: {free:,} bytes free, about {need:,} needed; "
+                         "free some space and run `prov4ml-dist merge` on it")
 
 
 def _silent(stage: str, done: int, total: int) -> None:
