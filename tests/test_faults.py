@@ -366,7 +366,7 @@ def test_many_threads_logging_at_once_lose_and_duplicate_nothing(tmp_path):
     assert sorted(value for _, value in shared) == sorted(float(t) for t in range(n_threads) for _ in range(steps))
 
 
-# -- known merge bugs: strict xfails that flip once fixed ---------------------------------------
+# -- the merge on a full disk --------------------------------------------------------------
 @pytest.fixture
 def genuine_run(tmp_path) -> Path:
     """A small, cleanly ended run directory (not merged)."""
