@@ -31,6 +31,7 @@ from .topology import Topology, detect
 log = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_now = time.time  # bound once: the hot path saves an attribute lookup per point
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class Run:
         if step is None:
             step = series[1]
         series[1] = step + 1
-        self._push((series[0], step, value, time.time()))
+        self._push((series[0], step, value, _now()))
         if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
             self.writer.flush()
 
