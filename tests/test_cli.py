@@ -347,3 +347,15 @@ def test_validate_catches_a_shard_changed_after_the_merge(small_copy):
         f.attrs["created"] = 0.0
     done = cli("validate", small_copy / "prov.json")
     assert done.returncode == 1 and "does not match its recorded sha256" in done.stdout + done.stderr
+
+
+def test_validate_refuses_a_copied_artifact_rewritten_to_an_absolute_path(small_copy):
+    import json
+
+    prov_json = small_copy / "prov.json"
+    doc = json.loads(prov_json.read_text())
+    entity = next(e for e in doc["entity"].values() if e.get("p4d:present") is True)
+    entity["p4d:path"] = "/etc/hostname"
+    prov_json.write_text(json.dumps(doc))
+    done = cli("validate", prov_json)
+    assert done.returncode == 1 and "its path is absolute" in done.stdout + done.stderr

@@ -230,7 +230,8 @@ class _Checks:
         entities = _typed(self.doc, ProvEntity, *ARTIFACT_TYPES)
         for entity in entities:
             self._artifact(str(entity.identifier), _attr(entity, "path"), _attr(entity, "sha256"),
-                           _attr(entity, "size"), bool(_attr(entity, "directory")))
+                           _attr(entity, "size"), bool(_attr(entity, "directory")),
+                           copied=_attr(entity, "present") is not None)
         self.report.checked["artifacts"] = len(entities)
 
     def _generations(self, merged: Any) -> None:
@@ -238,13 +239,17 @@ class _Checks:
         for artifact in merged.artifacts:
             for g in artifact.generations:
                 self._artifact(f"{artifact.name} of rank {g.rank}", g.path, artifact.sha256, artifact.size,
-                               artifact.directory)
+                               artifact.directory, copied=artifact.present >= 0)
 
-    def _artifact(self, what: str, path: Any, sha: Any, size: Any, directory: bool) -> None:
+    def _artifact(self, what: str, path: Any, sha: Any, size: Any, directory: bool, copied: bool) -> None:
+        """``copied``: the artifact was copied into the run, so its path must be inside it."""
         if not isinstance(path, str) or not isinstance(sha, str):
             self.problems.append(f"artifact {what} has no p4d:path or p4d:sha256")
             return
         rel = PurePosixPath(path)
+        if rel.is_absolute() and copied:
+            self.problems.append(f"artifact {what} was copied into the run but its path is absolute: {path}")
+            return
         if rel.is_absolute():
             found = self._hash(Path(path), directory)
             if found is None:
