@@ -59,6 +59,16 @@ def sampler_for(writer: ShardWriter, discover: Callable[[], list[Sensor]] | None
     return Sampler(writer.system, writer.record, topology or Topology(), interval, discover=discover)
 
 
+def sample_once(tmp_path: Path, discover: Callable[[], list[Sensor]] | None = None,
+                topology: Topology | None = None) -> Shard:
+    """One caller's sample, stop, and the shard read back."""
+    writer = new_writer(tmp_path)
+    sampler = sampler_for(writer, discover, topology)
+    sampler.sample_now()
+    sampler.stop()
+    return close_and_read(writer)
+
+
 class Scripted(Sensor):
     """A sensor whose readings are plain callables; records its life cycle."""
 
@@ -115,11 +125,7 @@ def test_real_sampler_writes_process_and_node_series(tmp_path):
 
 
 def test_node_sensors_only_on_local_rank_zero(tmp_path):
-    writer = new_writer(tmp_path)
-    sampler = sampler_for(writer, topology=Topology(rank=3, local_rank=1, local_world_size=2))
-    sampler.sample_now()
-    sampler.stop()
-    shard = close_and_read(writer)
+    shard = sample_once(tmp_path, topology=Topology(rank=3, local_rank=1, local_world_size=2))
     assert PROCESS_KEYS <= set(shard.series)
     assert not [k for k in shard.series if k.startswith(("node_", "rapl_"))]
     for name in ("node", "rapl"):

@@ -13,7 +13,7 @@ from prov4ml_dist.sampling import rapl
 from prov4ml_dist.sampling.energy import EnergyCounter, PowerIntegrator
 from prov4ml_dist.sampling.rapl import RaplSensor
 
-from .test_sampling import close_and_read, new_writer, sampler_for
+from .test_sampling import close_and_read, new_writer, sample_once, sampler_for
 
 RANGE_UJ = 262_143_328_850  # a real Xeon's max_energy_range_uj
 
@@ -84,11 +84,7 @@ def test_rapl_zones_with_wraparound(tmp_path, powercap):
 
 def test_unreadable_zone_is_unavailable_with_its_reason(tmp_path, powercap, monkeypatch):
     deny_reading(monkeypatch, powercap / "intel-rapl:0:1" / "energy_uj")
-    writer = new_writer(tmp_path)
-    sampler = sampler_for(writer, lambda: [RaplSensor(powercap, tmp_path / "no-hwmon")])
-    sampler.sample_now()
-    sampler.stop()
-    shard = close_and_read(writer)
+    shard = sample_once(tmp_path, lambda: [RaplSensor(powercap, tmp_path / "no-hwmon")])
     record = shard.sensor("rapl")
     assert record["available"]
     assert list(record["unavailable"]) == ["rapl_package-0_dram_energy"]
@@ -100,11 +96,7 @@ def test_unreadable_zone_is_unavailable_with_its_reason(tmp_path, powercap, monk
 def test_no_readable_zone_makes_rapl_unavailable(tmp_path, monkeypatch):
     root = tmp_path / "powercap"
     deny_reading(monkeypatch, make_zone(root, "intel-rapl:0", "package-0", 1))
-    writer = new_writer(tmp_path)
-    sampler = sampler_for(writer, lambda: [RaplSensor(root, tmp_path / "no-hwmon")])
-    sampler.sample_now()
-    sampler.stop()
-    shard = close_and_read(writer)
+    shard = sample_once(tmp_path, lambda: [RaplSensor(root, tmp_path / "no-hwmon")])
     record = shard.sensor("rapl")
     assert not record["available"] and "Permission denied" in record["reason"]
     assert shard.series == {} and shard.of("energy")[0]["rapl"] == []
