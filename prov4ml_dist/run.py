@@ -333,10 +333,6 @@ class Run:
             self.sampler.sample_now()
 
     # -- lifecycle ------------------------------------------------------------------------
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self, status: str = "ok") -> None:
         """Flush and close this rank's shard; no merge. Idempotent."""
         if self._closed:
