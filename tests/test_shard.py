@@ -33,6 +33,18 @@ def test_round_trip(tmp_path):
         assert r.end_record()["rows"] == {"metrics": 1000, "system": 0}
 
 
+@pytest.mark.parametrize(("text", "read_back"), [
+    ("a\x00b", "a\ufffdb"), ("\\u0000", "\\u0000"), ("\\\x00", "\\\ufffd"), ("\\\\u0000", "\\\\u0000")])
+def test_nul_becomes_a_replacement_character_and_nothing_else_changes(tmp_path, text, read_back):
+    """HDF5 strings cannot hold NUL; a literal backslash before "u0000" is not a NUL."""
+    w = ShardWriter(tmp_path / "s.h5", ATTRS)
+    w.record({"kind": "start", "time": 1.0, "note": text, text: 1})
+    w.close()
+    with ShardReader(tmp_path / "s.h5") as r:
+        start = r.start_record()
+    assert start["note"] == read_back and start[read_back] == 1
+
+
 def test_flushes_every_interval_without_close(tmp_path):
     w = ShardWriter(tmp_path / "s.h5", ATTRS, flush_interval=0.1)
     sid = w.metrics.register("x", "c", "")

@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,9 @@ MAX_RECORD_BYTES = 16 << 20
 DEFAULT_ROWS_PER_READ = 1 << 18
 TAIL_SCAN_ROWS = 1 << 16
 MAX_CHUNK_BYTES = 16 << 20  # reading one row decompresses its whole chunk: bound what a crafted file costs
+# A JSON escape of NUL: "\u0000" after an even number of backslashes (after an odd number, the
+# backslash before "u0000" is itself escaped and the text is a literal backslash-u-0-0-0-0).
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
 MAX_RANK = 1 << 20  # ranks and attempts beyond are not a real job's (and would size the merge's tables)
 
 
@@ -187,7 +191,7 @@ class ShardReader:
     @staticmethod
     def _parse(line: bytes) -> dict[str, Any] | None:
         try:
-            record = json.loads(line.replace(b"\\u0000", b"\\ufffd"))
+            record = json.loads(_NUL_ESCAPE.sub(rb"\1\\ufffd", line) if b"\\u0000" in line else line)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
             return None
         if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
