@@ -153,6 +153,71 @@ def test_streamed_large_groups_equal_the_in_memory_window(tmp_path: Path, monkey
     assert len(expected[0]) == 300 and expected[0]["count"].sum() == epochs * (300 + 150 + 300)
 
 
+def _statistics(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(merge_run(run_dir).merged_h5) as f:
+        return f["metrics"][layout.CROSSRANK][()], f["metrics"][layout.GROUPS][()]
+
+
+def _assert_same_statistics(expected: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]) -> None:
+    for a, b in zip(expected, got, strict=True):
+        for name in a.dtype.names:  # sums may add up in another order: the mean to rounding
+            compare = np.testing.assert_allclose if name in ("mean", "skew_mean") else np.testing.assert_array_equal
+            compare(a[name], b[name], err_msg=name)
+
+
+real_lockstep = crossrank.lockstep
+LOCKSTEP_CASES = {
+    "lockstep": lambda rank, step: step,
+    "one rank drifts late": lambda rank, step: step + (1 if rank == 2 and step >= 150 else 0),
+    "a repeated step": lambda rank, step: step - (1 if rank == 1 and step == 120 else 0),
+    "steps go back": lambda rank, step: step % 120,
+}
+
+
+@pytest.mark.parametrize("case", LOCKSTEP_CASES)
+def test_lockstep_statistics_equal_the_general_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    case: str) -> None:
+    """Column-wise statistics for ranks logging the same steps; any other group falls back,
+    even after lockstep blocks were written (they are dropped). NaN values and times too."""
+    rng = np.random.default_rng(5)
+    step_of = LOCKSTEP_CASES[case]
+    for r in range(3):
+        w = open_shard(tmp_path, r, 3)
+        values = rng.normal(size=200)
+        values[rng.integers(0, 200, 20)] = np.nan
+        times = T0 + np.arange(200) + rng.uniform(0, 0.5, size=200)
+        times[rng.integers(0, 200, 20)] = np.nan
+        log_series(w, "loss", [(step_of(r, s), float(values[s]), float(times[s])) for s in range(200)])
+        log_series(w, "solo" if r == 0 else f"other{r}", [(s, 1.0, T0 + s) for s in range(50)])
+        w.close()
+    monkeypatch.setattr(crossrank, "LOCKSTEP_MIN_ROWS", 1 << 40)
+    general = _statistics(tmp_path)
+    calls = []
+    monkeypatch.setattr(crossrank, "lockstep", lambda *a: calls.append(1) or real_lockstep(*a))
+    monkeypatch.setattr(crossrank, "LOCKSTEP_MIN_ROWS", 1)
+    monkeypatch.setattr(crossrank, "WINDOW_ROWS", 64)
+    monkeypatch.setattr(crossrank, "MIN_BLOCK_ROWS", 16)
+    _assert_same_statistics(general, _statistics(tmp_path))
+    assert len(calls) == {"lockstep": 10, "one rank drifts late": 7, "a repeated step": 5, "steps go back": 0}[case]
+    stats, groups = general
+    assert list(groups["key"]) == [b"loss", b"other1", b"other2", b"solo"]
+    assert (stats["group"] == 0).all(), "a key one rank logged has no cross-rank rows"
+    if case == "lockstep":
+        assert len(stats) == 200 and (stats["ranks"] == 3).all()
+
+
+def test_a_step_without_any_time_has_no_slowest_rank(tmp_path: Path) -> None:
+    for r in range(2):
+        w = open_shard(tmp_path, r, 2)
+        log_series(w, "loss", [(0, 1.0, float("nan")), (1, 2.0, T0 + 1 + r), (2, 3.0, float("nan") if r else T0)])
+        w.close()
+    stats, groups = _statistics(tmp_path)
+    assert stats["slowest_rank"].tolist() == [-1, 1, 0]
+    assert np.isnan(stats["skew"][0]) and stats["skew"][1:].tolist() == [1.0, 0.0]
+    assert groups["multi_rank_steps"][0] == 3 and groups["skew_mean"][0] == 0.5
+    assert groups["slowest_rank"][0] == 0  # a tie (1 step each) goes to the lower rank
+
+
 def test_params_disagreement(tmp_path: Path) -> None:
     for r in range(4):
         w = open_shard(tmp_path, r, 4)

@@ -2,9 +2,14 @@
 
 A group is a (key, context, source, attempt): the same series on the ranks that ran
 together. Groups small enough are read together in one window and aggregated at once.
-A larger group is streamed: one cursor per series (per monotone run of steps, for a
-series whose step went backwards), read in blocks and merged by step; a step is complete
-once every cursor has moved past it, so only a block per cursor is ever held.
+A larger group whose ranks logged in lockstep (the same strictly increasing steps, the
+data-parallel norm) is reduced column-wise, a block of every series at a time, without
+sorting. Any other large group is streamed: one cursor per series (per monotone run of
+steps, for a series whose step went backwards), read in blocks and merged by step; a step
+is complete once every cursor has moved past it, so only a block per cursor is ever held.
+
+Times that are NaN are ignored for the slowest rank and the skew; a step with no time at
+all has no slowest rank (-1) and a NaN skew.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .series import SeriesIndex
 from .store import Appender
 
 WINDOW_ROWS = 1 << 19
+LOCKSTEP_MIN_ROWS = 1 << 12  # below it, a group goes into a window with its neighbours
 MIN_BLOCK_ROWS = 256
 MAX_CURSORS = 8192
 
@@ -52,8 +58,8 @@ def partials(rows: np.ndarray, group_of: np.ndarray) -> Partials:
         "group": group_of[series[starts]], "step": step[starts], "rank": rows["rank"][starts],
         "n": np.diff(np.r_[starts, len(rows)]), "nv": np.add.reduceat(~isnan, starts),
         "sum": np.add.reduceat(np.where(isnan, 0.0, value), starts), "min": np.fmin.reduceat(value, starts),
-        "max": np.fmax.reduceat(value, starts), "tmin": np.minimum.reduceat(when, starts),
-        "tmax": np.maximum.reduceat(when, starts)})
+        "max": np.fmax.reduceat(value, starts), "tmin": np.fmin.reduceat(when, starts),
+        "tmax": np.fmax.reduceat(when, starts)})
 
 
 def _by_group_step_rank(p: Partials) -> np.ndarray:
@@ -79,10 +85,11 @@ def aggregate(p: Partials) -> np.ndarray:
     new = np.r_[True, (group[1:] != group[:-1]) | (step[1:] != step[:-1])]
     starts = np.flatnonzero(new)
     new_rank = new | np.r_[True, rank[1:] != rank[:-1]]
-    tmax = np.maximum.reduceat(c["tmax"], starts)
+    tmax = np.fmax.reduceat(c["tmax"], starts)
     segment = np.cumsum(new) - 1
     # The slowest rank: the first partial (lowest rank) whose latest time is the step's latest.
     candidate = np.where(c["tmax"] == tmax[segment], np.arange(len(p)), len(p))
+    rank_or_none = np.r_[rank, layout.NO_VALUE]
     nv = np.add.reduceat(c["nv"], starts)
     total = np.add.reduceat(c["sum"], starts)
     out = np.empty(len(starts), dtype=layout.CROSSRANK_DTYPE)
@@ -93,8 +100,27 @@ def aggregate(p: Partials) -> np.ndarray:
     out["max"] = np.fmax.reduceat(c["max"], starts)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["mean"] = np.where(nv > 0, total / np.maximum(nv, 1), math.nan)
-    out["slowest_rank"] = rank[np.minimum.reduceat(candidate, starts)]
-    out["skew"] = tmax - np.minimum.reduceat(c["tmin"], starts)
+    out["slowest_rank"] = rank_or_none[np.minimum.reduceat(candidate, starts)]
+    out["skew"] = tmax - np.fmin.reduceat(c["tmin"], starts)
+    return out
+
+
+def lockstep(group: int, steps: np.ndarray, values: np.ndarray, times: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``aggregate`` for a block where series ``i`` (row ``i`` of ``values`` and ``times``, rank
+    ``ranks[i]``, ascending) has one point at each of ``steps``: reductions down the columns."""
+    out = np.empty(len(steps), dtype=layout.CROSSRANK_DTYPE)
+    out["group"], out["step"] = group, steps
+    out["ranks"] = out["count"] = len(ranks)
+    out["min"] = np.fmin.reduce(values, axis=0)
+    out["max"] = np.fmax.reduce(values, axis=0)
+    valid = ~np.isnan(values)
+    nv = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean"] = np.where(nv > 0, np.where(valid, values, 0.0).sum(axis=0) / np.maximum(nv, 1), math.nan)
+    tmax = np.fmax.reduce(times, axis=0)
+    latest = times == tmax
+    out["slowest_rank"] = np.where(latest.any(axis=0), ranks[latest.argmax(axis=0)], layout.NO_VALUE)
+    out["skew"] = tmax - np.fmin.reduce(times, axis=0)
     return out
 
 
@@ -105,10 +131,15 @@ class _Tally:
     start: int = -1
     steps: int = 0
     multi: int = 0
+    timed: int = 0  # multi-rank steps with a skew (not NaN)
     skew_sum: float = 0.0
     skew_max: float = -math.inf
     skew_max_step: int = layout.NO_VALUE
     slowest: Counter = field(default_factory=Counter)
+
+
+class _NotLockstep(Exception):
+    """A block showed that the ranks of a group did not log the same steps."""
 
 
 @dataclass
@@ -132,10 +163,16 @@ class CrossRank:
 
     def run(self) -> None:
         groups = self.index.groups
+        # One rank: nothing to compare, its series is its statistics.
+        compared = groups["series_stop"] - groups["series_start"] >= 2
+        lockstep_next = self._lockstep_candidates(compared)
         g = 0
         while g < len(groups):
-            if groups["series_stop"][g] - groups["series_start"][g] < 2:
-                self._finish(g, _Tally())  # one rank: nothing to compare, its series is its statistics
+            if not compared[g]:
+                self._finish(g, _Tally())
+                g += 1
+                continue
+            if lockstep_next[g] == g and self._try_lockstep(g):
                 g += 1
                 continue
             start = int(groups["row_start"][g])
@@ -144,11 +181,55 @@ class CrossRank:
                 g += 1
                 continue
             last = int(np.searchsorted(groups["row_stop"], start + WINDOW_ROWS, side="right"))
+            last = min(last, int(lockstep_next[g + 1]))
             rows = self.rows[start:int(groups["row_stop"][last - 1])]
-            self._emit(iter([aggregate(partials(rows, self.group_of))]), range(g, last))
+            p = partials(rows, self.group_of)
+            self._emit(iter([aggregate(p.take(compared[p.columns["group"]]))]), range(g, last))
             g = last
         self.stats.flush()
         self.slowest.flush()
+
+    def _lockstep_candidates(self, compared: np.ndarray) -> np.ndarray:
+        """For each group, the first group from it on worth trying in lockstep (``len(groups)``
+        if none): compared, at least ``LOCKSTEP_MIN_ROWS`` rows, series of one non-zero length
+        whose steps never went back. Windows of small groups stop before such a group."""
+        groups, series = self.index.groups, self.index.series
+        candidate = compared & (groups["row_stop"] - groups["row_start"] >= LOCKSTEP_MIN_ROWS)
+        if len(groups):
+            firsts = groups["series_start"]
+            count, runs = series["count"], series["runs"]
+            candidate &= ((np.minimum.reduceat(count, firsts) == np.maximum.reduceat(count, firsts))
+                          & (np.minimum.reduceat(count, firsts) > 0) & (np.maximum.reduceat(runs, firsts) == 1))
+        ahead = np.where(candidate, np.arange(len(groups)), len(groups))
+        return np.r_[np.minimum.accumulate(ahead[::-1])[::-1], len(groups)]
+
+    def _try_lockstep(self, g: int) -> bool:
+        """Lockstep if every block confirms it; else the blocks written are dropped again."""
+        mark = self.stats.size
+        try:
+            self._emit(self._lockstep(g), [g])
+            return True
+        except _NotLockstep:
+            self.stats.truncate(mark)
+            self.tallies.pop(g, None)
+            return False
+
+    def _lockstep(self, g: int) -> Iterator[np.ndarray]:
+        group, series = self.index.groups[g], self.index.series
+        chosen = slice(int(group["series_start"]), int(group["series_stop"]))
+        starts, ranks = series["row_start"][chosen].tolist(), series["rank"][chosen]
+        count = int(series["count"][chosen][0])
+        block = max(MIN_BLOCK_ROWS, WINDOW_ROWS // len(starts))
+        previous = None
+        for a in range(0, count, block):
+            parts = [self.rows[s + a:s + min(count, a + block)] for s in starts]
+            steps = parts[0]["step"]
+            if ((previous is not None and steps[0] <= previous) or (steps[1:] <= steps[:-1]).any()
+                    or not all(np.array_equal(p["step"], steps) for p in parts[1:])):
+                raise _NotLockstep
+            previous = steps[-1]
+            yield lockstep(g, steps, np.stack([p["value"] for p in parts]), np.stack([p["time"] for p in parts]),
+                           ranks)
 
     def _emit(self, batches: Iterator[np.ndarray], groups: range | list[int]) -> None:
         for rows in batches:
@@ -165,24 +246,29 @@ class CrossRank:
             if tally.start < 0:
                 tally.start = base + int(a)
             tally.steps += len(part)
-            multi = part[part["ranks"] >= 2]
+            kept = (part["ranks"] >= 2)
+            tally.multi += int(np.count_nonzero(kept))
+            kept &= ~np.isnan(part["skew"])
+            multi = part if kept.all() else part[kept]
             if not len(multi):
                 continue
-            tally.multi += len(multi)
+            tally.timed += len(multi)
             tally.skew_sum += float(multi["skew"].sum())
             top = int(np.argmax(multi["skew"]))
             if multi["skew"][top] > tally.skew_max:
                 tally.skew_max, tally.skew_max_step = float(multi["skew"][top]), int(multi["step"][top])
-            ranks, counts = np.unique(multi["slowest_rank"], return_counts=True)
-            tally.slowest.update(dict(zip(ranks.tolist(), counts.tolist(), strict=True)))
+            slowest = multi["slowest_rank"]
+            counts = np.bincount(slowest[slowest >= 0])
+            ranks = np.flatnonzero(counts)
+            tally.slowest.update(dict(zip(ranks.tolist(), counts[ranks].tolist(), strict=True)))
 
     def _finish(self, g: int, tally: _Tally) -> None:
         row = self.index.groups[g:g + 1]
         start = tally.start if tally.steps else self.stats.size
         row["stat_start"], row["stat_stop"] = start, start + tally.steps
         row["multi_rank_steps"] = tally.multi
-        row["skew_mean"] = tally.skew_sum / tally.multi if tally.multi else math.nan
-        row["skew_max"] = tally.skew_max if tally.multi else math.nan
+        row["skew_mean"] = tally.skew_sum / tally.timed if tally.timed else math.nan
+        row["skew_max"] = tally.skew_max if tally.timed else math.nan
         row["skew_max_step"] = tally.skew_max_step
         # Most often slowest; ties go to the lower rank.
         rank, steps = min(tally.slowest.items(), key=lambda rc: (-rc[1], rc[0]), default=(layout.NO_VALUE, 0))

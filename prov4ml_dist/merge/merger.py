@@ -27,7 +27,7 @@ from . import layout
 from .crossrank import CrossRank
 from .journal import Journal, dumps, hostname, node_rank, rank_number
 from .load import load_merged
-from .scan import BAD_SHARD, ShardInfo, default_shards, scan_shards
+from .scan import BAD_SHARD, ShardHasher, ShardInfo, default_shards, scan_shards
 from .series import SeriesIndex, build_index, copy_rows
 from .store import write_table
 
@@ -83,9 +83,11 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
     _check_space(run_dir, shards)
     tmp_merged, tmp_prov = _temporary(merged), _temporary(prov)
     try:
-        with h5py.File(tmp_merged, "w") as out:
+        with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
             missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
-            _write(out, run_dir, shards, missing, world_size, problems, report)
+            _write(out, run_dir, shards, world_size, problems, report)
+            hasher.fill(problems)
+            _write_ranks(out, shards, missing, problems)
         report("prov", 0, 1)
         write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
         report("prov", 1, 1)
@@ -121,8 +123,8 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], missing: dict[int, str],
-           world_size: int | None, problems: list[str], report: Progress) -> None:
+def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: int | None, problems: list[str],
+           report: Progress) -> None:
     first = shards[0].start
     out.attrs["format"] = layout.FORMAT
     out.attrs["layout_version"] = layout.LAYOUT_VERSION
@@ -154,6 +156,9 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], missing: dict
         write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
     report("crossrank", len(indexes), len(indexes))
 
+
+def _write_ranks(out: h5py.File, shards: list[ShardInfo], missing: dict[int, str], problems: list[str]) -> None:
+    """The ranks table and the problems, last: they need the shards' sha256."""
     write_table(out, layout.RANKS, layout.RANK_DTYPE, _rank_rows(shards, missing, int(out.attrs["world_size"])))
     problems.extend(f"rank {r}: missing ({missing.get(r) or 'no shard found'})"
                     for r in _missing(shards, missing, int(out.attrs["world_size"])))

@@ -44,6 +44,12 @@ class Appender:
             self._arrays.append(rows)
             self._grew(len(rows))
 
+    def truncate(self, size: int) -> None:
+        """Drop the rows from ``size`` on: a computation that wrote them turned out not to apply."""
+        self.flush()
+        self._ds.resize((size,))
+        self.size = size
+
     def _grew(self, n: int) -> None:
         self.size += n
         self._buffered += n
