@@ -6,12 +6,21 @@ rank 0's peak RSS.
 Shards get their journal (start record, series declarations) from the real ShardWriter;
 the rows are then appended in bulk with h5py, in the writer's layout, so that building
 32 x 1e6 points takes seconds. Each merge runs in a fresh interpreter so that its peak
-RSS is its own. ``ratio`` = raw read time / merge time (1.0 = as fast as reading).
+RSS is its own.
+
+Columns, all measured in the same run:
+- ``raw s``: read every row of every shard with plain h5py (the issue's yardstick);
+- ``floor s``: read them and write them once into a new HDF5 file, the least any merge
+  that keeps every point must do, before sorting, statistics or checksums;
+- ``sha s``: sha256 of the shard files (the merge does it in a background thread);
+- ``ratio`` = raw / merge (1.0 = as fast as reading), ``ceiling`` = raw / floor (the best
+  ``ratio`` any such merge could reach), ``of floor`` = floor / merge.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import shutil
@@ -72,6 +81,31 @@ def raw_read(run_dir: Path) -> float:
     return time.perf_counter() - started
 
 
+def floor_copy(run_dir: Path) -> float:
+    """Seconds to read every row of every shard and write it once to a new HDF5 file."""
+    target = run_dir / "floor.h5"
+    started = time.perf_counter()
+    with h5py.File(target, "w") as out:
+        for path in sorted((run_dir / schema.SHARDS_DIR).glob("*.h5")):
+            with h5py.File(path, "r") as f:
+                for name in schema.TABLES:
+                    ds = f[name]
+                    copy = out.create_dataset(f"{path.stem}/{name}", shape=ds.shape, dtype=ds.dtype)
+                    for start in range(0, ds.shape[0], 1 << 18):
+                        copy[start:start + (1 << 18)] = ds[start:start + (1 << 18)]
+    seconds = time.perf_counter() - started
+    target.unlink()
+    return seconds
+
+
+def sha256_all(run_dir: Path) -> float:
+    started = time.perf_counter()
+    for path in sorted((run_dir / schema.SHARDS_DIR).glob("*.h5")):
+        with path.open("rb") as f:
+            hashlib.file_digest(f, "sha256")
+    return time.perf_counter() - started
+
+
 def merge_in_child(run_dir: Path) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--merge-child", str(run_dir)], check=True,
                          capture_output=True, text=True)
@@ -96,19 +130,24 @@ def measure(base: Path, ranks: int, points: int, keys: int) -> dict[str, float]:
     run_dir = base / f"r{ranks}-p{points}-k{keys}"
     make_run(run_dir, ranks, points, keys)
     raw = min(raw_read(run_dir), raw_read(run_dir))
+    floor = min(floor_copy(run_dir), floor_copy(run_dir))
+    sha = sha256_all(run_dir)
     merged = merge_in_child(run_dir)
     shard_mb = sum(p.stat().st_size for p in (run_dir / schema.SHARDS_DIR).glob("*.h5")) / 2**20
     shutil.rmtree(run_dir)
     rows = ranks * points
-    return {"ranks": ranks, "points": points, "keys": keys, "shard_mb": shard_mb, "raw_s": raw,
-            "merge_s": merged["seconds"], "prov_s": merged["prov_s"], "ratio": raw / merged["seconds"],
+    return {"ranks": ranks, "points": points, "keys": keys, "shard_mb": shard_mb, "raw_s": raw, "floor_s": floor,
+            "sha_s": sha, "merge_s": merged["seconds"], "prov_s": merged["prov_s"], "ratio": raw / merged["seconds"],
+            "ceiling": raw / floor, "of_floor": floor / merged["seconds"],
             "mrows_s": rows / merged["seconds"] / 1e6, "ns_row": merged["seconds"] / rows * 1e9,
             "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
 
 
 COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys", "keys", 5, ""),
-           ("shards MB", "shard_mb", 9, ".1f"), ("raw s", "raw_s", 7, ".3f"), ("merge s", "merge_s", 8, ".3f"),
-           ("of it PROV s", "prov_s", 12, ".3f"), ("ratio", "ratio", 6, ".3f"), ("Mrows/s", "mrows_s", 8, ".2f"),
+           ("shards MB", "shard_mb", 9, ".1f"), ("raw s", "raw_s", 7, ".3f"), ("floor s", "floor_s", 7, ".3f"),
+           ("sha s", "sha_s", 6, ".3f"), ("merge s", "merge_s", 8, ".3f"), ("of it PROV s", "prov_s", 12, ".3f"),
+           ("ratio", "ratio", 6, ".3f"), ("ceiling", "ceiling", 7, ".2f"), ("of floor", "of_floor", 8, ".2f"),
+           ("Mrows/s", "mrows_s", 8, ".2f"),
            ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f")]
 
 

@@ -28,8 +28,9 @@ two merges of the same shards; equality checks ignore it.
   - ``groups`` (``GROUP_DTYPE``): one row per (key, context, source, attempt) — the ranks that
     ran together — with its series range, its ``crossrank`` range and the straggler report;
   - ``crossrank`` (``CROSSRANK_DTYPE``): per group of two or more series, and step: ranks, points, min, mean, max
-    (NaN ignored), the slowest rank (latest wall-clock time; ties go to the lower rank) and
-    the time skew (latest minus earliest time of that step);
+    (NaN ignored), the slowest rank (latest wall-clock time; ties go to the lower rank; -1
+    when no rank has a time, NaN times being ignored) and the time skew (latest minus
+    earliest time of that step);
   - ``slowest`` (``SLOWEST_DTYPE``): per group, how many steps each rank was the slowest of
     (steps logged by at least two ranks only).
 """
