@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from prov4ml_dist.shard import ShardWriter, schema
+from prov4ml_dist.shard.writer import to_json_line
 from prov4ml_dist.topology import Topology
 
 T0 = 1_700_000_000.0
@@ -67,6 +68,15 @@ def make_run(run_dir: Path, ranks: int, points: int, keys: int) -> None:
                 rows["time"] = T0 + rows["step"] * 0.01 + rng.uniform(0, 0.005, size=n)
                 table.resize((start + n,))
                 table[start:] = rows
+            # The end record the writer would have written had it logged these rows (the last one counts).
+            per_series = np.bincount(np.arange(points) % keys, minlength=keys).tolist()
+            end = {"kind": "end", "time": T0, "status": "ok", "rows": {"metrics": points, "system": 0},
+                   "series_rows": {"metrics": per_series, "system": []}, "failures": [], "failure_count": 0,
+                   "lost_rows": {"metrics": 0, "system": 0}, "lost_journal_bytes": 0}
+            line = np.frombuffer(to_json_line(end), dtype="u1")
+            journal = f[schema.JOURNAL]
+            journal.resize((journal.shape[0] + len(line),))
+            journal[-len(line):] = line
 
 
 def raw_read(run_dir: Path) -> float:

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+from prov4ml_dist.merge import merge_run
 from prov4ml_dist.run import Run, RunConfig
 from prov4ml_dist.shard import schema
 from prov4ml_dist.topology import Topology
@@ -28,6 +29,7 @@ from .faultkit import (
     crashes,
     files_under,
     genuine_runs,
+    merged_points,
     rows_of,
     start_record,
 )
@@ -235,6 +237,25 @@ def test_nul_characters_in_records_are_kept_by_the_merge(tmp_path, records):
     outcome = _merge_crafted(tmp_path, records=[start_record("crafted", world_size=1), *records],
                              rows=rows_of([(0, 0, 1.0)]))
     assert outcome["outcome"] == "ok", outcome  # NUL is stored as U+FFFD
+
+
+@pytest.mark.parametrize(("series_rows", "trusted"), [
+    ([3, 1], True), ([1, 3], False), ([4], False), ([0, 0, 4], False), ([3, 2], None), ([3, -1, 2], None),
+    ([3, 1.0], None), ([3, True], None), ([2**70, 1], None), ("3,1", None)])
+def test_wrong_row_counts_in_an_end_record_are_caught(tmp_path, series_rows, trusted):
+    """The merge lays out rows by the end record's per-series counts when they add up, checks
+    them while copying, and counts the rows itself when they were wrong (True: right; False:
+    add up but wrong; None: do not add up, never used)."""
+    end = {"kind": "end", "time": 1.7e9, "status": "ok", "rows": {"metrics": 4, "system": 0},
+           "series_rows": {"metrics": series_rows, "system": []}}
+    craft_shard(tmp_path / "run" / "shards" / "rank-00000.h5",
+                records=[start_record("crafted", world_size=1), _series(0, "a"), _series(1, "b"), end],
+                rows=rows_of([(0, 0, 1.0), (0, 1, 2.0), (1, 0, 5.0), (0, 2, 3.0)]))
+    result = merge_run(tmp_path / "run")
+    assert merged_points(result.merged_h5) == {("a", "TRAINING", 0): [(0, 1.0), (1, 2.0), (2, 3.0)],
+                                               ("b", "TRAINING", 0): [(0, 5.0)]}
+    recounted = [p for p in result.problems if "row counts in end records disagree" in p]
+    assert len(recounted) == (trusted is False)
 
 
 def test_out_of_range_topology_numbers_are_dropped_by_the_merge(tmp_path):

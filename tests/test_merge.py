@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_merge_support import RUN_ID, T0, crash, log_series, open_shard, shard_path  # noqa: E402
 
 from prov4ml_dist.errors import MergeError  # noqa: E402
-from prov4ml_dist.merge import crossrank, layout, load_merged, merge_run  # noqa: E402
+from prov4ml_dist.merge import crossrank, layout, load_merged, merge_run, scan  # noqa: E402
 
 
 def _points(rank: int, steps: int, seed: int = 0) -> list[tuple[int, float, float]]:
@@ -282,14 +282,19 @@ def test_rank_that_closed_without_end_run_is_incomplete(tmp_path: Path) -> None:
     assert [s.count for s in run.series if s.key == "loss"] == [10, 10]  # its points are all merged
 
 
-def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path) -> None:
+def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the crashed shard, which has no end record with its row counts, is counted row by row."""
     w = open_shard(tmp_path, 0, 2)
     log_series(w, "loss", [(s, 0.5, T0 + s) for s in range(100)])
     w.close()
     child = multiprocessing.get_context("fork").Process(target=_crashing_rank, args=(tmp_path,))
     child.start()
     child.join(30)
+    counted = []
+    read_rows = scan.read_rows
+    monkeypatch.setattr(scan, "read_rows", lambda reader, *a: counted.append(reader.rank) or read_rows(reader, *a))
     result = merge_run(tmp_path)
+    assert set(counted) == {1}
     assert any("rank 1 attempt 0: incomplete" in p for p in result.problems)
     run = load_merged(result.merged_h5)
     crashed = [r for r in run.ranks if r.rank == 1][0]

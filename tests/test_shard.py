@@ -31,6 +31,7 @@ def test_round_trip(tmp_path):
         assert r.series("metrics")[sid]["key"] == "loss"
         assert r.start_record()["note"] == "ünïcode"
         assert r.end_record()["rows"] == {"metrics": 1000, "system": 0}
+        assert r.end_record()["series_rows"] == {"metrics": [1000], "system": []}
 
 
 @pytest.mark.parametrize(("text", "read_back"), [
@@ -90,6 +91,7 @@ def test_threads_lose_and_duplicate_nothing(tmp_path):
     w.close()
     with ShardReader(tmp_path / "s.h5") as r:
         rows = r.read_table("metrics")
+        assert r.end_record()["series_rows"]["metrics"] == [per_thread] * n_threads  # many flushes added up
     assert len(rows) == n_threads * per_thread
     for sid in range(n_threads):
         steps = np.sort(rows["step"][rows["series"] == sid])
@@ -174,9 +176,12 @@ def test_flush_failure_is_recorded_not_raised(tmp_path):
     w.flush()  # must not raise
     assert w.failures and "flush" in w.failures[0]
     w._file = real_file
+    w.metrics.append(sid, 1, 2.0, 0.0)
     w.close()
     with ShardReader(tmp_path / "s.h5") as r:
-        assert r.end_record()["failures"]
+        end = r.end_record()
+    assert end["failures"] and end["lost_rows"]["metrics"] == 1
+    assert end["rows"]["metrics"] == 1 and end["series_rows"]["metrics"] == [1]  # the lost row is not counted
 
 
 class _Broken:

@@ -27,7 +27,7 @@ from . import layout
 from .crossrank import CrossRank
 from .journal import Journal, dumps, hostname, node_rank, rank_number
 from .load import load_merged
-from .scan import BAD_SHARD, ShardHasher, ShardInfo, default_shards, scan_shards
+from .scan import BAD_SHARD, RowCountMismatch, ShardHasher, ShardInfo, default_shards, recount, scan_shards
 from .series import SeriesIndex, build_index, copy_rows
 from .store import write_table
 
@@ -144,10 +144,7 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
         problems.extend(_shard_problems(shard))
     journal.write(out)
 
-    indexes = [build_index(table, shards) for table in schema.TABLES]
-    for index in indexes:
-        out.create_group(index.table).create_dataset(layout.ROWS, shape=(index.total_rows,), dtype=layout.ROW_DTYPE)
-    _copy(out, shards, indexes, report)
+    indexes = _copy_all(out, shards, problems, report)
     for done, index in enumerate(indexes):
         report("crossrank", done, len(indexes))
         group = out[index.table]
@@ -165,6 +162,27 @@ def _write_ranks(out: h5py.File, shards: list[ShardInfo], missing: dict[int, str
     out.attrs[layout.PROBLEMS_ATTR] = json.dumps(problems)
 
 
+def _copy_all(out: h5py.File, shards: list[ShardInfo], problems: list[str], report: Progress) -> list[SeriesIndex]:
+    """Lay out and copy every row. Row counts from end records are checked on the way; if
+    one was wrong, those shards are counted and the copy is done again."""
+    while True:  # twice at most: a recount leaves no count from an end record
+        indexes = [build_index(table, shards) for table in schema.TABLES]
+        for index in indexes:
+            if index.table in out:
+                del out[index.table]
+            out.create_group(index.table).create_dataset(layout.ROWS, shape=(index.total_rows,),
+                                                         dtype=layout.ROW_DTYPE)
+        try:
+            _copy(out, shards, indexes, report)
+            return indexes
+        except RowCountMismatch as exc:
+            trusted = [s for s in shards if any(decl.from_end for decl in s.tables.values())]
+            if not trusted:
+                raise
+            problems.append(f"row counts in end records disagree with the rows ({exc}); counted them instead")
+            recount(trusted)
+
+
 def _copy(out: h5py.File, shards: list[ShardInfo], indexes: list[SeriesIndex], report: Progress) -> None:
     """Every row of every shard, each shard opened once."""
     cursors = [index.series["row_start"].copy() for index in indexes]
@@ -180,7 +198,7 @@ def _copy(out: h5py.File, shards: list[ShardInfo], indexes: list[SeriesIndex], r
     report("copy", len(shards), len(shards))
     for index, cursor in zip(indexes, cursors, strict=True):
         if not np.array_equal(cursor, index.series["row_stop"]):
-            raise MergeError(f"a shard changed while it was merged: table {index.table!r} lost rows")
+            raise RowCountMismatch(f"a shard changed while it was merged: table {index.table!r} lost rows")
 
 
 def _shard_problems(shard: ShardInfo) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import sha256_file
-from ..errors import ShardError
+from ..errors import MergeError, ShardError
 from ..shard import ShardReader, schema
 
 # What reading a damaged file can raise: the reader's own error, and HDF5's when a corrupt
@@ -36,6 +36,12 @@ class TableDecl:
     counts: np.ndarray  # rows per declared series
     rows: int  # rows in the table when scanned; later passes read no more
     undeclared: int  # rows whose series id was never declared (dropped)
+    from_end: bool = False  # counts taken from the end record (checked while copying), not counted
+
+
+class RowCountMismatch(MergeError):
+    """A series had more or fewer rows than its count: the shard changed while it was merged,
+    or its end record's per-series counts were wrong."""
 
 
 @dataclass
@@ -102,7 +108,8 @@ def _described(exc: BaseException, path: Path) -> str:
 
 
 def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
-    """Journal and per-series row counts (the first full read of the rows)."""
+    """Journal and per-series row counts: from the end record of a shard that was closed,
+    else counted (the first full read of the rows)."""
     with ShardReader(path) as reader:
         start, end, decls, records = None, None, {name: {} for name in schema.TABLES}, []
         last_time = -math.inf
@@ -120,7 +127,7 @@ def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
                 records.append(record)
         if start is None:
             raise ShardError(f"{path}: no start record (killed before its first flush?)")
-        tables = {name: _count(reader, name, decls[name]) for name in schema.TABLES}
+        tables = {name: _count(reader, name, decls[name], end) for name in schema.TABLES}
         corrupt = reader.corrupt_records
     return ShardInfo(path, rank, attempt, start, end, records, tables,
                      last_time=last_time if last_time > -math.inf else math.nan,
@@ -158,16 +165,42 @@ def _declare(decls: dict[str, dict[int, dict[str, Any]]], record: dict[str, Any]
         decls[table].setdefault(ident, record)
 
 
-def _count(reader: ShardReader, table: str, declared: dict[int, dict[str, Any]]) -> TableDecl:
+def recount(shards: Sequence[ShardInfo]) -> None:
+    """Count the rows of shards whose end-record counts turned out wrong."""
+    for shard in shards:
+        with ShardReader(shard.path) as reader:
+            shard.tables = {name: _count(reader, name, dict(zip(decl.ids.tolist(), decl.decls, strict=True)), None)
+                            for name, decl in shard.tables.items()}
+
+
+def _count(reader: ShardReader, table: str, declared: dict[int, dict[str, Any]],
+           end: dict[str, Any] | None) -> TableDecl:
     ids = np.array(sorted(declared), dtype=np.int64)
-    counts = np.zeros(len(ids), dtype=np.int64)
     rows = reader.rows(table)
+    known = _counts_in(end, table, rows)
+    if known is not None:
+        counts = np.zeros(len(ids), dtype=np.int64)
+        listed = ids < len(known)
+        counts[listed] = known[ids[listed]]
+        return TableDecl(ids, [declared[i] for i in ids.tolist()], counts, rows, rows - int(counts.sum()),
+                         from_end=True)
+    counts = np.zeros(len(ids), dtype=np.int64)
     undeclared = 0
     for chunk in read_rows(reader, table, rows):
         idx, valid = local_index(ids, chunk["series"])
         counts += np.bincount(idx[valid], minlength=len(ids))
         undeclared += int(len(chunk) - np.count_nonzero(valid))
     return TableDecl(ids, [declared[i] for i in ids.tolist()], counts, rows, undeclared)
+
+
+def _counts_in(end: dict[str, Any] | None, table: str, rows: int) -> np.ndarray | None:
+    """The end record's rows per series id of ``table`` if they add up to the table's rows."""
+    listed = end.get("series_rows") if end is not None else None
+    listed = listed.get(table) if isinstance(listed, dict) else None
+    if not isinstance(listed, list) or not all(type(c) is int and 0 <= c <= rows for c in listed):
+        return None
+    known = np.array(listed, dtype=np.int64)
+    return known if int(known.sum()) == rows else None
 
 
 def read_rows(reader: ShardReader, table: str, limit: int):

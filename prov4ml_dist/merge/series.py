@@ -18,7 +18,7 @@ import numpy as np
 
 from ..shard import ShardReader
 from . import layout
-from .scan import ShardInfo, as_text, local_index, read_rows
+from .scan import RowCountMismatch, ShardInfo, as_text, local_index, read_rows
 from .store import write_scattered
 
 _SERIES_FIELDS = ("kind", "time", "table", "id", "key", "context", "source")
@@ -108,6 +108,8 @@ def copy_rows(reader: ShardReader, shard: ShardInfo, shard_no: int, index: Serie
         starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
         lengths = np.diff(np.r_[starts, len(out)])
         segments = gid[starts]
+        if (cursor[segments] + lengths > index.series["row_stop"][segments]).any():
+            raise RowCountMismatch(f"{shard.path.name}: more rows of a series of {index.table!r} than counted")
         write_scattered(rows, out, cursor[segments], lengths)
         cursor[segments] += lengths
         _summarise(index.series, out, starts, lengths, segments)

@@ -29,8 +29,9 @@ Journal record kinds and their fields (besides ``kind`` and ``time``):
   ``counter``/``integrated_power``), ``rapl`` (per domain), ``gpu_joules``, ``rapl_joules``;
 - ``warning``: ``where``, ``message`` — a failure that was survived, never silent (the shard
   writer records the first failed flush of a series, and the flush that works again);
-- ``end``: ``status``, ``rows`` (dict table → rows written), ``failures`` (the first messages of
-  failed flushes), ``failure_count``, ``lost_rows`` (dict table → rows dropped by failed
+- ``end``: ``status``, ``rows`` (dict table → rows written), ``series_rows`` (dict table → list
+  of rows written per series id, so the merge need not count them), ``failures`` (the first
+  messages of failed flushes), ``failure_count``, ``lost_rows`` (dict table → rows dropped by failed
   flushes) and ``lost_journal_bytes``; present only after a clean close. Every point logged
   before the close is in ``rows`` or in ``lost_rows``.
 """

@@ -61,6 +61,7 @@ class SeriesTable:
         self.buffer: deque[tuple[int, int, float, float]] = deque()
         self.push = self.buffer.append
         self.rows_written = 0
+        self.series_rows = np.zeros(0, dtype=np.int64)  # rows written per series id
 
     def register(self, key: str, context: str, source: str, **extra: Any) -> int:
         """The id of a series, declaring it in the journal the first time it is seen."""
@@ -80,6 +81,14 @@ class SeriesTable:
     def pending(self) -> int:
         """Rows buffered and not yet flushed."""
         return len(self.buffer)
+
+    def written(self, rows: np.ndarray) -> None:
+        """Count rows that reached the file (the end record's per-series counts)."""
+        self.rows_written += len(rows)
+        counts = np.bincount(rows["series"])
+        if len(counts) > len(self.series_rows):
+            self.series_rows = np.r_[self.series_rows, np.zeros(len(counts) - len(self.series_rows), np.int64)]
+        self.series_rows[:len(counts)] += counts
 
     def take(self) -> np.ndarray:
         """Remove the buffered rows and return them as a structured array."""
@@ -191,7 +200,7 @@ class ShardWriter:
         for name, values in data.items():
             self._flushed[name] += len(values)
         for name, values in rows.items():
-            self.tables[name].rows_written += len(values)
+            self.tables[name].written(values)
         if self._failing:
             self._failing = False
             self._note(f"flushing {self.path} works again after {self.failure_count} failed flushes; "
@@ -256,6 +265,7 @@ class ShardWriter:
         self.flush()  # rows first, so the end record can count them
         self.record({"kind": "end", "time": time.time(), "status": status,
                      "rows": {n: t.rows_written for n, t in self.tables.items()},
+                     "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
                      "failures": self.failures, "failure_count": self.failure_count,
                      "lost_rows": self.lost_rows, "lost_journal_bytes": self.lost_journal_bytes})
         self.flush()
