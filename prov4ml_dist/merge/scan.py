@@ -168,9 +168,12 @@ def _declare(decls: dict[str, dict[int, dict[str, Any]]], record: dict[str, Any]
 def recount(shards: Sequence[ShardInfo]) -> None:
     """Count the rows of shards whose end-record counts turned out wrong."""
     for shard in shards:
-        with ShardReader(shard.path) as reader:
-            shard.tables = {name: _count(reader, name, dict(zip(decl.ids.tolist(), decl.decls, strict=True)), None)
-                            for name, decl in shard.tables.items()}
+        try:
+            with ShardReader(shard.path) as reader:
+                shard.tables = {name: _count(reader, name, dict(zip(decl.ids.tolist(), decl.decls, strict=True)),
+                                             None) for name, decl in shard.tables.items()}
+        except BAD_SHARD as exc:
+            raise MergeError(f"shard changed while it was merged: {exc}") from None
 
 
 def _count(reader: ShardReader, table: str, declared: dict[int, dict[str, Any]],
