@@ -227,6 +227,9 @@ class Run:
             series = self._lookup(key, context, source)
         if step is None:
             step = series[1]
+            if step > INT64_MAX:  # the last explicit step was 2**63 - 1
+                raise InvalidInputError(f"metric {key!r:.60}: the next automatic step does not fit in 64 bits; "
+                                        "pass step=")
         series[1] = step + 1
         self._push((series[0], step, value, _now()))
         if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat

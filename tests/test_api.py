@@ -117,6 +117,23 @@ def test_bad_steps_are_refused(run_dir, step):
         prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING, step=step)
 
 
+def test_the_automatic_step_after_the_largest_step_is_refused(run_dir):
+    """Nothing a call accepted may fail later in the flusher (it used to drop the whole batch)."""
+    top = 2**63 - 1
+    prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING, step=top)
+    prov4ml.log_metric("acc", 2.0, prov4ml.Context.TRAINING)
+    with pytest.raises(InvalidInputError, match="automatic step"):
+        prov4ml.log_metric("loss", 3.0, prov4ml.Context.TRAINING)
+    prov4ml.log_metric("loss", 4.0, prov4ml.Context.TRAINING, step=0)
+    prov4ml.log_metric("loss", 5.0, prov4ml.Context.TRAINING)
+    reader, _ = _close_and_read()
+    with reader:
+        points = _points(reader)
+        assert reader.end_record()["lost_rows"] == {"metrics": 0, "system": 0}
+    assert points[("loss", "TRAINING")] == [(top, 1.0), (0, 4.0), (1, 5.0)]
+    assert points[("acc", "TRAINING")] == [(0, 2.0)]
+
+
 def test_numpy_and_tensor_steps(run_dir):
     prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING, step=np.int64(4))
     prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING, step=torch.tensor(5))

@@ -167,6 +167,20 @@ def test_missing_shard(tmp_path):
         ShardReader(tmp_path / "nope.h5")
 
 
+def test_a_row_that_cannot_be_stored_is_dropped_alone_and_counted(tmp_path):
+    w = ShardWriter(tmp_path / "s.h5", ATTRS)
+    sid = w.metrics.register("x", "c", "")
+    for step in (0, 2**63, 1, "two", 2):  # what the API never lets through, among good rows
+        w.metrics.append(sid, step, 1.0, 0.0)
+    w.close()
+    with ShardReader(tmp_path / "s.h5") as r:
+        assert r.read_table("metrics")["step"].tolist() == [0, 1, 2]
+        end = r.end_record()
+        warnings = list(r.records("warning"))
+    assert end["lost_rows"]["metrics"] == 2 and end["series_rows"]["metrics"] == [3]
+    assert len(warnings) == 1 and "2 rows of 'metrics' could not be stored" in warnings[0]["message"]
+
+
 def test_flush_failure_is_recorded_not_raised(tmp_path):
     w = ShardWriter(tmp_path / "s.h5", ATTRS)
     sid = w.metrics.register("x", "c", "")

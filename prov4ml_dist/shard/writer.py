@@ -62,6 +62,7 @@ class SeriesTable:
         self.push = self.buffer.append
         self.rows_written = 0
         self.series_rows = np.zeros(0, dtype=np.int64)  # rows written per series id
+        self.dropped = 0  # rows that could not be stored (see take)
 
     def register(self, key: str, context: str, source: str, **extra: Any) -> int:
         """The id of a series, declaring it in the journal the first time it is seen."""
@@ -91,10 +92,28 @@ class SeriesTable:
         self.series_rows[:len(counts)] += counts
 
     def take(self) -> np.ndarray:
-        """Remove the buffered rows and return them as a structured array."""
+        """Remove the buffered rows and return them as a structured array. A row that cannot be
+        stored (the API lets none through) is dropped and counted, never the whole batch."""
         pop = self.buffer.popleft
-        n = len(self.buffer)
-        return np.fromiter((pop() for _ in range(n)), dtype=schema.ROW_DTYPE, count=n)
+        rows = [pop() for _ in range(len(self.buffer))]  # a list first (no slower): kept if conversion fails
+        try:
+            return np.fromiter(rows, dtype=schema.ROW_DTYPE, count=len(rows))
+        except (TypeError, ValueError, OverflowError) as exc:
+            kept = [row for row in rows if _storable(row)]
+            self.dropped += len(rows) - len(kept)
+            message = (f"{len(rows) - len(kept)} rows of {self.name!r} could not be stored ({exc}); "
+                       "dropped and counted in the end record's lost_rows")
+            log.warning("prov4ml_dist: %s", message)
+            self._journal({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
+            return np.fromiter(kept, dtype=schema.ROW_DTYPE, count=len(kept))
+
+
+def _storable(row: tuple) -> bool:
+    try:
+        np.array([row], dtype=schema.ROW_DTYPE)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 class ShardWriter:
@@ -267,7 +286,8 @@ class ShardWriter:
                      "rows": {n: t.rows_written for n, t in self.tables.items()},
                      "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
                      "failures": self.failures, "failure_count": self.failure_count,
-                     "lost_rows": self.lost_rows, "lost_journal_bytes": self.lost_journal_bytes})
+                     "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
+                     "lost_journal_bytes": self.lost_journal_bytes})
         self.flush()
         with self._flush_lock:
             try:
