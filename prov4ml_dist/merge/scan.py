@@ -58,6 +58,7 @@ class ShardInfo:
     last_time: float = math.nan
     problems: list[str] = field(default_factory=list)
     sha256: str = ""  # of the shard file as merged (ShardHasher): validate checks the file against it
+    run_id: str = ""
 
 
 def default_shards(run_dir: Path) -> list[Path]:
@@ -76,30 +77,28 @@ def choose_run_id(directory_name: str, identities: Sequence[tuple[str, int, int]
 
 
 def scan_shards(paths: Sequence[Path], problems: list[str], directory_name: str = "") -> list[ShardInfo]:
-    """The readable shards of the run (see ``choose_run_id``), sorted by (rank, attempt)."""
-    identities: list[tuple[Path, str, int, int]] = []
+    """The readable shards of the run (see ``choose_run_id``), sorted by (rank, attempt).
+    Each is opened once here (a thousand shards made opening them a large part of a merge)."""
+    found: list[ShardInfo] = []
     for path in sorted(Path(p) for p in paths):
         try:
-            with ShardReader(path) as reader:
-                identities.append((path, reader.run_id, reader.rank, reader.attempt))
+            found.append(_read_shard(path))
         except BAD_SHARD as exc:
             problems.append(f"skipped shard: {_described(exc, path)}")
-    if not identities:
+    if not found:
         return []
-    run_id = choose_run_id(directory_name, [(rid, rank, attempt) for _, rid, rank, attempt in identities])
+    run_id = choose_run_id(directory_name, [(s.run_id, s.rank, s.attempt) for s in found])
     shards: list[ShardInfo] = []
     seen: set[tuple[int, int]] = set()
-    for path, rid, rank, attempt in sorted(identities, key=lambda x: (x[2], x[3], str(x[0]))):
-        if rid != run_id:
-            problems.append(f"skipped shard {path}: run id {rid!r} is not the run's {run_id!r}")
-        elif (rank, attempt) in seen:
-            problems.append(f"skipped shard {path}: a second shard of rank {rank} attempt {attempt}")
+    for shard in sorted(found, key=lambda s: (s.rank, s.attempt, str(s.path))):
+        if shard.run_id != run_id:
+            problems.append(f"skipped shard {shard.path}: run id {shard.run_id!r} is not the run's {run_id!r}")
+        elif (shard.rank, shard.attempt) in seen:
+            problems.append(f"skipped shard {shard.path}: a second shard of rank {shard.rank} "
+                            f"attempt {shard.attempt}")
         else:
-            try:
-                shards.append(_read_shard(path, rank, attempt))
-                seen.add((rank, attempt))
-            except BAD_SHARD as exc:
-                problems.append(f"skipped shard: {_described(exc, path)}")
+            shards.append(shard)
+            seen.add((shard.rank, shard.attempt))
     return shards
 
 
@@ -107,10 +106,11 @@ def _described(exc: BaseException, path: Path) -> str:
     return str(exc) if isinstance(exc, ShardError) else f"{path}: unreadable ({type(exc).__name__}: {exc})"
 
 
-def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
-    """Journal and per-series row counts: from the end record of a shard that was closed,
-    else counted (the first full read of the rows)."""
+def _read_shard(path: Path) -> ShardInfo:
+    """Identity, journal and per-series row counts: from the end record of a shard that was
+    closed, else counted (the first full read of the rows)."""
     with ShardReader(path) as reader:
+        run_id, rank, attempt = reader.run_id, reader.rank, reader.attempt
         start, end, decls, records = None, None, {name: {} for name in schema.TABLES}, []
         last_time = -math.inf
         for record in reader.records():
@@ -131,7 +131,8 @@ def _read_shard(path: Path, rank: int, attempt: int) -> ShardInfo:
         corrupt = reader.corrupt_records
     return ShardInfo(path, rank, attempt, start, end, records, tables,
                      last_time=last_time if last_time > -math.inf else math.nan,
-                     problems=[f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else [])
+                     problems=[f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else [],
+                     run_id=run_id)
 
 
 class ShardHasher:
