@@ -170,10 +170,11 @@ def main() -> None:
         child(args.merge_child)
         return
     if args.quick:
-        cases = [(2, 10**4, 4), (8, 10**4, 4), (2, 10**5, 4), (8, 10**5, 4), (8, 20 * 500, 500), (8, 20 * 2000, 2000)]
+        cases = [(2, 10**4, 4), (8, 10**4, 4), (2, 10**5, 4), (8, 10**5, 4), (256, 10**3, 4), (8, 20 * 500, 500),
+                 (8, 20 * 2000, 2000)]
     else:
         cases = [(r, p, 4) for p in (10**5, 10**6) for r in (2, 8, 32)]
-        cases += [(8, 50 * 500, 500), (8, 50 * 2000, 2000), (8, 200 * 2000, 2000)]
+        cases += [(1024, 10**3, 4), (8, 50 * 500, 500), (8, 50 * 2000, 2000), (8, 200 * 2000, 2000)]
     print(" ".join(f"{title:>{width}}" for title, _, width, _ in COLUMNS))
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
         for ranks, points, keys in cases:
