@@ -148,7 +148,7 @@ class ShardHasher:
     def __enter__(self) -> ShardHasher:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def fill(self, problems: list[str]) -> None:
