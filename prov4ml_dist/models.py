@@ -12,10 +12,33 @@ from typing import Any
 from .artifacts import drop_world_write
 from .errors import ModelSaveError
 
+# Wrappers that hold the user's model in an attribute: DDP, DataParallel and FSDP in ``module``,
+# torch.compile's OptimizedModule in ``_orig_mod``. What was trained is the model inside.
+WRAPPERS = {"DistributedDataParallel": "module", "DataParallel": "module", "FullyShardedDataParallel": "module",
+            "OptimizedModule": "_orig_mod"}
+
+
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def unwrap(model: Any) -> tuple[Any, list[str]]:
+    """The model inside DDP / DataParallel / FSDP / torch.compile wrappers, and the wrappers'
+    class names from the outside in."""
+    wrappers = []
+    while (attr := WRAPPERS.get(type(model).__name__)) is not None and getattr(model, attr, None) is not None:
+        wrappers.append(_qualname(model))
+        model = getattr(model, attr)
+    return model, wrappers
+
 
 def model_info(model: Any) -> dict[str, Any]:
-    """Parameter counts and memory footprint of a torch module; the class name of anything else."""
-    info: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    """Parameter counts and memory footprint of a torch module; the class name of anything else.
+    ``class`` is the wrapped model's (a DDP-wrapped MLP is an MLP), ``wrappers`` the wrappers'."""
+    inner, wrappers = unwrap(model)
+    info: dict[str, Any] = {"class": _qualname(inner)}
+    if wrappers:
+        info["wrappers"] = wrappers
     parameters = getattr(model, "parameters", None)
     if callable(parameters):
         params = list(parameters())

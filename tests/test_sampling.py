@@ -15,13 +15,16 @@ import pytest
 
 from prov4ml_dist.errors import InvalidInputError
 from prov4ml_dist.sampling import Reading, Sampler, Sensor, SensorUnavailable
+from prov4ml_dist.sampling.sensor import Series
 from prov4ml_dist.shard import ShardReader, ShardWriter
 from prov4ml_dist.topology import Topology
 
-PROCESS_KEYS = {"process_cpu_percent", "process_memory_rss", "process_io_read_bytes", "process_io_write_bytes",
-                "process_threads"}
-NODE_KEYS = {"node_cpu_percent", "node_memory_used", "node_memory_percent", "node_disk_read_bytes",
-             "node_disk_write_bytes", "node_net_sent_bytes", "node_net_recv_bytes"}
+COUNTER_KEYS = {"process_io_read_bytes", "process_io_write_bytes", "node_disk_read_bytes", "node_disk_write_bytes",
+                "node_net_sent_bytes", "node_net_recv_bytes"}  # kernel totals, stored since start_run
+PROCESS_KEYS = {"process_cpu_percent", "process_memory_rss", "process_threads",
+                *(f"{k}{rate}" for k in COUNTER_KEYS if k.startswith("process") for rate in ("", "_per_s"))}
+NODE_KEYS = {"node_cpu_percent", "node_memory_used", "node_memory_percent",
+             *(f"{k}{rate}" for k in COUNTER_KEYS if k.startswith("node") for rate in ("", "_per_s"))}
 
 
 @dataclass
@@ -110,6 +113,11 @@ def test_real_sampler_writes_process_and_node_series(tmp_path):
     # main, flusher, sampler; the last sample is taken by stop() once the sampler thread has ended
     assert shard.rows["process_threads"]["value"][:-1].min() >= 3
     assert shard.rows["process_memory_rss"]["value"].min() > 0
+    for key in COUNTER_KEYS:  # amounts since the sensor opened (start_run), not since boot
+        amounts, rates = shard.rows[key]["value"], shard.rows[f"{key}_per_s"]["value"]
+        assert amounts[0] >= 0 and np.all(np.diff(amounts) >= 0) and np.all(rates >= 0), key
+        assert amounts[-1] <= rates.max() * (after - before) + 1, key  # no total since boot slipped in
+        assert shard.series[f"{key}_per_s"]["unit"] == "B/s"
     # every sensor recorded exactly once, available or not
     names = [r["name"] for r in shard.of("sensor")]
     assert len(names) == len(set(names)) and {"process", "node", "rapl"} <= set(names)
@@ -122,6 +130,25 @@ def test_real_sampler_writes_process_and_node_series(tmp_path):
     assert energy["rank"] == 0 and energy["samples"] >= 4
     assert {"gpus", "rapl", "gpu_joules", "rapl_joules", "start", "time"} <= set(energy)
     assert shard.of("warning") == []
+
+
+def test_counters_are_amounts_since_the_first_read_and_rates_since_the_previous_one(tmp_path):
+    totals = iter([(5e9, 7.0), (5e9 + 4096, 7.0), (5e9 + 4096 + 1024, 9.0)])  # e.g. bytes since boot
+
+    class Counting(Sensor):
+        name, scope = "counting", "node"
+
+        def open(self) -> list[Reading]:
+            return [Reading.since_start((Series("disk_bytes", "B"), Series("packets", "1")), lambda: next(totals))]
+
+    before = time.monotonic()
+    shard = sample_once(tmp_path, lambda: [Counting()])  # the probe, the caller's sample, the last one
+    elapsed = time.monotonic() - before
+    assert shard.rows["disk_bytes"]["value"].tolist() == [4096, 5120]
+    assert shard.rows["packets"]["value"].tolist() == [0, 2]
+    rates = shard.rows["disk_bytes_per_s"]["value"]
+    assert rates[0] >= 4096 / elapsed and rates[1] >= 1024 / elapsed  # over the time between reads
+    assert shard.series["packets_per_s"]["unit"] == "1/s" and shard.rows["packets_per_s"]["value"][0] == 0
 
 
 def test_node_sensors_only_on_local_rank_zero(tmp_path):

@@ -17,7 +17,7 @@ from ..shard import ShardReader, schema
 from .localdirs import import_local_dirs
 from .output import EXIT_OK, EXIT_PROBLEMS, CliError, duration, warn_all
 from .progress import MergeProgress
-from .rundir import existing_directory
+from .rundir import existing_directory, one_run_in
 
 DESCRIPTION = """\
 Build merged.h5 and prov.json of RUN_DIR from its shards alone. A crashed job merges up to
@@ -39,6 +39,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def run(args: argparse.Namespace) -> int:
     run_dir = existing_directory(args.run_dir)
+    if not (run_dir / schema.SHARDS_DIR).is_dir() and not args.local_dirs:
+        run_dir = one_run_in(run_dir) or run_dir  # an experiment directory holding one run
     run_id = expected_run_id(run_dir, list(shard_identities(default_shards(run_dir)).values()))
     refused = 0
     if args.local_dirs:

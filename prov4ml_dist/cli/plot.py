@@ -38,6 +38,8 @@ UNIT_NAMES = {"1": "count", "%": "%"}
 MARKERS = "os^vD<>p"
 ENERGY_LABELS = {"gpu_joules": "GPUs", "rapl_joules": "RAPL (CPU packages, DRAM)", "total_joules": "GPUs + RAPL"}
 DASHES = ("-", "--", "-.", ":")
+SINGLE_SAMPLE = ("one system sample per series: the run was shorter than its sample interval "
+                 "(start_run(sample_interval=...)), so these plots show single points")
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -156,6 +158,10 @@ class _Plotter:
         else:
             self._band(ax, curves, scale)
         ax.set_xlabel("time since the run started [s]" if by_time else "step")
+        if by_time and max(len(x) for _, x, _ in curves) <= 1:
+            ax.text(0.5, 0.92, SINGLE_SAMPLE, transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
+            if SINGLE_SAMPLE not in self.notes:
+                self.notes.append(SINGLE_SAMPLE)
         xs = np.concatenate([x for _, x, _ in curves])
         if xs.min() == xs.max():  # one step: matplotlib would show a ±0.05 axis
             ax.set_xlim(xs.min() - 1, xs.max() + 1)
@@ -167,9 +173,10 @@ class _Plotter:
     @staticmethod
     def _unit(unit: str, curves: list) -> tuple[float, str]:
         """Bytes in the binary unit that fits the largest value; other units as recorded."""
-        if unit == "B":
+        if unit in ("B", "B/s"):
             peak = max((float(np.nanmax(np.abs(y))) for _, _, y in curves if np.isfinite(y).any()), default=0.0)
-            return byte_unit(peak)
+            scale, name = byte_unit(peak)
+            return scale, name + unit[1:]
         return 1.0, UNIT_NAMES.get(unit, unit)
 
     def _label(self, s: SeriesSummary) -> str:

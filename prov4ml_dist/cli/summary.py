@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import statistics
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..merge import MergedRun
 from ..merge.layout import STAMP_ATTR
 from ..merge.model import Artifact, RankAttempt, SeriesSummary
 from .output import WIDTH, clip, clock, duration, number, ranks_text, size, table
-from .rundir import load_run, open_merged, run_directory, unavailable_sensors
+from .rundir import absent_sensors, load_run, open_merged, run_directory
 
 MAX_RANKS = 8
 MAX_LISTED = 12  # rows of a list (problems, incomplete ranks, nodes) before "… and N more"
@@ -53,7 +54,7 @@ def render(run: MergedRun, run_dir: Path, stamp: dict, max_ranks: int = MAX_RANK
     per_rank = len({r.rank for r in run.ranks}) <= max_ranks
     lines = _overview(run, run_dir, stamp)
     for section in (_params(run), _series(run, "metrics", per_rank), _series(run, "system", per_rank),
-                    _energy(run, max_ranks), _stragglers(run), _artifacts(run, per_rank), _models(run),
+                    _datasets(run), _energy(run, max_ranks), _stragglers(run), _artifacts(run, per_rank), _models(run),
                     _unfinished(run), _problems(run)):
         if section:
             lines += ["", *section]
@@ -84,7 +85,7 @@ def _overview(run: MergedRun, run_dir: Path, stamp: dict) -> list[str]:
         f"Ranks        {len({r.rank for r in run.ranks})} of world size {run.world_size}: "
         + ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
         f"Nodes        {_nodes(present)}",
-        f"GPUs         {_gpus(run, present)}",
+        *_gpus(run, present),
         f"Merged       {clock(merged_at) if isinstance(merged_at, (int, float)) else '-'}"
         f" by prov4ml-dist {stamp.get('version', '?')}; {len(run.problems)} problem(s)",
     ]
@@ -108,13 +109,20 @@ def _nodes(ranks: list[RankAttempt]) -> str:
             + f", … {hosts[-1]}")
 
 
-def _gpus(run: MergedRun, ranks: list[RankAttempt]) -> str:
+def _gpus(run: MergedRun, ranks: list[RankAttempt]) -> list[str]:
     uuids = {u for r in ranks for u in r.gpu_uuids}
     if uuids:
         nodes = {r.hostname for r in ranks if r.gpu_uuids}
-        return f"{len(uuids)} on {len(nodes)} node(s)"
-    why = unavailable_sensors(run, "nvml")
-    return "none recorded" + (f" ({'; '.join(why)})" if why else "")
+        return [f"GPUs         {len(uuids)} on {len(nodes)} node(s)"]
+    return _none("GPUs", "none recorded", *absent_sensors(run, "nvml"))
+
+
+def _none(title: str, headline: str, absent: str, reasons: list[str]) -> list[str]:
+    """A line saying what was not measured and why, the reasons in full on indented lines."""
+    indent = " " * 13
+    return [f"{title:<13}{headline}" + (f" ({absent})" if absent else ""),
+            *(line for reason in reasons for line in textwrap.wrap(
+                reason, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ", break_on_hyphens=False))]
 
 
 # -- params ------------------------------------------------------------------------------
@@ -142,8 +150,9 @@ def _unit(s: SeriesSummary) -> str:
 
 
 def _formatter(unit: str) -> Callable[[float], str]:
-    if unit == "B":
-        return lambda v: "-" if math.isnan(v) else size(v)
+    if unit in ("B", "B/s"):
+        per = unit[1:]
+        return lambda v: "-" if math.isnan(v) else size(v) + per
     suffix = "" if unit in ("", "1") else f" {unit}"
     return lambda v: "-" if math.isnan(v) else number(v) + suffix
 
@@ -211,13 +220,35 @@ def _outliers(members: list[SeriesSummary], fmt: Callable[[float], str]) -> list
     return found
 
 
+# -- datasets ----------------------------------------------------------------------------
+def _datasets(run: MergedRun) -> list[str]:
+    """One row per label: what it is, its size, and each rank's share (a DistributedSampler's)."""
+    by_label: dict[str, list] = defaultdict(list)
+    for d in run.datasets:
+        by_label[d.name].append(d)
+    rows = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        stats = [d.fields.get("stats") if isinstance(d.fields.get("stats"), dict) else {} for d in members]
+        fields = stats[0]
+        kind = str(fields.get("dataset_type") or fields.get("type") or "?").rsplit(".", 1)[-1]
+        shares = sorted({s["rank_samples"] for s in stats if isinstance(s.get("rank_samples"), int)})
+        share = "-" if not shares else number(shares[0]) if len(shares) == 1 else f"{shares[0]}-{shares[-1]}"
+        total = number(fields["total_samples"]) if isinstance(fields.get("total_samples"), int) else "-"
+        rows.append((label, kind, total, ranks_text({d.rank for d in members}), share,
+                     str(fields.get("batch_size", "-")), str(fields.get("num_batches", "-"))))
+    if not rows:
+        return []
+    return [f"Datasets ({len(rows)})", *table(("label", "type", "samples", "ranks", "per rank", "batch", "batches"),
+                                               rows, numeric=(2, 4, 5, 6), flex=1)]
+
+
 # -- energy ------------------------------------------------------------------------------
 def _energy(run: MergedRun, max_ranks: int) -> list[str]:
     # Totals only: the per-GPU and per-RAPL-domain fields ("gpu.<uuid>.joules") are for PROV.
     fields = sorted({f for e in run.energy for f in e.fields if f.endswith("joules") and "." not in f})
     if not any(e.fields.get(f) for e in run.energy for f in fields):
-        why = unavailable_sensors(run, "nvml", "rapl")
-        return ["Energy       none measured" + (f" ({'; '.join(why)})" if why else "")]
+        return _none("Energy", "none measured", *absent_sensors(run, "nvml", "rapl"))
     rows = []
     for scope in ("rank", "node", "job"):
         members = [e for e in run.energy if e.scope == scope]

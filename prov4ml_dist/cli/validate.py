@@ -30,6 +30,7 @@ from ..provenance.builder import P4D_NAMESPACE
 from ..shard import ShardReader, schema
 from .content import content_sha256
 from .output import EXIT_OK, EXIT_PROBLEMS, CliError, note
+from .rundir import is_run_directory, one_run_in
 
 P4D = Namespace("p4d", P4D_NAMESPACE)
 ARTIFACT_TYPES = ("Artifact", "Model", "ModelVersion")
@@ -62,6 +63,8 @@ def _locate(path: Path) -> Path:
     if path.is_file() and path.name == MERGED_NAME:
         path = path.parent
     if path.is_dir():
+        if not is_run_directory(path):
+            path = one_run_in(path) or path
         path = path / PROV_NAME
         if not path.is_file():
             raise CliError(f"{path.parent} has no {PROV_NAME}: merge the run first (`prov4ml-dist merge "

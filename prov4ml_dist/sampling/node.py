@@ -56,6 +56,6 @@ class NodeSensor(Sensor):
             # psutil keeps this state module-wide: a user's own cpu_percent() call shortens our window.
             Reading.single("node_cpu_percent", "%", psutil.cpu_percent),
             Reading((Series("node_memory_used", "B"), Series("node_memory_percent", "%")), _memory),
-            Reading((Series("node_disk_read_bytes", "B"), Series("node_disk_write_bytes", "B")), _disk),
-            Reading((Series("node_net_sent_bytes", "B"), Series("node_net_recv_bytes", "B")), _network),
+            Reading.since_start((Series("node_disk_read_bytes", "B"), Series("node_disk_write_bytes", "B")), _disk),
+            Reading.since_start((Series("node_net_sent_bytes", "B"), Series("node_net_recv_bytes", "B")), _network),
         ]

@@ -32,7 +32,7 @@ class ProcessSensor(Sensor):
             # % of one core, so above 100 for a process using several; the probe primes it.
             Reading.single("process_cpu_percent", "%", proc.cpu_percent),
             Reading.single("process_memory_rss", "B", lambda: proc.memory_info().rss),
-            Reading((Series("process_io_read_bytes", "B"), Series("process_io_write_bytes", "B")), io),
+            Reading.since_start((Series("process_io_read_bytes", "B"), Series("process_io_write_bytes", "B")), io),
             Reading.single("process_threads", "1", proc.num_threads),
         ]
 

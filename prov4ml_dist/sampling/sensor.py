@@ -9,6 +9,8 @@ never holds rows of None.
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -50,6 +52,34 @@ class Reading:
                slow: bool = False) -> Reading:
         """A reading of one value."""
         return cls((Series(key, unit, source),), lambda: (read(),), slow)
+
+    @classmethod
+    def since_start(cls, series: tuple[Series, ...], read: Callable[[], Sequence[float]]) -> Reading:
+        """Cumulative kernel counters (bytes since boot, or since the process began) as amounts
+        since the first read, i.e. since ``start_run``, plus a ``<key>_per_s`` rate each over
+        the interval since the previous read: a total since boot says nothing about the run."""
+        rates = tuple(Series(f"{s.key}_per_s", f"{s.unit}/s", s.source, s.device) for s in series)
+        return cls(series + rates, _SinceStart(read))
+
+
+class _SinceStart:
+    """The state of a ``Reading.since_start``: the first values and the previous read."""
+
+    def __init__(self, read: Callable[[], Sequence[float]]) -> None:
+        self._read = read
+        self._lock = threading.Lock()  # sample_now (caller's thread) and the sampler thread
+        self._first: tuple[float, ...] = ()
+        self._previous: tuple[tuple[float, ...], float] | None = None
+
+    def __call__(self) -> tuple[float, ...]:
+        with self._lock:
+            values, now = tuple(self._read()), time.monotonic()
+            if self._previous is None:
+                self._first, self._previous = values, (values, now)
+            (previous, then), self._previous = self._previous, (values, now)
+            elapsed = now - then
+            return (*(v - f for v, f in zip(values, self._first, strict=True)),
+                    *((v - p) / elapsed if elapsed > 0 else 0.0 for v, p in zip(values, previous, strict=True)))
 
 
 class Sensor(ABC):
