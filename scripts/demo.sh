@@ -16,8 +16,8 @@ run_dir=${run_dir%/}
 cat <<NEXT
 
 What next: the run is in $run_dir (merged.h5, prov.json, shards/, artifacts/). Try
-  $venv/bin/prov4ml-dist plot $run_dir -o $run_dir/plots      # PNGs of every metric, system series, energy
-  $venv/bin/prov4ml-dist export $run_dir --format csv -o -    # every point as CSV
-  $venv/bin/prov4ml-dist export $run_dir --format svg         # the PROV graph (needs Graphviz)
-or activate the venv (source $venv/bin/activate) and use prov4ml-dist directly.
+  source ${venv#"$PWD/"}/bin/activate; RUN=$run_dir
+  prov4ml-dist plot \$RUN -o plots                      # PNGs: every metric, system series, energy
+  prov4ml-dist export \$RUN --format csv -o points.csv  # every point as CSV
+  prov4ml-dist export \$RUN --format svg                # the PROV graph as prov.svg (needs Graphviz)
 NEXT
