@@ -31,7 +31,7 @@ why_rebuild() {  # empty when the venv can be reused
     echo "pyproject.toml, the extras, Python or this script changed since $venv was made"; return
   fi
   local where
-  where=$("$venv/bin/python" -c 'import prov4ml_dist, torch, h5py, prov; print(prov4ml_dist.__file__)' 2>/dev/null) \
+  where=$(env -u PYTHONPATH "$venv/bin/python" -c 'import prov4ml_dist, torch, h5py, prov; print(prov4ml_dist.__file__)' 2>/dev/null) \
     || { echo "$venv cannot import prov4ml_dist, torch, h5py and prov"; return; }
   [ "$where" = "$repo/prov4ml_dist/__init__.py" ] || echo "$venv imports prov4ml_dist from $where, not from $repo"
 }
