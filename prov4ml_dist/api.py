@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ArtifactError, InvalidInputError, RunStateError
 from .process_hooks import ExitHooks
-from .run import INT64_MAX, Run, RunConfig, as_metric_value, as_step, automatic_step_overflow
+from .run import INT64_MAX, Run, RunConfig, as_metric_value, as_step, automatic_step_overflow, check_param
 from .topology import detect
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,12 @@ def log_param(key: str, value: Any, context: Any = None, source: Any = None, is_
 
 
 def log_params(params: dict[str, Any]) -> None:
+    """Several params, all or nothing, as ``log_metrics``: every key and value is checked first."""
     if not isinstance(params, dict):
         raise InvalidInputError(f"log_params takes a dict of key → value, got {type(params).__name__}")
     run = require_run()
+    for key, value in params.items():
+        check_param(key, value)
     for key, value in params.items():
         run.log_param(key, value)
 

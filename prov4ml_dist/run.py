@@ -26,6 +26,7 @@ from .datasets import dataset_stats
 from .errors import InvalidInputError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
+from .shard.writer import to_json_line
 from .topology import Topology, detect
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,18 @@ def as_param_value(value: Any) -> Any:
     return repr(value)
 
 
+def check_param(key: Any, value: Any) -> Any:
+    """A param's key checked and its value as stored (``as_param_value``, and known to encode),
+    or InvalidInputError: ``log_params`` checks every item before it records one."""
+    check_name(key, "param key")
+    try:
+        stored = as_param_value(value)
+        to_json_line({"value": stored})
+    except RecursionError:
+        raise InvalidInputError(f"param {key!r:.60}: its value is nested too deeply, or contains itself") from None
+    return stored
+
+
 class Run:
     """The provenance of one process: its shard, its artifacts, its sampler."""
 
@@ -253,9 +266,10 @@ class Run:
 
         The stored names decide the series: the cache is keyed by the types as well as the
         values, since ``"train" == Phase.TRAIN`` (a StrEnum) and two IntEnum members with equal
-        values compare (and hash) equal while their stored names differ. Enum contexts are also
-        cached by ``id()`` (Enum.__hash__ is Python code, ~80 ns a call); the cache holds the
-        member, so its id cannot be reused. Strings stay keyed by value.
+        values compare (and hash) equal while their stored names differ (an Enum's is its name,
+        a string's its value). Enum contexts are also cached by ``id()`` (Enum.__hash__ is
+        Python code, ~80 ns a call); the cache holds the member, so its id cannot be reused.
+        Strings stay keyed by value.
         """
         ident = (key, context, source, type(key), type(context), type(source))
         try:
@@ -283,11 +297,8 @@ class Run:
         record = {"kind": "param", "time": time.time(), "key": check_name(key, "param key")}
         if context is not None:
             record["context"] = context_name(context)
-        try:
-            record["value"] = as_param_value(value)
-            self.writer.record(record)
-        except RecursionError:
-            raise InvalidInputError(f"param {key!r:.60}: its value is nested too deeply, or contains itself") from None
+        record["value"] = check_param(key, value)
+        self.writer.record(record)
 
     def log_artifact(self, name: Any, value: Any, context: Any, step: Any = None, timestamp: Any = None,
                      copy: bool = True, is_input: bool = False) -> dict[str, Any]:

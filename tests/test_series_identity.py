@@ -103,3 +103,15 @@ def test_enum_params_are_stored_by_name_whatever_their_value_type(run_dir):
     _, params = _stored()
     assert params == {"phase": "TRAIN", "eval": "EVAL", "opt": "ADAM", "ctx": "TESTING",
                       "nested": ["TEST", {"k": "TRAIN"}], "nan": "nan"}
+
+
+def test_a_refused_log_params_call_records_nothing(run_dir):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    for bad in ({"": 1}, {"x": deep}):
+        with pytest.raises(InvalidInputError):
+            prov4ml.log_params({"lr": 0.1, **bad})
+    prov4ml.log_params({"seed": 1})
+    _, params = _stored()
+    assert params == {"seed": 1}
