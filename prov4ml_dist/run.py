@@ -271,7 +271,10 @@ class Run:
         Python code, ~80 ns a call); the cache holds the member, so its id cannot be reused.
         Strings stay keyed by value.
         """
-        ident = (key, context, source, type(key), type(context), type(source))
+        if type(context) is str and source is None and type(key) is str:  # the common case, kept short
+            ident = (key, context)
+        else:
+            ident = (key, context, source, type(key), type(context), type(source))
         try:
             series = self._series.get(ident)
         except TypeError:
