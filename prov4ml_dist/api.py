@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ArtifactError, InvalidInputError, RunStateError
 from .process_hooks import ExitHooks
-from .run import Run, RunConfig
+from .run import INT64_MAX, Run, RunConfig, as_metric_value, as_step, automatic_step_overflow, check_param
 from .topology import detect
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,19 @@ def log_metric(key: str, value: Any, context: Any, step: int | None = None, sour
 
 
 def log_metrics(metrics: dict[str, Any], context: Any, step: int | None = None, source: Any = None) -> None:
-    """Several metrics at the same step."""
+    """Several metrics at the same step, all or nothing: every key, value, the context, source
+    and step are checked before the first point is logged, so a refused call records nothing."""
     if not isinstance(metrics, dict):
         raise InvalidInputError(f"log_metrics takes a dict of key → value, got {type(metrics).__name__}")
     run = require_run()
+    if step is not None:
+        step = as_step(step)
+    values = {}
     for key, value in metrics.items():
+        if run.next_step(key, context, source) > INT64_MAX and step is None:
+            raise automatic_step_overflow(key)
+        values[key] = as_metric_value(value)
+    for key, value in values.items():
         run.log_metric(key, value, context, step, source)
 
 
@@ -126,9 +134,12 @@ def log_param(key: str, value: Any, context: Any = None, source: Any = None, is_
 
 
 def log_params(params: dict[str, Any]) -> None:
+    """Several params, all or nothing, as ``log_metrics``: every key and value is checked first."""
     if not isinstance(params, dict):
         raise InvalidInputError(f"log_params takes a dict of key → value, got {type(params).__name__}")
     run = require_run()
+    for key, value in params.items():
+        check_param(key, value)
     for key, value in params.items():
         run.log_param(key, value)
 

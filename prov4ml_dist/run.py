@@ -26,6 +26,7 @@ from .datasets import dataset_stats
 from .errors import InvalidInputError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
+from .shard.writer import to_json_line
 from .topology import Topology, detect
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,22 @@ def as_step(step: Any) -> int:
     return value
 
 
+def automatic_step_overflow(key: str) -> InvalidInputError:
+    """The error for ``step=None`` after step 2**63 - 1 (the flusher could not store it)."""
+    return InvalidInputError(f"metric {key!r:.60}: the next automatic step does not fit in 64 bits; pass step=")
+
+
 def as_param_value(value: Any) -> Any:
-    """Params keep JSON types; NumPy/torch scalars become numbers; anything else its repr
-    (NaN and ±inf too: JSON has no such numbers, the journal would refuse the record)."""
+    """Params keep JSON types; NumPy/torch scalars become numbers; Enum members their name,
+    as contexts (a StrEnum or IntEnum too: it is a str or int, but its name is what it says);
+    anything else its repr (NaN and ±inf too: JSON has no such numbers, the journal would
+    refuse the record)."""
+    if isinstance(value, Enum):
+        return value.name
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
-    if isinstance(value, Enum):
-        return value.name
     if isinstance(value, (list, tuple)):
         return [as_param_value(v) for v in value]
     if isinstance(value, dict):
@@ -150,6 +158,18 @@ def as_param_value(value: Any) -> Any:
     if callable(item) and getattr(value, "ndim", 1) == 0:
         return as_param_value(item())
     return repr(value)
+
+
+def check_param(key: Any, value: Any) -> Any:
+    """A param's key checked and its value as stored (``as_param_value``, and known to encode),
+    or InvalidInputError: ``log_params`` checks every item before it records one."""
+    check_name(key, "param key")
+    try:
+        stored = as_param_value(value)
+        to_json_line({"value": stored})
+    except RecursionError:
+        raise InvalidInputError(f"param {key!r:.60}: its value is nested too deeply, or contains itself") from None
+    return stored
 
 
 class Run:
@@ -228,20 +248,33 @@ class Run:
         if step is None:
             step = series[1]
             if step > INT64_MAX:  # the last explicit step was 2**63 - 1
-                raise InvalidInputError(f"metric {key!r:.60}: the next automatic step does not fit in 64 bits; "
-                                        "pass step=")
+                raise automatic_step_overflow(key)
         series[1] = step + 1
         self._push((series[0], step, value, _now()))
         if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
             self.writer.flush()
 
+    def next_step(self, key: Any, context: Any, source: Any) -> int:
+        """The step ``step=None`` would give this series now (0 if it is new), checking the
+        names but declaring nothing: ``log_metrics`` checks every item before logging one."""
+        names = (check_name(key, "metric key"), context_name(context), source_name(source))
+        series = self._series_by_name.get(names)
+        return series[1] if series is not None else 0
+
     def _lookup(self, key: Any, context: Any, source: Any) -> list[int]:
         """The [id, next step] of a (key, context, source), validated and created on first use.
 
-        Enum contexts are also cached by ``id()`` (Enum.__hash__ is Python code, ~80 ns a call);
-        the cache holds the member, so its id cannot be reused. Strings stay keyed by value.
+        The stored names decide the series: the cache is keyed by the types as well as the
+        values, since ``"train" == Phase.TRAIN`` (a StrEnum) and two IntEnum members with equal
+        values compare (and hash) equal while their stored names differ (an Enum's is its name,
+        a string's its value). Enum contexts are also cached by ``id()`` (Enum.__hash__ is
+        Python code, ~80 ns a call); the cache holds the member, so its id cannot be reused.
+        Strings stay keyed by value.
         """
-        ident = (key, context, source)
+        if type(context) is str and source is None and type(key) is str:  # the common case, kept short
+            ident = (key, context)
+        else:
+            ident = (key, context, source, type(key), type(context), type(source))
         try:
             series = self._series.get(ident)
         except TypeError:
@@ -267,11 +300,8 @@ class Run:
         record = {"kind": "param", "time": time.time(), "key": check_name(key, "param key")}
         if context is not None:
             record["context"] = context_name(context)
-        try:
-            record["value"] = as_param_value(value)
-            self.writer.record(record)
-        except RecursionError:
-            raise InvalidInputError(f"param {key!r:.60}: its value is nested too deeply, or contains itself") from None
+        record["value"] = check_param(key, value)
+        self.writer.record(record)
 
     def log_artifact(self, name: Any, value: Any, context: Any, step: Any = None, timestamp: Any = None,
                      copy: bool = True, is_input: bool = False) -> dict[str, Any]:

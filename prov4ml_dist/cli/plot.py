@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from ..merge import MergedRun
+from ..merge.means import nanmean
 from ..merge.model import SeriesSummary
 from .output import CliError, byte_unit, note
 from .points import series_points
@@ -202,7 +203,7 @@ class _Plotter:
             stack[i, inside] = np.interp(grid[inside], xs, ys)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # grid points no rank reached
-            low, mean, high = np.nanmin(stack, axis=0), np.nanmean(stack, axis=0), np.nanmax(stack, axis=0)
+            low, mean, high = np.nanmin(stack, axis=0), nanmean(stack), np.nanmax(stack, axis=0)
         ranks = len({s.rank for s, _, _ in curves})
         if len(grid) < FEW_POINTS:
             ax.errorbar(grid, mean, yerr=[mean - low, high - mean], fmt="o-", capsize=4, markersize=4,

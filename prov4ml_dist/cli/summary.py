@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..merge import MergedRun
 from ..merge.layout import STAMP_ATTR
+from ..merge.means import mean_of
 from ..merge.model import Artifact, RankAttempt, SeriesSummary
 from .output import WIDTH, clip, clock, duration, number, ranks_text, size, table
 from .rundir import absent_sensors, load_run, open_merged, run_directory
@@ -177,7 +178,7 @@ def _series(run: MergedRun, table_name: str, per_rank: bool) -> list[str]:
             continue
         lasts = [s.last for s in members if s.count and not math.isnan(s.last)]
         rows.append((key, label, str(len({s.rank for s in members})), str(sum(s.count for s in members)),
-                     *((fmt(min(lasts)), fmt(statistics.fmean(lasts)), fmt(max(lasts))) if lasts else ("-",) * 3),
+                     *((fmt(min(lasts)), fmt(mean_of(lasts)), fmt(max(lasts))) if lasts else ("-",) * 3),
                      fmt(_nanmin(s.min for s in members)), fmt(_nanmax(s.max for s in members))))
         outliers += [f"  {key} ({label}): {o}" for o in _outliers(members, fmt)]
     if per_rank:
@@ -253,7 +254,7 @@ def _energy(run: MergedRun, max_ranks: int) -> list[str]:
     for scope in ("rank", "node", "job"):
         members = [e for e in run.energy if e.scope == scope]
         if len(members) > max(max_ranks, 1):
-            for label, pick in (("min", min), ("mean", statistics.fmean), ("max", max)):
+            for label, pick in (("min", min), ("mean", mean_of), ("max", max)):
                 rows.append((f"{scope} ({len(members)})", label, *(
                     _joules(pick(values)) if values else "-"
                     for values in ([e.fields[f] for e in members if f in e.fields] for f in fields))))

@@ -7,6 +7,11 @@ data-parallel norm) is reduced column-wise, a block of every series at a time, w
 sorting. Any other large group is streamed: one cursor per series (per monotone run of
 steps, for a series whose step went backwards), read in blocks and merged by step; a step
 is complete once every cursor has moved past it, so only a block per cursor is ever held.
+A group with more than ``MAX_CURSORS`` monotone runs (per-epoch batch steps over thousands
+of epochs) would hold too many blocks: it is read in passes instead, each pass keeping the
+partials of the lowest steps not yet done (at most ``WINDOW_ROWS / 2`` of them, one per
+(step, rank)), so memory stays that of a window whatever the runs; the price is one read
+of the group per ``WINDOW_ROWS / 4`` distinct (step, rank) pairs.
 
 Times that are NaN are ignored for the slowest rank and the skew; a step with no time at
 all has no slowest rank (-1) and a NaN skew.
@@ -23,6 +28,7 @@ import h5py
 import numpy as np
 
 from . import layout
+from .means import SCALE, UNSCALE, mean_from_sums
 from .series import SeriesIndex
 from .store import Appender
 
@@ -30,6 +36,7 @@ WINDOW_ROWS = 1 << 19
 LOCKSTEP_MIN_ROWS = 1 << 12  # below it, a group goes into a window with its neighbours
 MIN_BLOCK_ROWS = 256
 MAX_CURSORS = 8192
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 @dataclass
 class Partials:
@@ -54,12 +61,50 @@ def partials(rows: np.ndarray, group_of: np.ndarray) -> Partials:
     series, step, value, when = rows["series"], rows["step"], rows["value"], rows["time"]
     starts = np.flatnonzero(np.r_[len(rows) > 0, (series[1:] != series[:-1]) | (step[1:] != step[:-1])])
     isnan = np.isnan(value)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduceat(np.where(isnan, 0.0, value), starts)
+        # The overflow-safe mean's second sum (means.py): scaling a finite sum is exact, so only
+        # a sum that overflowed (or met ±inf) is added up again from its scaled values.
+        scaled = total * SCALE
+        if not np.isfinite(total).all():
+            scaled = np.add.reduceat(np.where(isnan, 0.0, value * SCALE), starts)
     return Partials({
         "group": group_of[series[starts]], "step": step[starts], "rank": rows["rank"][starts],
         "n": np.diff(np.r_[starts, len(rows)]), "nv": np.add.reduceat(~isnan, starts),
-        "sum": np.add.reduceat(np.where(isnan, 0.0, value), starts), "min": np.fmin.reduceat(value, starts),
+        "sum": total, "scaled": scaled, "min": np.fmin.reduceat(value, starts),
         "max": np.fmax.reduceat(value, starts), "tmin": np.fmin.reduceat(when, starts),
         "tmax": np.fmax.reduceat(when, starts)})
+
+
+def combine(p: Partials) -> Partials:
+    """One partial per (group, step, rank): what a step-range pass keeps stays bounded even
+    when a rank logs one step many times, apart."""
+    if not len(p):
+        return p
+    p = p.take(_by_group_step_rank(p))
+    c = p.columns
+    group, step, rank = c["group"], c["step"], c["rank"]
+    starts = np.flatnonzero(np.r_[True, (group[1:] != group[:-1]) | (step[1:] != step[:-1])
+                                  | (rank[1:] != rank[:-1])])
+    if len(starts) == len(p):  # nothing to combine (steps that never repeat)
+        return p
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowed sum: "scaled" stays right
+        return Partials({
+            "group": group[starts], "step": step[starts], "rank": rank[starts],
+            **{name: np.add.reduceat(c[name], starts) for name in ("n", "nv", "sum", "scaled")},
+            **{name: np.fmin.reduceat(c[name], starts) for name in ("min", "tmin")},
+            **{name: np.fmax.reduceat(c[name], starts) for name in ("max", "tmax")}})
+
+
+def _lowest(p: Partials, keep: int) -> Partials:
+    """The partials of the lowest steps, about ``keep`` of them (all of a step or none)."""
+    steps = p.columns["step"]
+    if len(p) <= keep:
+        return p
+    cutoff = int(np.partition(steps, keep)[keep])
+    if cutoff == int(steps.min()):
+        cutoff += 1  # one step holds more than ``keep`` partials (at most one per rank): keep it whole
+    return p.take(steps < cutoff)
 
 
 def _by_group_step_rank(p: Partials) -> np.ndarray:
@@ -91,15 +136,16 @@ def aggregate(p: Partials) -> np.ndarray:
     candidate = np.where(c["tmax"] == tmax[segment], np.arange(len(p)), len(p))
     rank_or_none = np.r_[rank, layout.NO_VALUE]
     nv = np.add.reduceat(c["nv"], starts)
-    total = np.add.reduceat(c["sum"], starts)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduceat(c["sum"], starts)
     out = np.empty(len(starts), dtype=layout.CROSSRANK_DTYPE)
     out["group"], out["step"] = group[starts], step[starts]
     out["ranks"] = np.add.reduceat(new_rank, starts)
     out["count"] = np.add.reduceat(c["n"], starts)
     out["min"] = np.fmin.reduceat(c["min"], starts)
     out["max"] = np.fmax.reduceat(c["max"], starts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean"] = np.where(nv > 0, total / np.maximum(nv, 1), math.nan)
+    out["mean"] = mean_from_sums(total, nv, out["min"], out["max"],
+                                 lambda redo: np.add.reduceat(c["scaled"], starts)[redo])
     out["slowest_rank"] = rank_or_none[np.minimum.reduceat(candidate, starts)]
     out["skew"] = tmax - np.fmin.reduceat(c["tmin"], starts)
     return out
@@ -114,9 +160,10 @@ def lockstep(group: int, steps: np.ndarray, values: np.ndarray, times: np.ndarra
     out["min"] = np.fmin.reduce(values, axis=0)
     out["max"] = np.fmax.reduce(values, axis=0)
     valid = ~np.isnan(values)
-    nv = valid.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean"] = np.where(nv > 0, np.where(valid, values, 0.0).sum(axis=0) / np.maximum(nv, 1), math.nan)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.where(valid, values, 0.0).sum(axis=0)
+    out["mean"] = mean_from_sums(total, valid.sum(axis=0), out["min"], out["max"],
+                                 lambda redo: np.where(valid[:, redo], values[:, redo] * SCALE, 0.0).sum(axis=0))
     tmax = np.fmax.reduce(times, axis=0)
     latest = times == tmax
     out["slowest_rank"] = np.where(latest.any(axis=0), ranks[latest.argmax(axis=0)], layout.NO_VALUE)
@@ -132,7 +179,7 @@ class _Tally:
     steps: int = 0
     multi: int = 0
     timed: int = 0  # multi-rank steps with a skew (not NaN)
-    skew_sum: float = 0.0
+    skew_sum: float = 0.0  # times means.SCALE: crafted times must not overflow the mean skew
     skew_max: float = -math.inf
     skew_max_step: int = layout.NO_VALUE
     slowest: Counter = field(default_factory=Counter)
@@ -152,10 +199,9 @@ class _Cursor:
 class CrossRank:
     """Writes ``crossrank`` and ``slowest`` of one table and fills the groups' report columns."""
 
-    def __init__(self, parent: h5py.Group, index: SeriesIndex, problems: list[str]) -> None:
+    def __init__(self, parent: h5py.Group, index: SeriesIndex) -> None:
         self.index = index
         self.rows = parent[layout.ROWS]
-        self.problems = problems
         self.stats = Appender(parent, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
         self.slowest = Appender(parent, layout.SLOWEST, layout.SLOWEST_DTYPE)
         self.group_of = index.series["group"]
@@ -253,7 +299,7 @@ class CrossRank:
             if not len(multi):
                 continue
             tally.timed += len(multi)
-            tally.skew_sum += float(multi["skew"].sum())
+            tally.skew_sum += float((multi["skew"] * SCALE).sum())
             top = int(np.argmax(multi["skew"]))
             if multi["skew"][top] > tally.skew_max:
                 tally.skew_max, tally.skew_max_step = float(multi["skew"][top]), int(multi["step"][top])
@@ -267,7 +313,7 @@ class CrossRank:
         start = tally.start if tally.steps else self.stats.size
         row["stat_start"], row["stat_stop"] = start, start + tally.steps
         row["multi_rank_steps"] = tally.multi
-        row["skew_mean"] = tally.skew_sum / tally.timed if tally.timed else math.nan
+        row["skew_mean"] = min(tally.skew_sum / tally.timed * UNSCALE, tally.skew_max) if tally.timed else math.nan
         row["skew_max"] = tally.skew_max if tally.timed else math.nan
         row["skew_max_step"] = tally.skew_max_step
         # Most often slowest; ties go to the lower rank.
@@ -278,9 +324,11 @@ class CrossRank:
 
     def _stream(self, g: int) -> Iterator[np.ndarray]:
         """A large group: k-way merge of its monotone runs, emitting complete steps."""
-        cursors = self._cursors(g)
-        if cursors is None:
+        series = self.index.series[int(self.index.groups["series_start"][g]):int(self.index.groups["series_stop"][g])]
+        if int(series["runs"].sum()) > MAX_CURSORS:
+            yield from self._step_ranges(g)
             return
+        cursors = self._cursors(g)
         block = max(MIN_BLOCK_ROWS, WINDOW_ROWS // max(1, len(cursors)))
         pending: list[Partials] = []
         while cursors:
@@ -299,7 +347,48 @@ class CrossRank:
             if done.any():
                 yield aggregate(p.take(done))
 
-    def _cursors(self, g: int) -> list[_Cursor] | None:
+    def _step_ranges(self, g: int) -> Iterator[np.ndarray]:
+        """Passes over the group's rows: each keeps, combined per (step, rank), the partials of
+        the lowest steps from ``done_below`` on (at most ``WINDOW_ROWS / 2``) and emits them.
+        The first pass notes each block's step range, so later passes read only the blocks
+        that hold steps still wanted (all of them for shuffled steps, few for long runs)."""
+        start, stop = int(self.index.groups["row_start"][g]), int(self.index.groups["row_stop"][g])
+        block = max(MIN_BLOCK_ROWS, WINDOW_ROWS // 4)  # the window's peak memory: blocks, partials and sorts
+        spans: dict[int, tuple[int, int]] = {}  # block start → least and greatest step
+        done_below = INT64_MIN
+        while True:
+            cutoff = INT64_MAX + 1  # steps from it on are left to a later pass
+            kept: list[Partials] = []
+            size = 0
+            # Blocks by their least step once known: the lowest steps fill the pass first, and
+            # the cutoff they set lets the later blocks be skipped unread.
+            for a in sorted(spans, key=lambda a: spans[a][0]) if spans else range(start, stop, block):
+                low, high = spans.get(a, (done_below, done_below))
+                if high < done_below or low >= cutoff:
+                    continue
+                rows = self.rows[a:min(stop, a + block)]
+                step = rows["step"]
+                spans.setdefault(a, (int(step.min()), int(step.max())))
+                wanted = (step >= done_below) & (step < cutoff)
+                if not wanted.all():
+                    rows = rows[wanted]
+                if not len(rows):
+                    continue
+                kept.append(combine(partials(rows, self.group_of)))
+                size += len(kept[-1])
+                if size > WINDOW_ROWS // 2:
+                    combined = combine(Partials.concat(kept))
+                    p = _lowest(combined, WINDOW_ROWS // 4)
+                    if len(p) < len(combined):
+                        cutoff = int(p.columns["step"].max()) + 1
+                    kept, size = [p], len(p)
+            if kept:
+                yield aggregate(Partials.concat(kept))
+            if cutoff > INT64_MAX:
+                return
+            done_below = cutoff
+
+    def _cursors(self, g: int) -> list[_Cursor]:
         """One cursor per monotone run of steps of each series of the group."""
         groups, series = self.index.groups, self.index.series
         cursors: list[_Cursor] = []
@@ -311,11 +400,6 @@ class CrossRank:
                 cursors.append(_Cursor(start, stop))
             else:
                 cursors += [_Cursor(a, b) for a, b in self._runs(start, stop)]
-            if len(cursors) > MAX_CURSORS:
-                self.problems.append(
-                    f"no cross-rank statistics for {self.index.table} key {groups['key'][g]!r} context "
-                    f"{groups['context'][g]!r}: its steps go backwards more than {MAX_CURSORS} times")
-                return None
         return cursors
 
     def _runs(self, start: int, stop: int) -> list[tuple[int, int]]:
@@ -327,6 +411,4 @@ class CrossRank:
                 bounds.append(a)
             bounds += (np.flatnonzero(steps[1:] < steps[:-1]) + 1 + a).tolist()
             previous = steps[-1]
-            if len(bounds) > MAX_CURSORS:
-                break
         return list(zip(bounds, [*bounds[1:], stop], strict=True))

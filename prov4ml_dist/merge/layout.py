@@ -15,7 +15,9 @@ two merges of the same shards; equality checks ignore it.
 - ``/records`` (``RECORD_DTYPE``): every other journal record (param, artifact, model,
   dataset, energy, sensor, warning, ...) as JSON, in (rank, attempt, journal) order.
 - ``/params`` (``PARAM_DTYPE``): one row per (key, distinct value) with the ranks holding it;
-  ``majority`` marks the value most ranks hold, so disagreements are rows with majority 0.
+  ``majority`` marks the value most ranks hold (a tie: the lowest rank's), so disagreements
+  are rows with majority 0. A rank's value is the last it logged (its latest attempt's);
+  values are compared as canonical JSON, so ``1`` and ``1.0`` differ.
 - ``/artifacts/content`` (``CONTENT_DTYPE``): artifacts and model versions content-addressed
   by sha256, sorted by it; ``/artifacts/generations`` (``GENERATION_DTYPE``): which rank
   saved which content under which name, version and path.
@@ -25,12 +27,22 @@ two merges of the same shards; equality checks ignore it.
     rank and attempt; each series is one contiguous row range, in logging order;
   - ``series`` (``SERIES_DTYPE``): one row per (key, context, source, rank, attempt); its
     index is the ``series`` column of ``rows``; ``row_start``/``row_stop`` point into ``rows``;
+    ``first_step``/``last_step`` are the first and last point's steps in logging order (not
+    the least and greatest), ``runs`` is 1 + how often the step went back (0 without points),
+    ``min``/``max`` ignore NaN and include ±inf, ``last`` is the last value (NaN too),
+    ``nonfinite`` counts NaN and ±inf values;
   - ``groups`` (``GROUP_DTYPE``): one row per (key, context, source, attempt) — the ranks that
     ran together — with its series range, its ``crossrank`` range and the straggler report;
-  - ``crossrank`` (``CROSSRANK_DTYPE``): per group of two or more series, and step: ranks, points, min, mean, max
-    (NaN ignored), the slowest rank (latest wall-clock time; ties go to the lower rank; -1
-    when no rank has a time, NaN times being ignored) and the time skew (latest minus
-    earliest time of that step);
+  - ``crossrank`` (``CROSSRANK_DTYPE``): per group of two or more series (every such group,
+    whatever its size or step pattern), and step: ranks, points, min, mean, max (NaN ignored;
+    the mean never overflows: of finite values it is finite, ``+inf`` or ``-inf`` among them
+    gives that infinity, both give NaN), the slowest rank (the latest wall-clock time, a
+    rank's latest point when it logged the step again; ties go to the lower rank; -1 when no
+    rank has a time, NaN times being ignored) and the time skew (latest minus earliest time
+    of that step, over every point: a rank's own gap between repeats counts);
+  - the straggler columns of ``groups``: ``slowest_rank`` the rank slowest at most steps
+    (ties go to the lower rank), ``skew_mean``/``skew_max`` over steps logged by two or more
+    ranks, ``skew_max_step`` the lowest step with the largest skew;
   - ``slowest`` (``SLOWEST_DTYPE``): per group, how many steps each rank was the slowest of
     (steps logged by at least two ranks only).
 """

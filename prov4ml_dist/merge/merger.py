@@ -148,7 +148,7 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
     for done, index in enumerate(indexes):
         report("crossrank", done, len(indexes))
         group = out[index.table]
-        CrossRank(group, index, problems).run()
+        CrossRank(group, index).run()
         write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
         write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
     report("crossrank", len(indexes), len(indexes))
