@@ -19,6 +19,7 @@ rank 0 has posted the receive for it, so rank 0 holds one chunk at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import struct
@@ -55,7 +56,7 @@ WINDOW = 2
 # A stream frame larger than this is a protocol error, refused before anything is allocated.
 MAX_FRAME_BYTES = 256 << 20
 _POLL_MAX_S = 0.005
-CANCEL_GRACE_S = 5.0
+SMALL_SEND_S = 5.0
 
 
 def _poll(ready: Callable[[], Any], deadline: Deadline) -> bool:
@@ -69,13 +70,23 @@ def _poll(ready: Callable[[], Any], deadline: Deadline) -> bool:
     return True
 
 
-def _cancel(request: MPI.Request) -> bool:
-    """Cancel a send nobody received; True if it had completed after all. A send that can be
-    neither cancelled nor completed within CANCEL_GRACE_S is abandoned, not waited for."""
-    request.Cancel()
-    status = MPI.Status()
-    done = _poll(lambda: request.Test(status), Deadline(CANCEL_GRACE_S))
-    return done and not status.Is_cancelled()
+# Sends that did not complete in time, with their buffers. MPI_Cancel is not used: MPI 4
+# deprecates it for sends, and MPICH's shared-memory path crashed in it. MPI may read a buffer
+# until its send completes (MPICH reads it from the receiving process), so it must outlive the
+# request: a later receive (one that drops stale frames, or ``close``'s drain) completes it.
+_abandoned: list[tuple[MPI.Request, bytes]] = []
+
+
+def _prune_abandoned() -> None:
+    """Let go of the abandoned sends that have completed since."""
+    _abandoned[:] = [(r, b) for r, b in _abandoned if not r.Test()]
+
+
+def _abandon(request: MPI.Request, buffer: bytes) -> None:
+    """Stop waiting for a send, keeping what it needs alive."""
+    _prune_abandoned()
+    if not request.Test():
+        _abandoned.append((request, buffer))
 
 
 class MpiTransport(Transport):
@@ -114,10 +125,11 @@ class MpiTransport(Transport):
         message[0].Recv([buf, MPI.BYTE])
         return status.Get_source(), buf
 
-    def _complete(self, request: MPI.Request, deadline: Deadline, what: str) -> None:
-        """Wait for a send; on timeout cancel it (unless it completed meanwhile) and raise."""
-        if _poll(request.Test, deadline) or _cancel(request):
+    def _complete(self, request: MPI.Request, buffer: bytes, deadline: Deadline, what: str) -> None:
+        """Wait for a send of ``buffer``; on timeout abandon it and raise."""
+        if _poll(request.Test, deadline):
             return
+        _abandon(request, buffer)
         raise TransportTimeout(f"rank {self.rank}: {what} (timeout {deadline.seconds:.1f} s)")
 
     def _envelope(self, op: int, value: Any) -> bytes:
@@ -151,14 +163,14 @@ class MpiTransport(Transport):
         # Small messages are sent eagerly: these complete even towards a rank that has exited.
         requests = [self._comm.Isend([data, MPI.BYTE], rank, TAG_BROADCAST) for rank in range(1, self.world_size)]
         for rank, request in enumerate(requests, start=1):
-            self._complete(request, deadline, f"broadcasting to rank {rank}")
+            self._complete(request, data, deadline, f"broadcasting to rank {rank}")
         return value
 
     def gather(self, value: Any, timeout: float) -> dict[int, Any] | None:
         op, deadline = next(self._ops), Deadline(timeout)
         if self.rank != 0:
-            self._complete(self._comm.Isend([self._envelope(op, value), MPI.BYTE], 0, TAG_GATHER), deadline,
-                           "sending to rank 0")
+            data = self._envelope(op, value)
+            self._complete(self._comm.Isend([data, MPI.BYTE], 0, TAG_GATHER), data, deadline, "sending to rank 0")
             return None
         values = {0: value}
         while len(values) < self.world_size:
@@ -193,8 +205,8 @@ class MpiTransport(Transport):
             frame = b"".join((sid, kind, payload))
             pending.append((self._comm.Issend([frame, MPI.BYTE], dst, TAG_STREAM), frame))
             while len(pending) > keep:
-                request, _ = pending.popleft()
-                self._complete(request, Deadline(timeout), f"streaming to rank {dst}")
+                request, sent = pending.popleft()
+                self._complete(request, sent, Deadline(timeout), f"streaming to rank {dst}")
 
         try:
             try:
@@ -207,8 +219,8 @@ class MpiTransport(Transport):
                 raise
             send(END, keep=0)
         except TransportTimeout:
-            for request, _ in pending:
-                _cancel(request)
+            for request, sent in pending:
+                _abandon(request, sent)
             raise
 
     def _take_go(self, dst: int, sid: bytes, deadline: Deadline) -> bool:
@@ -242,8 +254,18 @@ class MpiTransport(Transport):
     def _send_small(self, data: bytes, dst: int, tag: int) -> None:
         """A few bytes, sent eagerly: they leave at once, received or not."""
         request = self._comm.Isend([data, MPI.BYTE], dst, tag)
-        if not _poll(request.Test, Deadline(CANCEL_GRACE_S)):
-            _cancel(request)
+        if not _poll(request.Test, Deadline(SMALL_SEND_S)):
+            _abandon(request, data)
+
+    def close(self) -> None:
+        """Drop what is already here on the stream tags (frames of abandoned streams, a "go" or
+        progress report that came too late): receiving it completes its sender's send, and
+        leaves less in MPI's queues at MPI_Finalize."""
+        for tag in (TAG_STREAM, TAG_GO, TAG_PROGRESS):
+            with contextlib.suppress(TransportError):
+                while True:
+                    self._recv(MPI.ANY_SOURCE, tag, Deadline(0.0), "draining")
+        _prune_abandoned()
 
     def _receive(self, src: int, timeout: float) -> Iterator[memoryview]:
         sid = self._stream_id(src, self.rank)
