@@ -131,7 +131,11 @@ def test_a_queued_sender_waits_while_the_receiver_takes_bytes(tmp_path, launcher
 
 # -- whole runs ----------------------------------------------------------------------------
 def run_dir_of(save_dir: Path) -> Path:
-    (run_dir,) = (save_dir / "e2e").iterdir()
+    return run_dir_of_experiment(save_dir, "e2e")
+
+
+def run_dir_of_experiment(save_dir: Path, experiment: str) -> Path:
+    (run_dir,) = (save_dir / experiment).iterdir()
     return run_dir
 
 
@@ -292,3 +296,24 @@ def test_a_stalled_receiver_gets_every_shard_and_the_ranks_report_what_it_lacks(
         assert said and path in said[0] and "--local-dirs" in said[0], output[-3000:]
     assert content["artifacts/rank-00000/big-0.bin"] == 1
     assert content["artifacts/rank-00001/big-1.bin"] == content["artifacts/rank-00002/big-2.bin"] == 0
+
+
+def test_a_process_group_destroyed_before_end_run_is_named_with_the_merge_command(tmp_path):
+    """Two plain processes (no launcher, no MPI) with their own gloo group call
+    destroy_process_group() before end_run: each says so, and how to merge with --local-dirs."""
+    pytest.importorskip("torch.distributed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    save, local = tmp_path / "prov", tmp_path / "local"
+    procs = [subprocess.Popen([sys.executable, str(WORKERS / "destroy_worker.py"), str(rank), port, str(save),
+                               str(local)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    run_dir = run_dir_of_experiment(save, "e")
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, output[-3000:]
+        assert "process group was destroyed before end_run" in output, output[-3000:]
+        assert f"prov4ml-dist merge {run_dir} --local-dirs {local / f'rank-{rank}' / 'e' / run_dir.name}" in output
