@@ -10,12 +10,18 @@ merge them on rank 0.
    filesystem makes that all of them; ranks with a private ``local_dir`` none). A file whose
    sha256 rank 0 already has or will have is not sent again: it is hard-linked (copied
    where links are impossible) from the first copy;
-3. the ranks asked for files stream them to rank 0, one rank after the other, in bounded
-   chunks; rank 0 verifies each against its sha256 before it appears under the run directory;
+3. the ranks asked for files stream them to rank 0 in bounded chunks, every rank's shard
+   first (small, and the provenance itself), then the artifacts, one rank after the other;
+   rank 0 verifies each file against its sha256 before it appears under the run directory;
 4. rank 0 merges (``merge_run``), passing the ranks it had to do without and why.
 
-Nothing here raises into training code: a failure is logged, with where the shards are and
-the command that merges them later, and ``finish_run`` returns None.
+No wall clock is compared across processes (nodes' clocks disagree): waits are durations on
+each process's monotonic clock. A rank queued for its turn waits as long as rank 0 reports
+progress (bytes moving), not for an assumed transfer rate.
+
+Nothing here raises into training code: a failure is logged, with where the files are and
+the command that merges them later, and ``finish_run`` returns None; a rank whose files did
+not all reach rank 0 says which.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,26 +44,32 @@ from typing import Any
 from .artifacts import sha256_file
 from .merge.layout import AGGREGATE_REPORT
 from .shard import schema
+from .topology import _initialised_dist
 from .transport import (
     FileSpec,
     Transport,
+    TransportError,
+    TransportTimeout,
     connect,
     read_chunks,
     receive_files,
-    send_files,
     write_files,
 )
+from .transport.base import Deadline
 
 log = logging.getLogger(__name__)
 
-# The slowest rate (bytes/s) rank 0 is assumed to take streamed files in: a rank queued
-# behind others waits merge_timeout plus their bytes at this rate for its turn.
-MIN_STREAM_RATE = 8 << 20
 # A rank waits for rank 0's plan this much longer than merge_timeout (rank 0 may still be
 # checking files after its own wait); rank 0 asks nothing of a rank with less than
-# DEPARTURE_MARGIN_S of its wait left (wall clocks of an HPC job agree far better than that).
+# DEPARTURE_MARGIN_S of that wait left, counted from the manifest's arrival on rank 0's
+# monotonic clock (an overestimate by the time it sat in the transport: never an early exit).
 PLAN_GRACE_S = 30.0
 DEPARTURE_MARGIN_S = 10.0
+# A queued rank gives up its turn after TURN_WAIT_FACTOR x merge_timeout without progress
+# from rank 0: rank 0 itself waits up to merge_timeout on a stalled sender before moving on.
+TURN_WAIT_FACTOR = 2.0
+# Streams a rank may be asked for, in this order: its shard, then its artifacts.
+STREAM_KINDS = ("shard", "artifact")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -66,8 +81,7 @@ def finish_run(run: Any) -> Path | None:
     try:
         with connect(topology, namespace, run.config.merge_timeout) as transport:
             if not transport.reaches_peers:
-                _leave_to_offline_merge(run, "the ranks cannot reach each other (no torch.distributed store, "
-                                             "and no MPI initialised by the program)")
+                _leave_to_offline_merge(run, _unreachable(run))
                 return None
             if transport.rank == 0:
                 return _collect_and_merge(run, transport)
@@ -79,14 +93,48 @@ def finish_run(run: Any) -> Path | None:
         return None
 
 
+def _unreachable(run: Any) -> str:
+    """Why the ranks cannot reach each other at end_run, naming the call order when a torch
+    process group was there at start_run and is gone now."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if run.topology.launcher == "torch.distributed" and _initialised_dist() is None:
+        return ("the ranks cannot reach each other: the torch.distributed process group was destroyed before "
+                "end_run (destroy_process_group() was called first; outside torchrun the ranks reach each other "
+                "through its store, so call end_run before destroy_process_group), and the program initialised "
+                "no MPI")
+    if run.topology.launcher == "env" and dist is not None and _initialised_dist() is None:
+        return ("the ranks cannot reach each other: no torch.distributed process group at end_run (if the program "
+                "called destroy_process_group() before end_run, call end_run first: outside torchrun the ranks "
+                "reach each other through the group's store), and the program initialised no MPI")
+    return ("the ranks cannot reach each other (no torchrun store, no torch.distributed process group, and no MPI "
+            "initialised by the program)")
+
+
+def merge_command(run_dir: Path, local_roots: Iterable[Path] = ()) -> str:
+    """The offline merge of ``run_dir``; with ``--local-dirs`` for files left on node-local
+    disks (to be copied back first), each directory named once."""
+    roots = list(dict.fromkeys(str(root) for root in local_roots))
+    return f"prov4ml-dist merge {run_dir}" + (f" --local-dirs {' '.join(roots)}" if roots else "")
+
+
+def _local_roots(run: Any) -> list[Path]:
+    """This rank's node-local directory, when it used one."""
+    return [run.rank_root] if Path(run.rank_root) != Path(run.run_dir) else []
+
+
 def _leave_to_offline_merge(run: Any, reason: str) -> None:
-    log.warning("prov4ml_dist: rank %d: %s. This rank's shard and artifacts are under %s; merge the run "
-                "later with: prov4ml-dist merge %s", run.topology.rank, reason, run.rank_root, run.run_dir)
+    local = _local_roots(run)
+    log.warning("prov4ml_dist: rank %d: %s. This rank's shard and artifacts are under %s%s; merge the run "
+                "later with: %s", run.topology.rank, reason, run.rank_root,
+                " (node-local: copy it back to where the command can read it)" if local else "",
+                merge_command(run.run_dir, local))
 
 
 # -- every rank --------------------------------------------------------------------------
 def build_manifest(run: Any, plan_wait: float) -> dict[str, Any]:
-    """Who this rank is and the files it holds under its rank root, hashed."""
+    """Who this rank is, the files it holds under its rank root (hashed), and for how many
+    more seconds it waits for rank 0's plan (a duration: clocks of two nodes disagree)."""
     topology = run.topology
     files: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
@@ -102,7 +150,7 @@ def build_manifest(run: Any, plan_wait: float) -> dict[str, Any]:
             _add_file(files, problems, run.rank_root, path, "artifact", record.get("sha256"), record.get("size"))
     return {"rank": topology.rank, "local_rank": topology.local_rank, "node_rank": topology.node_rank,
             "hostname": topology.hostname, "pid": os.getpid(), "rank_root": str(run.rank_root),
-            "waits_until": time.time() + plan_wait, "files": list(files.values()), "problems": problems}
+            "waits_s": plan_wait, "files": list(files.values()), "problems": problems}
 
 
 def _add_file(files: dict[str, dict[str, Any]], problems: list[str], root: Path, path: Path, kind: str,
@@ -122,19 +170,57 @@ def _contribute(run: Any, transport: Transport) -> None:
     """A rank other than 0: hand in the manifest, then send the files rank 0 asks for."""
     timeout = run.config.merge_timeout
     plan_wait = timeout + PLAN_GRACE_S
+    waiting = Deadline(plan_wait)  # from here on: rank 0 counts from the manifest's arrival
     manifest = build_manifest(run, plan_wait)
+    files = manifest["files"]
     transport.gather(manifest, timeout)
-    plan = transport.broadcast(None, plan_wait)
-    rank = transport.rank
-    if rank not in plan.get("ranks", ()):
+    try:
+        plan = transport.broadcast(None, waiting.remaining())
+    except TransportTimeout:
+        for _ in STREAM_KINDS:  # should rank 0 still ask, it hears at once that this rank is gone
+            transport.decline_stream(0)
+        why = f"rank 0's plan did not come within {plan_wait:g} s"
+        if _local_roots(run):
+            _not_at_rank_0(run, files, why)
+        else:  # rank 0, if it merges, reads them where they are
+            _leave_to_offline_merge(run, why)
+        return
+    if transport.rank not in plan.get("ranks", ()):
         _leave_to_offline_merge(run, "rank 0 merged without this rank (it arrived after merge_timeout)")
         return
-    job = plan.get("fetch", {}).get(str(rank))
-    if not job:
-        return
-    files = [manifest["files"][i] for i in job["files"]]
-    send_files(transport, 0, [(run.rank_root / f["path"], f["size"]) for f in files], timeout,
-               float(job["start_within"]))
+    streams = plan.get("streams", {}).get(str(transport.rank), [])
+    left_out = plan.get("left_out", {}).get(str(transport.rank))
+    unsent: list[dict[str, Any]] = [files[i] for i in left_out["files"]] if left_out else []
+    why = [left_out["why"]] if left_out else []
+    for number, indices in enumerate(streams):
+        stream = [files[i] for i in indices]
+        handed = [0]
+        try:
+            transport.send_stream(0, _counted(run.rank_root, stream, handed), timeout,
+                                  float(plan.get("turn_wait", TURN_WAIT_FACTOR * timeout)))
+        except (TransportError, OSError) as exc:
+            for _ in streams[number + 1:]:
+                transport.decline_stream(0)
+            unsent += stream[handed[0]:] + [files[i] for later in streams[number + 1:] for i in later]
+            why.append(f"{type(exc).__name__}: {exc}" + (f" (after {handed[0]} file(s) of that stream had been "
+                                                          "sent: rank 0's aggregate.json says if they arrived)"
+                                                          if handed[0] else ""))
+            break
+    if unsent:
+        _not_at_rank_0(run, unsent, "; ".join(why))
+
+
+def _counted(root: Path, files: list[dict[str, Any]], handed: list[int]) -> Iterator[bytes]:
+    """The files' chunks; ``handed[0]`` counts the files whose every byte went to the transport."""
+    for f in files:
+        yield from read_chunks([(root / f["path"], f["size"])])
+        handed[0] += 1
+
+
+def _not_at_rank_0(run: Any, files: list[dict[str, Any]], why: str) -> None:
+    """Say loudly which of this rank's files rank 0 does not have, and how to merge them later."""
+    names = ", ".join(f["path"] for f in files[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
+    _leave_to_offline_merge(run, f"{len(files)} file(s) did not reach rank 0 ({why}): {names}")
 
 
 # -- rank 0 ------------------------------------------------------------------------------
@@ -146,20 +232,36 @@ class _Plan:
     copy: list[dict[str, Any]] = field(default_factory=list)  # rank 0's own, from its private rank root
     link: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # (first copy, duplicate)
     shards: dict[int, Path] = field(default_factory=dict)  # rank → its shard under the run directory
+    left_out: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # rank → files not asked for
+    left_out_why: dict[int, str] = field(default_factory=dict)
     present: int = 0
     problems: list[str] = field(default_factory=list)
     missing: dict[int, str] = field(default_factory=dict)
+    not_transferred: dict[str, list[str]] = field(default_factory=dict)  # rank → paths rank 0 lacks
+
+    def streams(self) -> dict[int, list[list[dict[str, Any]]]]:
+        """Each rank's streams, in the order it sends them: its shard, then its artifacts."""
+        return {rank: [stream for kind in STREAM_KINDS if (stream := [f for f in files if f["kind"] == kind])]
+                for rank, files in self.fetch.items()}
+
+    def lacks(self, rank: int, entry: dict[str, Any], why: str) -> None:
+        """A file of ``rank`` that will not be under the run directory."""
+        self.not_transferred.setdefault(str(rank), []).append(entry["path"])
+        self.problems.append(f"rank {rank}: {entry['path']} not transferred: {why}")
 
 
 def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
     started = time.monotonic()
     timeout = run.config.merge_timeout
     manifests = transport.gather(build_manifest(run, 0.0), timeout)
-    plan = make_plan(run.run_dir, manifests, transport.world_size, timeout)
-    starts = _stream_starts(plan, timeout)
-    transport.broadcast({"ranks": sorted(manifests), "fetch": {
-        str(rank): {"files": [f["index"] for f in files], "start_within": starts[rank]}
-        for rank, files in plan.fetch.items()}}, timeout)
+    received = time.monotonic()
+    plan = make_plan(run.run_dir, manifests, transport.world_size, timeout, waited=time.monotonic() - received)
+    transport.broadcast({
+        "ranks": sorted(manifests), "turn_wait": TURN_WAIT_FACTOR * timeout,
+        "streams": {str(rank): [[f["index"] for f in stream] for stream in streams]
+                    for rank, streams in plan.streams().items()},
+        "left_out": {str(rank): {"files": [f["index"] for f in files], "why": plan.left_out_why[rank]}
+                     for rank, files in plan.left_out.items()}}, timeout)
     streamed_files, streamed_bytes = _fetch(run, transport, plan, timeout)
     for rank, path in plan.shards.items():
         if rank not in plan.missing and not path.is_file():
@@ -168,29 +270,33 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
               "missing": {str(r): why for r, why in sorted(plan.missing.items())}, "files_present": plan.present,
               "files_streamed": streamed_files, "bytes_streamed": streamed_bytes, "files_copied": len(plan.copy),
               "files_linked": len(plan.link), "seconds": time.monotonic() - started,
-              "problems": plan.problems}
+              "not_transferred": plan.not_transferred, "problems": plan.problems}
     _write_json(run.run_dir / AGGREGATE_REPORT, report)
     from .merge import merge_run
 
     result = merge_run(run.run_dir, world_size=transport.world_size, missing_ranks=plan.missing)
     for problem in plan.problems + list(result.problems):
         log.warning("prov4ml_dist: merge of %s: %s", run.run_dir, problem)
-    if plan.missing:
-        log.warning("prov4ml_dist: %s merged without rank(s) %s; once their shards are under %s, merge again "
-                    "with: prov4ml-dist merge %s", run.run_dir,
-                    "; ".join(f"{r} ({why})" for r, why in sorted(plan.missing.items())),
-                    run.run_dir / schema.SHARDS_DIR, run.run_dir)
+    if plan.missing or plan.not_transferred:
+        roots = [Path(m["rank_root"]) for r, m in sorted(manifests.items())
+                 if (r in plan.missing or str(r) in plan.not_transferred) and isinstance(m, dict)
+                 and isinstance(m.get("rank_root"), str) and Path(m["rank_root"]) != Path(run.run_dir)]
+        log.warning("prov4ml_dist: %s merged without %s; once their files are under %s, merge again with: %s",
+                    run.run_dir, "; ".join([f"rank {r} ({why})" for r, why in sorted(plan.missing.items())]
+                                           + [f"{len(files)} file(s) of rank {r}"
+                                              for r, files in plan.not_transferred.items()]),
+                    run.run_dir, merge_command(run.run_dir, roots))
     return result.prov_json
 
 
 def make_plan(run_dir: Path, manifests: dict[int, Any], world_size: int, timeout: float,
-              now: float | None = None) -> _Plan:
-    """Which files rank 0 has, must fetch, copy from its own private root, or link.
+              waited: float = 0.0) -> _Plan:
+    """Which files rank 0 has, must fetch, copy from its own private root, or link;
+    ``waited``: seconds since the manifests arrived.
 
     Manifests come from other processes: every entry is checked, and may only name the
     rank's own shard or a file under the rank's own artifact directory.
     """
-    now = time.time() if now is None else now
     plan = _Plan(missing={r: f"did not reach end_run within merge_timeout ({timeout:g} s)"
                           for r in range(world_size) if r not in manifests})
     have: dict[str, Path] = {}  # sha256 → a verified (or about to be) copy under run_dir
@@ -208,7 +314,7 @@ def make_plan(run_dir: Path, manifests: dict[int, Any], world_size: int, timeout
             if target is None:
                 plan.problems.append(f"rank {rank}: refused manifest entry {str(entry)[:120]}")
                 continue
-            entry = {**entry, "index": index, "target": target}
+            entry = {**entry, "index": index, "target": target, "rank": rank}
             if entry["kind"] == "shard":
                 plan.shards[rank] = target
             if _has(target, entry["size"]):
@@ -224,19 +330,22 @@ def make_plan(run_dir: Path, manifests: dict[int, Any], world_size: int, timeout
         elif rank == 0:
             have[entry["sha256"]] = entry["target"]
             plan.copy.append(entry)
-        elif _waits_for(manifests[rank], now) < DEPARTURE_MARGIN_S:
-            plan.problems.append(f"rank {rank}: {entry['path']} not transferred: the rank stopped waiting for "
-                                 f"rank 0 before it arrived")
+        elif _waits_for(manifests[rank], waited) < DEPARTURE_MARGIN_S:
+            why = "the rank stops waiting for rank 0's plan too soon to be asked for it"
+            plan.left_out.setdefault(rank, []).append(entry)
+            plan.left_out_why[rank] = why
+            plan.lacks(rank, entry, why)
         else:
             have[entry["sha256"]] = entry["target"]
             plan.fetch.setdefault(rank, []).append(entry)
     return plan
 
 
-def _waits_for(manifest: dict[str, Any], now: float) -> float:
-    """How much longer the rank waits for rank 0's plan (by its clock, sent in the manifest)."""
-    until = manifest.get("waits_until")
-    return until - now if isinstance(until, (int, float)) else 0.0
+def _waits_for(manifest: dict[str, Any], waited: float) -> float:
+    """How much longer the rank waits for rank 0's plan: the duration it sent, less the time
+    since its manifest arrived (never a comparison of two processes' clocks)."""
+    waits = manifest.get("waits_s")
+    return waits - waited if isinstance(waits, (int, float)) and not isinstance(waits, bool) else 0.0
 
 
 def _checked_target(run_dir: Path, rank: int, entry: Any) -> Path | None:
@@ -265,35 +374,35 @@ def _has(target: Path, size: int) -> bool:
         return False
 
 
-def _stream_starts(plan: _Plan, timeout: float) -> dict[int, float]:
-    """How long each rank waits for its turn: the timeout plus the bytes queued before it."""
-    starts, queued = {}, 0
-    for rank, files in plan.fetch.items():
-        starts[rank] = timeout + queued / MIN_STREAM_RATE
-        queued += sum(f["size"] for f in files)
-    return starts
-
-
 def _fetch(run: Any, transport: Transport, plan: _Plan, timeout: float) -> tuple[int, int]:
-    """Streams, then rank 0's own copies, then links; the files and bytes streamed."""
+    """Every rank's shard stream, then every rank's artifact stream; then rank 0's own copies,
+    then links. The files and bytes streamed."""
+    streams = plan.streams()
+    queue = [(rank, ranks_streams[phase]) for phase in range(len(STREAM_KINDS))
+             for rank, ranks_streams in streams.items() if phase < len(ranks_streams)]
+    queued = Counter(rank for rank, _ in queue)
     files_ok = bytes_ok = 0
-    for rank, files in plan.fetch.items():
+    for rank, files in queue:
+        queued[rank] -= 1
+        waiting = [r for r, count in queued.items() if count and r != rank]  # the sender itself is not waiting
         outcomes = receive_files(transport, rank, [FileSpec(f["target"], f["size"], f["sha256"]) for f in files],
-                                 timeout)
+                                 timeout, waiting)
         for f, problem in zip(files, outcomes, strict=True):
             if problem is None:
                 files_ok, bytes_ok = files_ok + 1, bytes_ok + f["size"]
             else:
-                plan.problems.append(f"rank {rank}: {f['path']}: {problem}")
+                plan.lacks(rank, f, problem)
     if plan.copy:
         sources = [(run.rank_root / f["path"], f["size"]) for f in plan.copy]
         outcomes = write_files(read_chunks(sources), [FileSpec(f["target"], f["size"], f["sha256"])
                                                         for f in plan.copy])
-        plan.problems += [f"rank 0: {f['path']}: {p}" for f, p in zip(plan.copy, outcomes, strict=True) if p]
+        for f, problem in zip(plan.copy, outcomes, strict=True):
+            if problem:
+                plan.lacks(0, f, problem)
     for source, entry in plan.link:
         problem = _link(source, entry["target"], entry["size"])
         if problem:
-            plan.problems.append(f"{entry['path']}: {problem}")
+            plan.lacks(entry["rank"], entry, problem)
     return files_ok, bytes_ok
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import prov4ml_dist as prov4ml
 from prov4ml_dist import aggregate
-from prov4ml_dist.aggregate import MIN_STREAM_RATE, make_plan
+from prov4ml_dist.aggregate import DEPARTURE_MARGIN_S, make_plan
 from prov4ml_dist.errors import MergeError
 from prov4ml_dist.run import Run, RunConfig
 from prov4ml_dist.topology import Topology
@@ -29,9 +29,9 @@ def entry(path: str, data: bytes, kind: str = "artifact") -> dict:
     return {"path": path, "size": len(data), "sha256": sha(data), "kind": kind}
 
 
-def manifest(rank: int, *files: dict, waits: float = 1e12) -> dict:
+def manifest(rank: int, *files: dict, waits: float = 1e6) -> dict:
     shard = entry(f"shards/rank-{rank:05d}.h5", f"shard {rank}".encode(), "shard")
-    return {"rank": rank, "files": [shard, *files], "problems": [], "waits_until": waits}
+    return {"rank": rank, "files": [shard, *files], "problems": [], "waits_s": waits}
 
 
 def put(run_dir: Path, path: str, data: bytes) -> None:
@@ -101,18 +101,26 @@ def test_absent_malformed_and_shardless_ranks_are_missing_with_a_reason(tmp_path
     assert "rank 3: shard unreadable" in plan.problems
 
 
-def test_nothing_is_asked_of_a_rank_that_stopped_waiting(tmp_path):
-    manifests = {0: manifest(0), 1: manifest(1, waits=1000.0)}
-    plan = make_plan(tmp_path, manifests, 2, TIMEOUT, now=995.0)
-    assert plan.fetch == {} and any("stopped waiting" in p for p in plan.problems)
+def test_nothing_is_asked_of_a_rank_about_to_stop_waiting_and_it_is_told(tmp_path):
+    """The rank's wait is a duration counted from its manifest's arrival: 40 s sent, 35 s
+    since (by rank 0's monotonic clock) leaves 5 s, too little to be asked."""
+    manifests = {0: manifest(0), 1: manifest(1, waits=40.0), 2: manifest(2, waits=40.0)}
+    plan = make_plan(tmp_path, manifests, 3, TIMEOUT, waited=40.0 - DEPARTURE_MARGIN_S + 5)
+    assert plan.fetch == {}
+    assert {r: [f["index"] for f in files] for r, files in plan.left_out.items()} == {1: [0], 2: [0]}
+    assert plan.not_transferred == {"1": ["shards/rank-00001.h5"], "2": ["shards/rank-00002.h5"]}
+    assert make_plan(tmp_path, manifests, 3, TIMEOUT, waited=0.0).left_out == {}
 
 
-def test_ranks_queued_behind_others_wait_longer_for_their_turn(tmp_path):
-    big = entry("artifacts/rank-00001/big", b"")
-    big["size"] = 80 * MIN_STREAM_RATE
-    plan = make_plan(tmp_path, {0: manifest(0), 1: manifest(1, big), 2: manifest(2)}, 3, TIMEOUT)
-    starts = aggregate._stream_starts(plan, TIMEOUT)
-    assert starts[1] == TIMEOUT and starts[2] > TIMEOUT + 80
+def test_every_ranks_shard_streams_before_any_artifact(tmp_path):
+    """A shard never waits behind another rank's artifacts: each rank sends its shard stream,
+    then its artifact stream, and rank 0 takes all shard streams first."""
+    big = {r: entry(f"artifacts/rank-{r:05d}/big", bytes([r]) * 100) for r in (1, 2)}
+    plan = make_plan(tmp_path, {0: manifest(0), 1: manifest(1, big[1]), 2: manifest(2, big[2]), 3: manifest(3)},
+                     4, TIMEOUT)
+    assert {r: [[f["path"] for f in stream] for stream in streams] for r, streams in plan.streams().items()} == {
+        1: [["shards/rank-00001.h5"], ["artifacts/rank-00001/big"]],
+        2: [["shards/rank-00002.h5"], ["artifacts/rank-00002/big"]], 3: [["shards/rank-00003.h5"]]}
 
 
 def test_a_duplicate_is_copied_where_hard_links_fail(tmp_path, monkeypatch):
@@ -166,3 +174,18 @@ def test_ranks_that_cannot_reach_each_other_leave_the_merge_to_the_cli(tmp_path,
         assert run.end() is None
     assert "cannot reach each other" in caplog.text and "prov4ml-dist merge" in caplog.text
     assert not (run.run_dir / "merged.h5").exists()
+
+
+def test_a_process_group_destroyed_before_end_run_is_named_with_the_local_dirs_command(tmp_path, caplog):
+    """The rank found its rank from an initialised process group at start_run; at end_run there
+    is none (no torchrun store, no MPI): the message names the call order, and the merge command
+    brings in the node-local directory."""
+    pytest.importorskip("torch.distributed")
+    run = Run(RunConfig(experiment_name="e", provenance_save_dir=tmp_path / "prov", local_dir=tmp_path / "local",
+                        run_id="r1", sample_interval=None),
+              Topology(rank=1, world_size=2, launcher="torch.distributed"))
+    with caplog.at_level(logging.WARNING, logger="prov4ml_dist.aggregate"):
+        assert run.end() is None
+    assert "process group was destroyed before end_run" in caplog.text
+    assert "call end_run before destroy_process_group" in caplog.text
+    assert f"prov4ml-dist merge {run.run_dir} --local-dirs {run.rank_root}" in caplog.text

@@ -10,9 +10,12 @@ and with a rank that exits before end_run.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -31,18 +34,23 @@ WORKER_TIMEOUT_S = 3.0
 MARGIN_S = 3.0
 
 
-def launch(launcher: str, n: int, script: str, *args: str, timeout: float = 120) -> None:
+def command(launcher: str, n: int, script: str, *args: str) -> list[str]:
     if launcher == "torchrun":
         if not TORCHRUN.exists():
             pytest.skip("torchrun is not installed")
-        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={n}", str(WORKERS / script), *args]
-    else:
-        pytest.importorskip("mpi4py")
-        if not MPIEXEC.exists():
-            pytest.skip("mpiexec is not installed (pip install mpich)")
-        cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(WORKERS / script), *args]
+        return [str(TORCHRUN), "--standalone", f"--nproc_per_node={n}", str(WORKERS / script), *args]
+    pytest.importorskip("mpi4py")
+    if not MPIEXEC.exists():
+        pytest.skip("mpiexec is not installed (pip install mpich)")
+    return [str(MPIEXEC), "-n", str(n), sys.executable, str(WORKERS / script), *args]
+
+
+def launch(launcher: str, n: int, script: str, *args: str, timeout: float = 120) -> str:
+    """Run the job; its output (every rank's warnings)."""
+    cmd = command(launcher, n, script, *args)
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def results(directory: Path) -> dict[int, dict]:
@@ -99,9 +107,35 @@ def test_a_sender_that_stopped_waiting_does_not_cost_rank_0_a_timeout(tmp_path, 
     assert "stopped waiting" in got[0]["received"] and got[0]["elapsed"] < MARGIN_S
 
 
+
+def test_a_run_abandoned_mid_stream_leaves_nothing_the_next_run_takes(tmp_path):
+    """MPI keeps unreceived messages for the job's lifetime: the frames an abandoned run left
+    (a chunk in flight, a sender's "gave up") carry that run's namespace and are dropped."""
+    launch("mpi", 2, "transport_worker.py", str(tmp_path), "abandoned")
+    got = results(tmp_path)
+    assert got[0]["a"].endswith("then abandoned the run") and got[1]["a"] == "timed out mid-stream, then gave up"
+    assert got[0]["b"] is None  # run B's file arrived whole and verified
+
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpi"])
+def test_a_queued_sender_waits_while_the_receiver_takes_bytes(tmp_path, launcher):
+    """No assumed transfer rate: rank 2 gives up its turn after 1.5 s without progress, yet
+    waits the 4 s rank 0 spends taking rank 1's stream, because bytes keep moving."""
+    launch(launcher, 3, "transport_worker.py", str(tmp_path), "slow")
+    got = results(tmp_path)
+    assert got[0]["received"] == [8, 8]
+    assert got[1]["sender"] == got[2]["sender"] == "sent"
+    assert got[2]["elapsed"] > 3.0  # well past its 1.5 s without progress
+
+
 # -- whole runs ----------------------------------------------------------------------------
 def run_dir_of(save_dir: Path) -> Path:
-    (run_dir,) = (save_dir / "e2e").iterdir()
+    return run_dir_of_experiment(save_dir, "e2e")
+
+
+def run_dir_of_experiment(save_dir: Path, experiment: str) -> Path:
+    (run_dir,) = (save_dir / experiment).iterdir()
     return run_dir
 
 
@@ -182,3 +216,104 @@ def test_a_rank_that_exits_before_end_run_is_merged_as_missing(tmp_path, launche
     # On a shared directory its shard is there all the same (closed by the exit hooks) and
     # merged; on a private one it stayed behind.
     check_merged(run_dir, list(range(n)) if not local else list(range(gone)), n)
+
+
+@pytest.mark.parametrize(("launcher", "skewed", "offset"), [
+    ("torchrun", 1, -120.0), ("torchrun", 0, 120.0), ("torchrun", 1, -3600.0), ("torchrun", 0, 3600.0),
+    ("mpi", 1, -120.0), ("mpi", 0, 120.0), ("mpi", 1, -3600.0), ("mpi", 0, 3600.0),
+])
+def test_a_rank_whose_clock_is_off_is_merged_all_the_same(tmp_path, launcher, skewed, offset):
+    """One rank's wall clock is off by 2 minutes or an hour, far more than merge_timeout (5 s),
+    behind rank 0's (rank 1 slow, or rank 0 fast): no wall clock is compared across ranks,
+    so every rank's files are fetched and merged."""
+    save, res = tmp_path / "prov", tmp_path / "results"
+    res.mkdir()
+    output = launch(launcher, 2, "train_worker.py", str(save), str(res), "--local-dir-base", str(res / "local"),
+                    "--merge-timeout", "5", "--steps", "20", "--clock-offset", f"{skewed}:{offset}")
+    got = results(res)
+    # The offset reached that rank's process (and the library's rows), not the other's.
+    assert abs(got[skewed]["wall_clock"] - got[1 - skewed]["wall_clock"] - offset) < 60
+    run_dir = run_dir_of(save)
+    with h5py.File(run_dir / "merged.h5", "r") as f:
+        series, rows = f["metrics/series"][()], f["metrics/rows"][()]
+    first = {int(s["rank"]): rows[s["row_start"]]["time"] for s in series if s["key"] == b"loss"}
+    assert abs(first[skewed] - first[1 - skewed] - offset) < 60
+    report = json.loads((run_dir / "aggregate.json").read_text())
+    assert report["missing"] == {} and report["not_transferred"] == {} and report["problems"] == []
+    check_merged(run_dir, [0, 1], 2)
+    check_streamed_and_deduplicated(run_dir, res, 2)
+    assert "did not reach rank 0" not in output and "merged without" not in output
+
+
+STALL_MERGE_TIMEOUT_S = 3.0
+# Longer than a queued rank's wait for its turn without progress (2 x merge_timeout) and than a
+# sender's wait for rank 0 to take a chunk (merge_timeout).
+STALL_S = 2 * STALL_MERGE_TIMEOUT_S + 3.0
+
+
+def _stall_when_receiving(save: Path, proc: subprocess.Popen, name: str, seconds: float) -> None:
+    """Once rank 0 is writing ``name`` (its partial file ``.NAME.part-PID`` appears under the
+    run directory), freeze rank 0 with SIGSTOP for ``seconds``, as a node that stops serving."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = list(save.glob(f"e2e/*/artifacts/*/.{name}.part-*"))
+        if parts:
+            pid = int(parts[0].name.rsplit("-", 1)[1])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(seconds)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return
+        time.sleep(0.005)
+    pytest.fail(f"rank 0 never received {name}")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpi"])
+def test_a_stalled_receiver_gets_every_shard_and_the_ranks_report_what_it_lacks(tmp_path, launcher):
+    """Rank 0 freezes while taking rank 1's 24 MiB artifact, longer than the others wait: every
+    shard is already there (shards stream first), both ranks say which of their files did not
+    reach rank 0, and rank 0's outputs mark those artifacts as missing."""
+    save, res = tmp_path / "prov", tmp_path / "results"
+    res.mkdir()
+    cmd = command(launcher, 3, "train_worker.py", str(save), str(res), "--local-dir-base", str(res / "local"),
+                  "--merge-timeout", str(STALL_MERGE_TIMEOUT_S), "--big-mib", "24", "--steps", "10")
+    with subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        _stall_when_receiving(save, proc, "big-1.bin", STALL_S)
+        output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output[-3000:]
+    run_dir = run_dir_of(save)
+    report = json.loads((run_dir / "aggregate.json").read_text())
+    assert report["missing"] == {}
+    with h5py.File(run_dir / "merged.h5", "r") as f:
+        assert sorted({int(r) for r in f["metrics/series"]["rank"]}) == [0, 1, 2]
+        content = {c["path"].decode(): int(c["present"]) for c in f["artifacts/content"][()]}
+    for rank in (1, 2):
+        path = f"artifacts/rank-{rank:05d}/big-{rank}.bin"
+        assert path in report["not_transferred"][str(rank)]
+        # The rank's own word: which files, and the command that merges them later.
+        said = [line for line in output.splitlines() if f"rank {rank}: " in line and "did not reach rank 0" in line]
+        assert said and path in said[0] and "--local-dirs" in said[0], output[-3000:]
+    assert content["artifacts/rank-00000/big-0.bin"] == 1
+    assert content["artifacts/rank-00001/big-1.bin"] == content["artifacts/rank-00002/big-2.bin"] == 0
+
+
+def test_a_process_group_destroyed_before_end_run_is_named_with_the_merge_command(tmp_path):
+    """Two plain processes (no launcher, no MPI) with their own gloo group call
+    destroy_process_group() before end_run: each says so, and how to merge with --local-dirs."""
+    pytest.importorskip("torch.distributed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    save, local = tmp_path / "prov", tmp_path / "local"
+    procs = [subprocess.Popen([sys.executable, str(WORKERS / "destroy_worker.py"), str(rank), port, str(save),
+                               str(local)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    run_dir = run_dir_of_experiment(save, "e")
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, output[-3000:]
+        assert "process group was destroyed before end_run" in output, output[-3000:]
+        assert f"prov4ml-dist merge {run_dir} --local-dirs {local / f'rank-{rank}' / 'e' / run_dir.name}" in output

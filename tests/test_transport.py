@@ -161,6 +161,18 @@ def test_a_sender_that_stops_waiting_for_its_turn_leaves_word(server):
     assert time.monotonic() - start < MARGIN_S  # told at once, not after the 30 s timeout
 
 
+
+def test_a_declined_stream_aborts_at_once_and_the_next_one_is_unaffected(server):
+    """A rank that stopped waiting declines the streams rank 0 might still ask for."""
+    t0, t1 = ranks(server, 2)
+    t1.decline_stream(0)
+    start = time.monotonic()
+    with pytest.raises(StreamAborted, match="stopped waiting"):
+        list(t0.recv_stream(1, 30))
+    assert time.monotonic() - start < MARGIN_S
+    got = in_threads(lambda: [bytes(c) for c in t0.recv_stream(1, 5)], lambda: t1.send_stream(0, [b"next"], 5, 5))
+    assert got == [[b"next"], None]
+
 def test_receiver_times_out_when_the_sender_dies_mid_stream(server):
     t0, t1 = ranks(server, 2)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, ClassVar
 
 from ..errors import Prov4MLError
@@ -21,6 +21,9 @@ from ..errors import Prov4MLError
 DATA, END, ABORT = b"D", b"E", b"A"
 # What a sender that stopped waiting for the receiver leaves instead of its first chunk.
 GAVE_UP = ABORT + b"the sender stopped waiting for its turn"
+# A receiver tells the ranks queued behind the stream it is taking that bytes are moving at
+# most this often (they keep waiting while it does); a queued sender looks this often.
+PROGRESS_INTERVAL_S = 1.0
 
 
 class TransportError(Prov4MLError):
@@ -60,7 +63,7 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
         raise TransportError(f"malformed message ({exc})") from None
 
 
-def parse_frame(frame: bytes | bytearray, src: int) -> memoryview | None:
+def parse_frame(frame: bytes | bytearray | memoryview, src: int) -> memoryview | None:
     """The payload of a DATA frame, None for END; raises for ABORT and anything unknown."""
     kind = bytes(frame[:1])
     if kind == DATA:
@@ -80,6 +83,7 @@ class Transport(ABC):
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
+        self._last_progress = -float("inf")
 
     @property
     def reaches_peers(self) -> bool:
@@ -97,13 +101,54 @@ class Transport(ABC):
 
     @abstractmethod
     def send_stream(self, dst: int, chunks: Iterable[bytes], timeout: float, start_timeout: float) -> None:
-        """Send ``chunks`` to ``dst`` once it starts receiving (waiting up to ``start_timeout``),
-        with a bounded number in flight; each later step may take up to ``timeout``. If
+        """Send ``chunks`` to ``dst`` once it starts receiving, with a bounded number in flight;
+        each step after the start may take up to ``timeout``. The wait for the start lasts as
+        long as ``dst`` shows progress (bytes of other streams arriving): it ends, leaving word
+        for ``dst`` (``StreamAborted`` there), after ``start_timeout`` without any. If
         ``chunks`` raises, the receiver is told (``StreamAborted``) and the error propagates."""
 
     @abstractmethod
-    def recv_stream(self, src: int, timeout: float) -> Iterator[memoryview]:
-        """The chunks ``src`` sends, in order; at most ``timeout`` between two of them."""
+    def decline_stream(self, dst: int) -> None:
+        """Give up this rank's next stream to ``dst`` without waiting: ``dst``'s
+        ``recv_stream`` for it raises ``StreamAborted`` at once instead of waiting in vain."""
+
+    def recv_stream(self, src: int, timeout: float, waiting: Collection[int] = ()) -> Iterator[memoryview]:
+        """The chunks ``src`` sends, in order; at most ``timeout`` between two of them. The
+        ranks in ``waiting`` (queued to stream to this rank later) are told, at most every
+        PROGRESS_INTERVAL_S, that this rank is taking bytes, so they keep waiting."""
+        if waiting:
+            self._tick(waiting)  # moving on to the next stream is progress too
+        for payload in self._receive(src, timeout):
+            if waiting:
+                self._tick(waiting)
+            yield payload
+
+    def _tick(self, waiting: Collection[int]) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self._progress(waiting)
+
+    @abstractmethod
+    def _receive(self, src: int, timeout: float) -> Iterator[memoryview]:
+        """``recv_stream`` without the progress reports."""
+
+    @abstractmethod
+    def _progress(self, waiting: Collection[int]) -> None:
+        """Tell the ``waiting`` ranks that this rank is taking bytes (see ``await_turn``)."""
+
+    def await_turn(self, dst: int, start_timeout: float, go: Callable[[float], bool],
+                   progressed: Callable[[], bool]) -> None:
+        """Wait for ``go(seconds)`` (True once ``dst`` starts receiving) for as long as
+        ``progressed()`` (``dst`` reported progress since the last look) keeps turning True
+        within ``start_timeout``: a slow receiver is waited for, a stalled one is not."""
+        deadline = Deadline(start_timeout)
+        while not go(min(PROGRESS_INTERVAL_S, deadline.remaining())):
+            if progressed():
+                deadline = Deadline(start_timeout)
+            elif deadline.expired():
+                raise TransportTimeout(f"rank {self.rank}: waiting for rank {dst} to receive: no progress "
+                                       f"from it for {start_timeout:.1f} s")
 
     def barrier(self, timeout: float) -> bool:
         """True when every rank arrived within ``timeout``; False (never an exception) otherwise."""

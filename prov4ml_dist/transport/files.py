@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -51,9 +51,11 @@ def send_files(transport: Transport, dst: int, files: list[tuple[Path, int]], ti
     transport.send_stream(dst, read_chunks(files, chunk_size), timeout, start_timeout)
 
 
-def receive_files(transport: Transport, src: int, specs: list[FileSpec], timeout: float) -> list[str | None]:
-    """Receive what ``send_files`` sends; per file None when stored, else why not."""
-    return write_files(transport.recv_stream(src, timeout), specs)
+def receive_files(transport: Transport, src: int, specs: list[FileSpec], timeout: float,
+                  waiting: Collection[int] = ()) -> list[str | None]:
+    """Receive what ``send_files`` sends; per file None when stored, else why not. The ranks
+    in ``waiting`` are queued behind this stream (see ``Transport.recv_stream``)."""
+    return write_files(transport.recv_stream(src, timeout, waiting), specs)
 
 
 def write_files(chunks: Iterator[bytes | memoryview], specs: list[FileSpec]) -> list[str | None]:

@@ -6,7 +6,7 @@ no MPI), nothing can be agreed or gathered: the merge is left to ``prov4ml-dist 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 from .base import Transport, TransportError
@@ -35,5 +35,11 @@ class NoneTransport(Transport):
     def send_stream(self, dst: int, chunks: Iterable[bytes], timeout: float, start_timeout: float) -> None:
         raise TransportError("a single process has no one to stream to")
 
-    def recv_stream(self, src: int, timeout: float) -> Iterator[memoryview]:
+    def decline_stream(self, dst: int) -> None:
+        raise TransportError("a single process has no one to stream to")
+
+    def _receive(self, src: int, timeout: float) -> Iterator[memoryview]:
         raise TransportError("a single process has no one to stream from")
+
+    def _progress(self, waiting: Collection[int]) -> None:
+        pass  # no one waits

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -171,8 +171,17 @@ class StoreTransport(Transport):
 
     def send_stream(self, dst: int, chunks: Iterable[bytes], timeout: float, start_timeout: float) -> None:
         prefix = self._stream_prefix(self.rank, dst)
+        counter = f"progress/{dst}"
+        seen = [self._count(counter)]
+
+        def progressed() -> bool:
+            now = self._count(counter)
+            moved, seen[0] = now != seen[0], now
+            return moved
+
         try:
-            self._wait(f"{prefix}/go", start_timeout, f"waiting for rank {dst} to receive")
+            self.await_turn(dst, start_timeout, lambda seconds: self._arrived(f"{prefix}/go", Deadline(seconds)),
+                            progressed)
         except TransportTimeout:
             self._set(f"{prefix}/0", GAVE_UP)
             raise
@@ -198,7 +207,20 @@ class StoreTransport(Transport):
             self._delete(ack)
         self._set(f"{prefix}/{index}", frame)
 
-    def recv_stream(self, src: int, timeout: float) -> Iterator[memoryview]:
+    def decline_stream(self, dst: int) -> None:
+        self._set(f"{self._stream_prefix(self.rank, dst)}/0", GAVE_UP)
+
+    def _count(self, key: str) -> int:
+        with _store_errors(f"reading {key!r}"):
+            return self._store.add(key, 0)
+
+    def _progress(self, waiting: Collection[int]) -> None:
+        """One counter per receiver, which its queued senders read: a single store call
+        whatever the number of ranks waiting."""
+        with _store_errors("reporting progress"):
+            self._store.add(f"progress/{self.rank}", 1)
+
+    def _receive(self, src: int, timeout: float) -> Iterator[memoryview]:
         prefix = self._stream_prefix(src, self.rank)
         self._set(f"{prefix}/go", b"")
         for index in itertools.count():

@@ -1,15 +1,16 @@
 """One rank of an end-to-end test: trains a tiny model and records its provenance.
 
     train_worker.py SAVE_DIR RESULTS_DIR [--local-dir-base DIR] [--exit-before-end RANK]
-                    [--merge-timeout S] [--steps N]
+                    [--merge-timeout S] [--steps N] [--big-mib N] [--clock-offset RANK:SECONDS]
 
 Under torchrun the ranks train with DDP over gloo; under mpiexec they average their weights
 with mpi4py, so the model versions are the same on every rank either way. Every rank logs
 ``loss`` and ``rank_value`` (= rank * 1000 + step) at every step, params, a config artifact
 that is identical on all ranks, a per-rank artifact, a per-rank 5 MiB file (more than one
-stream chunk), and a model version every 5 steps. ``--local-dir-base``: each rank keeps its
-files in a private directory under it (no shared filesystem). Writes
-RESULTS_DIR/rank-N.json with what end_run returned and how long it took.
+stream chunk; ``--big-mib`` sets its size), and a model version every 5 steps.
+``--local-dir-base``: each rank keeps its files in a private directory under it (no shared
+filesystem). ``--clock-offset``: that rank's wall clock is SECONDS off (see ``skew_clock``).
+Writes RESULTS_DIR/rank-N.json with what end_run returned and how long it took.
 """
 
 import argparse
@@ -20,10 +21,28 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
 
-import prov4ml_dist as prov4ml
+def skew_clock(argv: list[str]) -> None:
+    """``--clock-offset RANK:SECONDS``: on that rank, ``time.time`` and ``time.time_ns`` run
+    SECONDS off, as on a node whose clock is set wrong (monotonic clocks are untouched, as
+    there). Done before anything else is imported, so every module, prov4ml_dist's binding of
+    ``time.time`` at import included, reads the skewed clock."""
+    if "--clock-offset" not in argv:
+        return
+    rank, seconds = argv[argv.index("--clock-offset") + 1].split(":")
+    if os.environ.get("RANK", os.environ.get("PMI_RANK")) != rank:
+        return
+    offset, real, real_ns = float(seconds), time.time, time.time_ns
+    time.time = lambda: real() + offset
+    time.time_ns = lambda: real_ns() + int(offset * 1e9)
+
+
+skew_clock(sys.argv)
+
+import torch  # noqa: E402 - after skew_clock, so torch sees the same clock as the rest
+from torch import nn  # noqa: E402
+
+import prov4ml_dist as prov4ml  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +53,8 @@ def main() -> None:
     p.add_argument("--exit-before-end", type=int)
     p.add_argument("--merge-timeout", type=float, default=60.0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--big-mib", type=int, default=5)
+    p.add_argument("--clock-offset")
     args = p.parse_args()
     torch.manual_seed(0)
     model = nn.Linear(8, 2)
@@ -62,7 +83,7 @@ def main() -> None:
     prov4ml.log_artifact("config.json", {"lr": 0.1, "steps": args.steps}, prov4ml.Context.TRAINING)
     prov4ml.log_artifact("per-rank.json", {"rank": rank}, prov4ml.Context.TRAINING)
     big = Path(args.results) / f"big-{rank}.bin"
-    big.write_bytes(random.Random(rank).randbytes(5 << 20))
+    big.write_bytes(random.Random(rank).randbytes(args.big_mib << 20))
     prov4ml.log_artifact(str(big), str(big), prov4ml.Context.TRAINING)
 
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
@@ -85,7 +106,7 @@ def main() -> None:
     start = time.monotonic()
     prov_json = prov4ml.end_run()
     result = {"rank": rank, "prov_json": str(prov_json) if prov_json else None,
-              "end_seconds": time.monotonic() - start}
+              "end_seconds": time.monotonic() - start, "wall_clock": time.time()}
     (Path(args.results) / f"rank-{rank}.json").write_text(json.dumps(result))
 
 

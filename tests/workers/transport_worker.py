@@ -7,6 +7,8 @@ Scenarios:
   late       the last rank exits at once; the others gather and meet at a barrier with short timeouts
   root-gone  rank 0 exits at once; the others wait for its broadcast with a short timeout
   gave-up    rank 0 starts receiving only after rank 1 stopped waiting to send
+  abandoned  two runs' streams in one job, the first abandoned mid-stream (see ``abandoned``)
+  slow       rank 0 takes rank 1's stream slowly while rank 2 waits its turn (see ``slow``)
 --init-gloo: initialise a gloo process group first and use its store instead of torchrun's agent store.
 """
 
@@ -53,6 +55,10 @@ def main() -> None:
         root_gone(topology, result)
     elif scenario == "gave-up":
         gave_up(topology, result)
+    elif scenario == "abandoned":
+        abandoned(topology, out, result)
+    elif scenario == "slow":
+        slow(topology, result)
     (out / f"rank-{topology.rank}.json").write_text(json.dumps(result))
 
 
@@ -133,6 +139,68 @@ def gave_up(topology, result: dict) -> None:
         except StreamAborted as exc:
             result["received"] = str(exc)
         result["elapsed"] = time.monotonic() - t
+
+
+def abandoned(topology, out: Path, result: dict) -> None:
+    """Run A: rank 0 takes one chunk of rank 1's stream and abandons the run; rank 1 times out
+    mid-stream, then gives up waiting to send its next stream (a "gave up" word that rank 0
+    never takes). Run B, the next run in the same job, streams a file from rank 1 to rank 0:
+    rank 0 must receive run B's bytes, not what run A left in the queues."""
+    with connect(topology, "finish/run-A/attempt-0", timeout=30) as transport:
+        if topology.rank == 1:
+            try:
+                transport.send_stream(0, [payload(100 + i, CHUNK) for i in range(8)], timeout=1.0, start_timeout=30)
+                result["a"] = "sent"
+            except TransportTimeout:
+                result["a"] = "timed out mid-stream"
+            try:
+                transport.send_stream(0, [b"never taken"], timeout=1.0, start_timeout=0.5)
+            except TransportTimeout:
+                result["a"] += ", then gave up"
+        else:
+            stream = transport.recv_stream(1, timeout=30)
+            result["a"] = f"took {len(next(stream))} bytes, then abandoned the run"
+            time.sleep(3)  # rank 1 times out, then gives up, meanwhile
+    size = 3 * CHUNK + 7
+    with connect(topology, "finish/run-B/attempt-0", timeout=30) as transport:
+        if topology.rank == 1:
+            source = out / "run-b.bin"
+            source.write_bytes(payload(1, size))
+            send_files(transport, 0, [(source, size)], timeout=30, start_timeout=30, chunk_size=CHUNK)
+        else:
+            spec = FileSpec(out / "received-b.bin", size, hashlib.sha256(payload(1, size)).hexdigest())
+            result["b"] = write_files(transport.recv_stream(1, timeout=10), [spec])[0]
+
+
+SLOW_CHUNKS, SLOW_CHUNK_S, TURN_WAIT_S = 8, 0.5, 1.5
+
+
+def slow(topology, result: dict) -> None:
+    """Rank 0 takes rank 1's 8 chunks at 0.5 s each (4 s in all), then rank 2's; rank 2 gives up
+    waiting for its turn after 1.5 s without progress. Rank 0 reports progress as it takes
+    rank 1's chunks, so rank 2 waits as long as that lasts, and its stream arrives."""
+    with connect(topology, "test-slow", timeout=30) as transport:
+        if topology.rank == 0:
+            received = []
+            for src, waiting in ((1, [2]), (2, [])):
+                chunks = 0
+                try:
+                    for _ in transport.recv_stream(src, timeout=30, waiting=waiting):
+                        chunks += 1
+                        time.sleep(SLOW_CHUNK_S if src == 1 else 0)
+                except StreamAborted as exc:
+                    chunks = str(exc)
+                received.append(chunks)
+            result["received"] = received
+        else:
+            t = time.monotonic()
+            try:
+                transport.send_stream(0, [payload(topology.rank, CHUNK)] * SLOW_CHUNKS, timeout=30,
+                                      start_timeout=TURN_WAIT_S)
+                result["sender"] = "sent"
+            except TransportTimeout as exc:
+                result["sender"] = str(exc)
+            result["elapsed"] = time.monotonic() - t
 
 
 if __name__ == "__main__":
