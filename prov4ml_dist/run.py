@@ -337,8 +337,9 @@ class Run:
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self, status: str = "ok") -> None:
-        """Flush and close this rank's shard; no merge. Idempotent."""
-        if self._closed:
+        """Flush and close this rank's shard; no merge. Idempotent; nothing in a forked child
+        (the shard and the sampler are the parent's)."""
+        if self._closed or self.writer.inherited():
             return
         self._closed = True
         if self.sampler is not None:

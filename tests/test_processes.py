@@ -1,0 +1,71 @@
+"""Processes, threads and signals: forked children never touch the parent's shard, SIGTERM
+during the main thread's own flushes never hangs or loses what was due, ``end_run`` works
+from any thread, and a missing Graphviz is a warning (README, "Guarantees").
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import BIN, child_env
+from .faultkit import merged_counts, read_shard
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+# -- fork ------------------------------------------------------------------------------------
+def _forking_run(tmp_path: Path, mode: str, points_per_item: int) -> tuple[dict, Path, str]:
+    save, run_id = tmp_path / "prov", f"fork-{mode}-{points_per_item}"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "fork_children.py"), str(save), run_id, mode,
+                           str(points_per_item)], capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1]), save / "forks" / run_id, proc.stderr
+
+
+def _assert_parent_intact(result: dict, run_dir: Path) -> None:
+    """The parent's points all in its shard (closed once, by the parent) and in both merges;
+    nothing of the children's anywhere."""
+    shard = read_shard(run_dir / "shards" / "rank-00000.h5")
+    assert not shard.recovered and shard.end["status"] == "ok"
+    assert shard.end["failure_count"] == 0 and shard.end["lost_rows"] == {"metrics": 0, "system": 0}
+    np.testing.assert_array_equal(shard.rows["step"], np.arange(result["logged"]))
+    assert result["prov_json"] is not None, "end_run's merge failed"
+    assert merged_counts(run_dir / "merged.h5", "parent") == {(0, 0): result["logged"]}
+    assert merged_counts(run_dir / "merged.h5", "child") == {}
+    offline = subprocess.run([str(BIN / "prov4ml-dist"), "merge", str(run_dir)], capture_output=True, text=True,
+                             timeout=300, env=child_env())
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert merged_counts(run_dir / "merged.h5", "parent") == {(0, 0): result["logged"]}
+
+
+@pytest.mark.parametrize("points_per_item", [3, 20_000])
+def test_forked_dataloader_workers_that_log_leave_the_parents_run_intact(tmp_path, points_per_item):
+    """A few points per item were silently lost; 20,000 passed the buffer's hard limit, the
+    worker flushed into the parent's file and the rank's whole provenance was gone. Now each
+    worker's calls are refused, with one warning per worker, and counted."""
+    result, run_dir, stderr = _forking_run(tmp_path, "dataloader", points_per_item)
+    _assert_parent_intact(result, run_dir)
+    assert result["max_refused"] >= points_per_item + 1  # every call of a worker was counted
+    assert 1 <= stderr.count("records nothing, and its logging calls are ignored") <= 4  # once per worker (2 epochs)
+
+
+def test_forked_helpers_that_exit_or_are_terminated_do_not_close_the_parents_shard(tmp_path):
+    """An ``os.fork`` child leaving through ``sys.exit`` (atexit) and a terminated
+    ``multiprocessing`` child (SIGTERM) wrote an ``end`` record into the parent's live shard.
+    Spawned ``Pool`` workers re-import the library: no run there, a clear error, no file touched."""
+    result, run_dir, _ = _forking_run(tmp_path, "helpers", 20_000)
+    assert result["sys_exit_status"] == 0 and result["terminated_exitcode"] == -15
+    assert result["spawned"] == ["RunStateError"] * 4
+    _assert_parent_intact(result, run_dir)
+    from prov4ml_dist.shard import ShardReader
+
+    with ShardReader(run_dir / "shards" / "rank-00000.h5") as reader:
+        assert [r["status"] for r in reader.records("end")] == ["ok"]
+        assert not [r for r in reader.records("param") if r["key"] == "child_param"]
+
