@@ -78,6 +78,8 @@ class ExitHooks:
 
     def _on_signal(self, signum: int) -> None:
         if self._defer is not None and self._defer(lambda: self._close_and_die(signum)):
+            log.warning("prov4ml_dist: %s received during a flush; closing the shard once it is done",
+                        signal.Signals(signum).name)
             return
         self._close_and_die(signum)
 
