@@ -104,3 +104,51 @@ def test_sigterm_during_the_logging_threads_own_flushes_never_hangs_or_loses_wha
     # scheduling slack of a loaded machine): nothing the rank logged before then was lost.
     assert max(ages) < TRIAL_FLUSH_S + SCHEDULING_SLACK_S, sorted(ages)[-5:]
     assert "received during a flush" in stderr  # the deferred path ran, not only the easy one
+
+
+# -- end_run from another thread -------------------------------------------------------------
+END_FROM_A_THREAD = """
+import json, os, signal, sys, threading
+import prov4ml_dist as prov4ml
+from prov4ml_dist.shard import ShardReader
+
+def end_in_a_thread():
+    out = {}
+    def end():
+        try:
+            out["prov_json"] = str(prov4ml.end_run(create_graph=True))
+        except BaseException as exc:
+            out["error"] = repr(exc)
+    thread = threading.Thread(target=end)
+    thread.start()
+    thread.join(120)
+    return out
+
+for attempt in range(2):  # a second run in the same process: the hooks work again
+    run_dir = prov4ml.start_run(experiment_name="t", provenance_save_dir=sys.argv[1], run_id=f"r{attempt}",
+                                sample_interval=None)
+    for step in range(1000):
+        prov4ml.log_metric("loss", float(step), prov4ml.Context.TRAINING, step=step)
+    out = end_in_a_thread()
+    with ShardReader(run_dir / "shards" / "rank-00000.h5") as reader:
+        out["end"] = [r["status"] for r in reader.records("end")]
+    out["active"] = prov4ml.get_active_run() is not None
+    print(json.dumps(out), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # no run: the default action, as before start_run
+print("survived SIGTERM", flush=True)
+"""
+
+
+def test_end_run_from_another_thread_merges_closes_and_leaves_the_signals_working(tmp_path):
+    """``signal.signal`` refuses to run off the main thread: end_run raised ValueError after the
+    run was cleared, leaving a shard with only its start record and no merge."""
+    proc = subprocess.run([sys.executable, "-c", END_FROM_A_THREAD, str(tmp_path / "prov")], capture_output=True,
+                          text=True, timeout=300, env=child_env())
+    assert proc.returncode == -15 and "survived" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    for line, run_id in zip(proc.stdout.splitlines(), ("r0", "r1"), strict=True):
+        out = json.loads(line)
+        assert "error" not in out, out
+        assert out["prov_json"] == str(tmp_path / "prov" / "t" / run_id / "prov.json")
+        assert out["end"] == ["ok"] and not out["active"]
+        assert (tmp_path / "prov" / "t" / run_id / "prov.dot").is_file()
+        assert merged_counts(tmp_path / "prov" / "t" / run_id / "merged.h5") == {(0, 0): 1000}
