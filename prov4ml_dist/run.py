@@ -23,7 +23,7 @@ from . import environment, models
 from .artifacts import ArtifactStore
 from .context import check_name, context_name, source_name
 from .datasets import dataset_stats
-from .errors import InvalidInputError, RunStateError
+from .errors import InvalidInputError, MergeError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
 from .topology import Topology, detect
@@ -355,5 +355,9 @@ class Run:
         if prov_json is not None and (create_graph or create_svg):
             from .provenance import write_graph
 
-            write_graph(prov_json, svg=create_svg)
+            try:
+                write_graph(prov_json, svg=create_svg)
+            except MergeError as exc:  # no Graphviz: the run's provenance is complete without a drawing
+                log.warning("prov4ml_dist: %s; prov.json is complete (draw it later with "
+                            "`prov4ml-dist export --format svg RUN_DIR`)", exc)
         return prov_json

@@ -152,3 +152,26 @@ def test_end_run_from_another_thread_merges_closes_and_leaves_the_signals_workin
         assert out["end"] == ["ok"] and not out["active"]
         assert (tmp_path / "prov" / "t" / run_id / "prov.dot").is_file()
         assert merged_counts(tmp_path / "prov" / "t" / run_id / "merged.h5") == {(0, 0): 1000}
+
+
+# -- Graphviz --------------------------------------------------------------------------------
+NO_GRAPHVIZ = """
+import json, sys
+import prov4ml_dist as prov4ml
+prov4ml.start_run(experiment_name="t", provenance_save_dir=sys.argv[1], run_id="svg", sample_interval=None)
+prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING)
+print(json.dumps(str(prov4ml.end_run(create_graph=True, create_svg=True))), flush=True)
+"""
+
+
+def test_create_svg_without_graphviz_is_a_warning_and_the_run_is_complete(tmp_path):
+    """yProv4ML scripts pass create_svg=True routinely: a missing ``dot`` raised MergeError out
+    of end_run."""
+    env = child_env(PATH=str(BIN))  # this venv's bin only: no Graphviz ``dot`` on it
+    proc = subprocess.run([sys.executable, "-c", NO_GRAPHVIZ, str(tmp_path / "prov")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "prov" / "t" / "svg"
+    assert json.loads(proc.stdout.splitlines()[-1]) == str(run_dir / "prov.json")
+    assert "Graphviz 'dot' is not installed" in proc.stderr and "prov.json is complete" in proc.stderr
+    assert (run_dir / "prov.dot").is_file() and not (run_dir / "prov.svg").exists()
