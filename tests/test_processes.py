@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from .conftest import BIN, child_env
-from .faultkit import SCHEDULING_SLACK_S, merged_counts, read_shard
+from .faultkit import merged_counts, read_shard
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -73,7 +73,6 @@ def test_forked_helpers_that_exit_or_are_terminated_do_not_close_the_parents_sha
 
 # -- SIGTERM ---------------------------------------------------------------------------------
 SIGTERM_TRIALS = 200
-TRIAL_FLUSH_S = 0.05  # sigterm_trials.FLUSH_S
 
 
 def sigterm_trials(tmp_path: Path, trials: int, seed: int) -> tuple[list[dict], str]:
@@ -92,17 +91,15 @@ def test_sigterm_during_the_logging_threads_own_flushes_never_hangs_or_loses_wha
     assert len(outcomes) == SIGTERM_TRIALS
     assert [o["trial"] for o in outcomes if o["hung"]] == []
     assert {o["code"] for o in outcomes} == {-15}
-    ages = []
     for outcome in outcomes:
         shard = read_shard(Path(outcome["shard"]))
         assert shard.end is not None and shard.end["status"] == "killed-by-SIGTERM", outcome
         assert shard.end["lost_rows"]["metrics"] == 0 and shard.end["rows"]["metrics"] == len(shard.rows)
         np.testing.assert_array_equal(shard.rows["step"], np.arange(len(shard.rows)))
         np.testing.assert_array_equal(shard.rows["value"], shard.rows["step"].astype(float))
-        ages.append(outcome["sent"] - float(shard.rows["time"][-1]))
-    # The newest point in the shard was logged at most flush_interval before the signal (plus the
-    # scheduling slack of a loaded machine): nothing the rank logged before then was lost.
-    assert max(ages) < TRIAL_FLUSH_S + SCHEDULING_SLACK_S, sorted(ages)[-5:]
+        # Every point the rank had logged when the signal was sent is there: the handler's close
+        # flushed them all (a stronger promise than "older than flush_interval").
+        assert len(shard.rows) >= outcome["logged_before"], outcome
     assert "received during a flush" in stderr  # the deferred path ran, not only the easy one
 
 

@@ -238,13 +238,15 @@ class ShardWriter:
         self._journal_buf = []
 
     def _run(self) -> None:
-        """Flush every ``flush_interval``, or as soon as a buffer holds ``max_buffer_rows``."""
-        poll = min(self.flush_interval, BUFFER_POLL_S)
+        """Flush every ``flush_interval``, or as soon as a buffer holds ``max_buffer_rows``.
+        Flushes start ``flush_interval`` apart (not after the previous one ended), so a point
+        waits at most ``flush_interval`` plus one flush's time for the file."""
         due = time.monotonic() + self.flush_interval
-        while not self._stop.wait(poll):
-            if time.monotonic() >= due or any(t.pending() >= self._max_rows for t in self.tables.values()):
+        while not self._stop.wait(max(0.0, min(BUFFER_POLL_S, due - time.monotonic()))):
+            now = time.monotonic()
+            if now >= due or any(t.pending() >= self._max_rows for t in self.tables.values()):
+                due = now + self.flush_interval
                 self.flush()
-                due = time.monotonic() + self.flush_interval
 
     def flush(self) -> None:
         """Write everything buffered. A failure (disk full, ...) is recorded, not raised."""
