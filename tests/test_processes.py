@@ -172,3 +172,52 @@ def test_create_svg_without_graphviz_is_a_warning_and_the_run_is_complete(tmp_pa
     assert json.loads(proc.stdout.splitlines()[-1]) == str(run_dir / "prov.json")
     assert "Graphviz 'dot' is not installed" in proc.stderr and "prov.json is complete" in proc.stderr
     assert (run_dir / "prov.dot").is_file() and not (run_dir / "prov.svg").exists()
+
+
+# -- one rule each: safe relative paths, whole-or-nothing writes -----------------------------
+@pytest.mark.parametrize(("path", "inside"), [
+    ("artifacts/rank-00000/note.txt", "artifacts/rank-00000/note.txt"), ("a/./b", "a/b"), ("a//b", "a/b"),
+    ("../x", None), ("a/../../x", None), ("/etc/passwd", None), ("a\\..\\x", None), (".", None), ("", None),
+    ("a\nb", None), ("a\x00b", None), (3, None)])
+def test_one_rule_decides_which_recorded_paths_stay_inside(path, inside):
+    """Five copies had different rules ('.' and backslashes refused by some, not others)."""
+    from prov4ml_dist.aggregate import _checked_target
+    from prov4ml_dist.cli.localdirs import _own_artifact_path
+    from prov4ml_dist.paths import relative_inside
+
+    assert (None if relative_inside(path) is None else str(relative_inside(path))) == inside
+    entry = {"path": path, "size": 1, "sha256": "0" * 64, "kind": "artifact"}
+    if inside is None:  # every consumer of recorded paths refuses what the rule refuses
+        assert _checked_target(Path("/run"), 0, entry) is None and _own_artifact_path(0, path) is None
+
+
+def test_every_atomic_writer_uses_the_one_temporary_scheme(tmp_path, monkeypatch):
+    """Six naming variants (``.part-PID``, ``.PID.tmp``, ``.partial``, ...) meant a crash's
+    leftovers could not be told from real files; now every rename comes from ``is_temporary``."""
+    import os
+
+    import torch
+
+    from prov4ml_dist.cli import main
+    from prov4ml_dist.merge import merge_run
+    from prov4ml_dist.paths import is_temporary
+
+    from .faultkit import EXPERIMENT, genuine_runs
+
+    renamed: list[str] = []
+    replace = os.replace
+
+    def recording_replace(src: os.PathLike, dst: os.PathLike) -> None:
+        renamed.append(Path(src).name)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    runs = genuine_runs(tmp_path / "prov", "tmps")
+    runs[0].save_model_version(torch.nn.Linear(2, 2), "net", "TRAINING")  # models.save_model
+    for run in runs:
+        run.close()
+    run_dir = tmp_path / "prov" / EXPERIMENT / "tmps"
+    merge_run(run_dir)  # merged.h5 and prov.json
+    assert main(["export", str(run_dir), "--format", "provn"]) in (0, None)
+    assert len(renamed) >= 4 and all(is_temporary(name) for name in renamed), renamed
+    assert not [p for p in run_dir.rglob("*") if is_temporary(p.name)]

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import MergeError
+from ..paths import atomic_target
 from ..shard import ShardReader, schema
 from ..shard.reader import MAX_RANK
 from . import layout
@@ -81,23 +82,18 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
                          + (": " + "; ".join(problems) if problems else ""))
     merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
     _check_space(run_dir, shards)
-    tmp_merged, tmp_prov = _temporary(merged), _temporary(prov)
     try:
-        with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
-            missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
-            _write(out, run_dir, shards, world_size, problems, report)
-            hasher.fill(problems)
-            _write_ranks(out, shards, missing, problems)
-        report("prov", 0, 1)
-        write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
-        report("prov", 1, 1)
-        os.replace(tmp_merged, merged)
-        os.replace(tmp_prov, prov)
+        with atomic_target(merged) as tmp_merged, atomic_target(prov) as tmp_prov:
+            with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
+                missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
+                _write(out, run_dir, shards, world_size, problems, report)
+                hasher.fill(problems)
+                _write_ranks(out, shards, missing, problems)
+            report("prov", 0, 1)
+            write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
+            report("prov", 1, 1)
     except OSError as exc:
         raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
-    finally:
-        for tmp in (tmp_merged, tmp_prov):
-            tmp.unlink(missing_ok=True)
     return MergeResult(merged, prov, problems)
 
 
@@ -118,9 +114,6 @@ def _check_space(run_dir: Path, shards: list[ShardInfo]) -> None:
 def _silent(stage: str, done: int, total: int) -> None:
     """The default progress callback."""
 
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: int | None, problems: list[str],
