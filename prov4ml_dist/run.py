@@ -192,7 +192,7 @@ class Run:
         self._by_context: dict[int, dict[str, list[int]]] = {}
         self._context_refs: dict[int, Any] = {}
         self._push = self.writer.metrics.push
-        self._buffer = self.writer.metrics.buffer
+        self._queued = self.writer.metrics.queued
         self._hard_limit = self.writer.hard_limit_rows
         self._closed = False
         self.sampler: Sampler | None = None
@@ -232,7 +232,7 @@ class Run:
                                         "pass step=")
         series[1] = step + 1
         self._push((series[0], step, value, _now()))
-        if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
+        if len(self._queued) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
             self.writer.flush()
 
     def _lookup(self, key: Any, context: Any, source: Any) -> list[int]:

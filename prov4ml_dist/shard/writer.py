@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,12 @@ def to_json_line(record: dict[str, Any]) -> bytes:
 class SeriesTable:
     """An append-only table of (series, step, value, time) rows with a series registry.
 
-    ``buffer`` is the row deque and ``push`` its bare ``append``, for the logging hot path: it
-    takes one ``(series, step, value, time)`` tuple. The flusher thread watches the buffer's
-    size; a logger that outruns a GIL-starved flusher checks ``len(buffer)`` against
-    ``ShardWriter.hard_limit_rows`` and flushes itself (see ``Run.log_metric``).
+    The table is the one owner of its row buffer (a deque): rows go in through ``push`` (its
+    bare ``append``, for the logging hot path: one ``(series, step, value, time)`` tuple) or
+    ``append``, and out through ``take``, ``requeue`` and ``discard`` only. ``queued`` is the
+    same deque typed read-only, for its length: a logger that outruns a GIL-starved flusher
+    checks ``len(queued)`` against ``ShardWriter.hard_limit_rows`` and flushes itself (see
+    ``Run.log_metric``; ``len`` is ~60 ns cheaper there than a bound ``__len__``).
     """
 
     def __init__(self, name: str, journal: Callable[[dict[str, Any]], None]) -> None:
@@ -65,8 +67,9 @@ class SeriesTable:
         self._journal = journal
         self._lock = threading.RLock()
         self._ids: dict[tuple, int] = {}
-        self.buffer: deque[tuple[int, int, float, float]] = deque()
-        self.push = self.buffer.append
+        self._rows: deque[tuple[int, int, float, float]] = deque()
+        self.push = self._rows.append
+        self.queued: Sized = self._rows
         self.rows_written = 0
         self.series_rows = np.zeros(0, dtype=np.int64)  # rows written per series id
         self.dropped = 0  # rows that could not be stored (see take)
@@ -88,7 +91,7 @@ class SeriesTable:
 
     def pending(self) -> int:
         """Rows buffered and not yet flushed."""
-        return len(self.buffer)
+        return len(self._rows)
 
     def written(self, rows: np.ndarray) -> None:
         """Count rows that reached the file (the end record's per-series counts)."""
@@ -101,8 +104,8 @@ class SeriesTable:
     def take(self) -> np.ndarray:
         """Remove the buffered rows and return them as a structured array. A row that cannot be
         stored (the API lets none through) is dropped and counted, never the whole batch."""
-        pop = self.buffer.popleft
-        rows = [pop() for _ in range(len(self.buffer))]  # a list first (no slower): kept if conversion fails
+        pop = self._rows.popleft
+        rows = [pop() for _ in range(len(self._rows))]  # a list first (no slower): kept if conversion fails
         try:
             return np.fromiter(rows, dtype=schema.ROW_DTYPE, count=len(rows))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -113,6 +116,15 @@ class SeriesTable:
             log.warning("prov4ml_dist: %s", message)
             self._journal({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
             return np.fromiter(kept, dtype=schema.ROW_DTYPE, count=len(kept))
+
+    def requeue(self, rows: np.ndarray) -> None:
+        """Put the rows of an abandoned flush back in front, in their order (rows pushed since
+        stay after them)."""
+        self._rows.extendleft(reversed(rows.tolist()))
+
+    def discard(self) -> None:
+        """Drop every buffered row (a forked child's, which can go nowhere)."""
+        self._rows.clear()
 
 
 def _storable(row: tuple) -> bool:
@@ -234,7 +246,7 @@ class ShardWriter:
     def _drop_in_child(self) -> None:
         """A flush asked for in a forked child: nothing may reach the parent's file; drop."""
         for table in self.tables.values():
-            table.buffer.clear()
+            table.discard()
         self._journal_buf = []
 
     def _run(self) -> None:
@@ -319,7 +331,7 @@ class ShardWriter:
                 self.lost_journal_bytes += sum(map(len, lines))
         for name, data in rows.items():
             if keep_rows:
-                self.tables[name].buffer.extendleft(reversed(data.tolist()))
+                self.tables[name].requeue(data)
             else:
                 self.lost_rows[name] += len(data)
 
