@@ -4,7 +4,7 @@
   manifests) may be joined to a directory — they must stay inside it;
 - ``atomic_target``: how a file appears whole or not at all — written under a temporary name
   beside it, then renamed. Every temporary has the same shape (``.NAME.tmp-HOST-PID-N``), so
-  a crash's leftovers can be found (``is_temporary``) and removed.
+  a crash's leftovers can be found (``is_temporary``) and removed (``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 TEMPORARY_MARK = ".tmp-"
-_TEMPORARY = re.compile(r"\..+\.tmp-[A-Za-z0-9_-]+-\d+-\d+")
+_TEMPORARY = re.compile(r"\..+\.tmp-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-\d+")
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _numbers = itertools.count()
 
@@ -44,6 +44,35 @@ def temporary_path(target: Path) -> Path:
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of ``temporary_path``'s (a leftover when nothing is writing)."""
     return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Remove the temporaries in ``directory`` (not below) whose writer, a process of this host,
+    is gone (it crashed mid-write: a half-written merged.h5 is as large as the shards); those of
+    live processes and of other hosts are left alone. Returns the names removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -221,3 +221,33 @@ def test_every_atomic_writer_uses_the_one_temporary_scheme(tmp_path, monkeypatch
     assert main(["export", str(run_dir), "--format", "provn"]) in (0, None)
     assert len(renamed) >= 4 and all(is_temporary(name) for name in renamed), renamed
     assert not [p for p in run_dir.rglob("*") if is_temporary(p.name)]
+
+
+CRASHING_MERGE = """
+import os, sys
+import prov4ml_dist.provenance
+from prov4ml_dist.merge import merge_run
+prov4ml_dist.provenance.write_prov_json = lambda doc, path: os._exit(9)  # dies with merged.h5 half done
+merge_run(sys.argv[1])
+"""
+
+
+def test_a_merge_that_crashed_leaves_a_temporary_the_next_merge_removes(tmp_path):
+    """A crashed merge's temporary merged.h5 is as large as the shards, and its old name
+    (``.merged.h5.PID.tmp``) was never cleaned up: a disk filled run after run."""
+    from prov4ml_dist.merge import merge_run
+    from prov4ml_dist.paths import is_temporary
+
+    from .faultkit import EXPERIMENT, genuine_runs
+
+    for run in genuine_runs(tmp_path / "prov", "crash"):
+        run.close()
+    run_dir = tmp_path / "prov" / EXPERIMENT / "crash"
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_MERGE, str(run_dir)], capture_output=True, text=True,
+                             timeout=300, env=child_env())
+    assert crashed.returncode == 9, crashed.stderr[-2000:]
+    left = [p.name for p in run_dir.iterdir() if is_temporary(p.name)]
+    assert len(left) == 1 and left[0].startswith(".merged.h5.") and not (run_dir / "merged.h5").exists()
+    merge_run(run_dir)
+    assert [p.name for p in run_dir.iterdir() if is_temporary(p.name)] == []
+    assert merged_counts(run_dir / "merged.h5") == {(0, 0): 3000, (1, 0): 3000}

@@ -9,6 +9,7 @@ second merge replaces the first.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -21,7 +22,7 @@ import h5py
 import numpy as np
 
 from ..errors import MergeError
-from ..paths import atomic_target
+from ..paths import atomic_target, remove_stale_temporaries
 from ..shard import ShardReader, schema
 from ..shard.reader import MAX_RANK
 from . import layout
@@ -33,6 +34,8 @@ from .series import SeriesIndex, build_index, copy_rows
 from .store import write_table
 
 Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
         raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
                          + (": " + "; ".join(problems) if problems else ""))
     merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
+    for name in remove_stale_temporaries(run_dir):  # a merge that crashed: its space is needed now
+        log.warning("prov4ml_dist: removed %s, left by a merge that did not finish", name)
     _check_space(run_dir, shards)
     try:
         with atomic_target(merged) as tmp_merged, atomic_target(prov) as tmp_prov:
