@@ -26,13 +26,11 @@ not all reach rank 0 says which.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections import Counter
@@ -43,6 +41,7 @@ from typing import Any
 
 from .artifacts import sha256_file
 from .merge.layout import AGGREGATE_REPORT
+from .paths import atomic_target, relative_inside
 from .shard import schema
 from .topology import _initialised_dist
 from .transport import (
@@ -357,8 +356,8 @@ def _checked_target(run_dir: Path, rank: int, entry: Any) -> Path | None:
     if not (isinstance(path, str) and type(size) is int and size >= 0 and isinstance(sha, str)
             and _SHA256.fullmatch(sha) and kind in ("shard", "artifact")):
         return None
-    rel = PurePosixPath(path)
-    if rel.is_absolute() or any(part in ("", ".", "..") or "\\" in part for part in rel.parts):
+    rel = relative_inside(path)
+    if rel is None:
         return None
     if kind == "shard":
         ours = rel.parent == PurePosixPath(schema.SHARDS_DIR) and rel.name.startswith(f"rank-{rank:05d}.")
@@ -410,24 +409,19 @@ def _link(source: Path, target: Path, size: int) -> str | None:
     """Store a duplicate once: a hard link to the first copy (a copy where links fail)."""
     if not _has(source, size):
         return f"its first copy {source} did not arrive"
-    part = target.with_name(f".{target.name}.part-{os.getpid()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        part.unlink(missing_ok=True)
-        try:
-            os.link(source, part)
-        except OSError:
-            shutil.copyfile(source, part)
-        os.replace(part, target)
+        with atomic_target(target) as part:
+            try:
+                os.link(source, part)
+            except OSError:
+                shutil.copyfile(source, part)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            part.unlink(missing_ok=True)
         return f"cannot link {source}: {exc.strerror or exc}"
     return None
 
 
 def _write_json(path: Path, value: Any) -> None:
     """The transfer record of the run, written whole or not at all."""
-    part = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
-    part.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(part, path)
+    with atomic_target(path) as part:
+        part.write_text(json.dumps(value, indent=1, default=str))

@@ -22,6 +22,51 @@ log = logging.getLogger(__name__)
 
 _active: Run | None = None
 _hooks: ExitHooks | None = None
+_forked_from: Run | None = None  # in a forked child: the parent's run, never to be written
+_refused = 0  # calls refused in this forked child
+
+
+class _Refused:
+    """What ``require_run`` gives a forked child: every attribute and call is a no-op."""
+
+    def __getattr__(self, name: str) -> _Refused:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _refuse() -> _Refused:
+    """Count a call made in a forked child; warn at the first."""
+    global _refused
+    _refused += 1
+    if _refused == 1:
+        parent = _forked_from
+        log.warning("prov4ml_dist: process %d is a fork of rank %s's process (a DataLoader worker, a "
+                    "multiprocessing helper): it records nothing, and its logging calls are ignored and "
+                    "counted (prov4ml_dist.api.refused_calls()); the parent's run %s is not affected. Log "
+                    "from the parent, or start_run(run_id=...) a run of this process's own",
+                    os.getpid(), parent.topology.rank if parent else "?", parent.run_id if parent else "?")
+    return _REFUSED
+
+
+_REFUSED = _Refused()
+
+
+def refused_calls() -> int:
+    """How many logging calls this forked child made (and had ignored) since the fork."""
+    return _refused
+
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits the active run, but it is the parent's: forget it (README,
+    "Guarantees": the parent's shard is never written, flushed into or closed by a child)."""
+    global _active, _hooks, _forked_from, _refused
+    if _active is not None:
+        _forked_from, _active, _hooks, _refused = _active, None, None, 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # yProv4ML options that have no effect here, and why (also in the README).
 YPROV4ML_OPTIONS = {
@@ -41,6 +86,8 @@ def require_run() -> Run:
     """The active Run; a clear error when there is none."""
     run = _active
     if run is None:
+        if _forked_from is not None:
+            return _refuse()  # type: ignore[return-value] - a no-op Run in a forked child
         raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
     return run
 
@@ -57,7 +104,7 @@ def start_run(prov_user_namespace: str | None = None, experiment_name: str | Non
               prov_save_path: str | os.PathLike | None = None, rank: int | None = None,
               **yprov4ml_options: Any) -> Path:
     """Start recording this process; returns the run directory shared by all ranks of the job."""
-    global _active, _hooks
+    global _active, _hooks, _forked_from
     if _active is not None:
         raise RunStateError(f"a run is already active ({_active.run_dir}); call end_run() first")
     unknown = sorted(set(yprov4ml_options) - set(YPROV4ML_OPTIONS))
@@ -82,8 +129,8 @@ def start_run(prov_user_namespace: str | None = None, experiment_name: str | Non
             log.warning("start_run(rank=%s) ignored: the launcher (%s) says rank %s",
                         rank, topology.launcher, topology.rank)
     run = Run(config, topology)
-    _active = run
-    _hooks = ExitHooks(run.close)
+    _active, _forked_from = run, None
+    _hooks = ExitHooks(run.close, run.writer.defer)
     return run.run_dir
 
 
@@ -106,7 +153,8 @@ def log_metric(key: str, value: Any, context: Any, step: int | None = None, sour
     accepted; every point carries this process's wall-clock time instead."""
     run = _active
     if run is None:
-        raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
+        require_run()  # raises, or refuses in a forked child
+        return
     run.log_metric(key, value, context, step, source)
 
 

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import ArtifactError
+from .paths import relative_inside
 
 CHUNK = 1 << 20
 _OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -34,8 +35,8 @@ def safe_relative(name: object) -> PurePosixPath:
         raise ArtifactError(f"artifact name must be a non-empty string, got {name!r:.80}")
     if "\x00" in name or not name.isprintable():
         raise ArtifactError(f"artifact name contains control characters: {name!r:.80}")
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or any(part in ("..", "") for part in path.parts):
+    path = relative_inside(name.replace("\\", "/"))  # a Windows-style name is taken as POSIX
+    if path is None:
         raise ArtifactError(f"artifact name {name!r:.80} must be relative and stay inside the artifacts directory")
     return path
 

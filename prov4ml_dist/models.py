@@ -5,12 +5,12 @@ torch is imported lazily: the library must load (and merge offline) where torch 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from .artifacts import drop_world_write
 from .errors import ModelSaveError
+from .paths import atomic_target
 
 # Wrappers that hold the user's model in an attribute: DDP, DataParallel and FSDP in ``module``,
 # torch.compile's OptimizedModule in ``_orig_mod``. What was trained is the model inside.
@@ -80,14 +80,12 @@ def save_model(model: Any, dest: Path) -> None:
     import torch
 
     state = model.state_dict() if callable(getattr(model, "state_dict", None)) else model
-    # torch names the archive inside the file after the file's stem: the temporary name keeps
-    # dest's stem so that identical weights saved by different ranks are identical bytes.
-    tmp = dest.with_suffix(dest.suffix + ".partial")
+    # torch names the archive inside the file after the file's stem: the temporary name's stem
+    # holds no host or pid, so identical weights saved by different ranks are identical bytes.
     try:
-        torch.save(state, tmp)
-        drop_world_write(tmp)
-        os.replace(tmp, dest)
+        with atomic_target(dest) as tmp:
+            torch.save(state, tmp)
+            drop_world_write(tmp)
     except Exception as exc:  # noqa: BLE001 - pickling can raise anything
-        tmp.unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
         raise ModelSaveError(f"torch.save could not save model {type(model).__name__}: {exc}") from exc

@@ -23,7 +23,7 @@ from . import environment, models
 from .artifacts import ArtifactStore
 from .context import check_name, context_name, source_name
 from .datasets import dataset_stats
-from .errors import InvalidInputError, RunStateError
+from .errors import InvalidInputError, MergeError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
 from .shard.writer import to_json_line
@@ -212,7 +212,7 @@ class Run:
         self._by_context: dict[int, dict[str, list[int]]] = {}
         self._context_refs: dict[int, Any] = {}
         self._push = self.writer.metrics.push
-        self._buffer = self.writer.metrics.buffer
+        self._queued = self.writer.metrics.queued
         self._hard_limit = self.writer.hard_limit_rows
         self._closed = False
         self.sampler: Sampler | None = None
@@ -251,7 +251,7 @@ class Run:
                 raise automatic_step_overflow(key)
         series[1] = step + 1
         self._push((series[0], step, value, _now()))
-        if len(self._buffer) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
+        if len(self._queued) > self._hard_limit:  # the flusher is starved of the GIL: keep memory flat
             self.writer.flush()
 
     def next_step(self, key: Any, context: Any, source: Any) -> int:
@@ -367,8 +367,9 @@ class Run:
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self, status: str = "ok") -> None:
-        """Flush and close this rank's shard; no merge. Idempotent."""
-        if self._closed:
+        """Flush and close this rank's shard; no merge. Idempotent; nothing in a forked child
+        (the shard and the sampler are the parent's)."""
+        if self._closed or self.writer.inherited():
             return
         self._closed = True
         if self.sampler is not None:
@@ -384,5 +385,9 @@ class Run:
         if prov_json is not None and (create_graph or create_svg):
             from .provenance import write_graph
 
-            write_graph(prov_json, svg=create_svg)
+            try:
+                write_graph(prov_json, svg=create_svg)
+            except MergeError as exc:  # no Graphviz: the run's provenance is complete without a drawing
+                log.warning("prov4ml_dist: %s; prov.json is complete (draw it later with "
+                            "`prov4ml-dist export --format svg RUN_DIR`)", exc)
         return prov_json

@@ -34,6 +34,11 @@ BOUNDED = SCRIPTS / "fault_bounded.py"
 EXPERIMENT = "faults"
 # A flush can start late on a loaded 2-core machine: the slack on top of flush_interval.
 SCHEDULING_SLACK_S = 1.0
+# The loss bound: the newest point in a killed rank's shard is at most flush_interval old, plus
+# one flush's own time and the scheduling delay of a loaded 2-core machine (was 1.0 s; measured
+# with flush_interval 0.1 s at load 9: windows of 0.091 s and 0.148 s at most, 0.207 s before
+# flushes started flush_interval apart).
+LOSS_SLACK_S = 0.25
 # Figures (loss windows, hang bounds) go to this JSON Lines file when the variable is set.
 FIGURES_ENV = "PROV4ML_FAULT_FIGURES"
 
@@ -70,9 +75,12 @@ class Worker:
         raise AssertionError(f"rank {self.rank} never became ready (rc={self.proc.poll()}): {self.stderr()[-2000:]}")
 
     def finish(self, timeout: float) -> int:
-        """Wait for the exit; keeps the worker's final JSON line in ``result``; the return code."""
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.stdout = out
+        """Wait for the exit; keeps the worker's final JSON line in ``result``; the return code.
+        Reads through the text wrapper: ``ready``'s readline may already hold later lines in its
+        buffer (a worker that finished before the test read its ``ready``), which
+        ``communicate(timeout=...)``, reading the descriptor, would miss."""
+        self.proc.wait(timeout=timeout)
+        out = self.stdout = self.proc.stdout.read()
         lines = [line for line in out.splitlines() if line.startswith("{")]
         self.result = json.loads(lines[-1]) if lines else None
         return self.proc.returncode

@@ -19,6 +19,7 @@ from prov4ml_dist.cli import main
 from prov4ml_dist.cli.progress import MergeProgress
 from prov4ml_dist.cli.summary import render
 from prov4ml_dist.merge import load_merged
+from prov4ml_dist.paths import is_temporary
 
 from .conftest import child_env
 from .test_cli_support import (
@@ -335,7 +336,7 @@ def test_export_dot_and_provn_defaults_beside_prov_json(small_copy):
         done = cli("export", small_copy, "--format", fmt)
         assert done.returncode == 0, done.stderr
         assert (small_copy / f"prov.{fmt}").read_text().startswith(start)
-    assert not [p for p in os.listdir(small_copy) if p.endswith(".part")]
+    assert not [p for p in os.listdir(small_copy) if is_temporary(p)]
 
 
 

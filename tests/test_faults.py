@@ -27,6 +27,7 @@ from prov4ml_dist.shard import ShardWriter
 
 from .faultkit import (
     EXPERIMENT,
+    LOSS_SLACK_S,
     SCHEDULING_SLACK_S,
     Shard,
     bounded_outcomes,
@@ -80,7 +81,7 @@ def _kill_trial(tmp_path: Path, rng: random.Random, trial: int) -> float | None:
         assert shard.recovered and shard.end is None
         if len(rows):
             window = killed_at - float(rows["time"][-1])
-            assert window <= FLUSH_S + SCHEDULING_SLACK_S, f"trial {trial}: the newest point is {window:.2f} s old"
+            assert window <= FLUSH_S + LOSS_SLACK_S, f"trial {trial}: the newest point is {window:.2f} s old"
         else:
             assert killed_at - shard.attrs["created"] < FLUSH_S + SCHEDULING_SLACK_S, f"trial {trial}: no flush"
         victim_rows = len(rows)

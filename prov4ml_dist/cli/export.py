@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import TextIO
 import h5py
 
 from ..merge.layout import PROV_NAME
+from ..paths import atomic_target
 from ..provenance import load_document, to_dot
 from ..shard import schema
 from .output import CliError, one_line
@@ -110,14 +110,8 @@ def _writing(output: str) -> Iterator[TextIO]:
     if output == "-":
         yield sys.stdout
         return
-    path = Path(output)
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(part, "w", encoding="utf-8", newline="") as out:
-            yield out
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    with atomic_target(Path(output)) as part, open(part, "w", encoding="utf-8", newline="") as out:
+        yield out
 
 
 def _done(output: str, what: str) -> None:

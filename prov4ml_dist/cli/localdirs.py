@@ -17,6 +17,7 @@ from typing import Any
 
 from ..artifacts import directory_entries, sha256_file
 from ..merge.scan import BAD_SHARD
+from ..paths import relative_inside
 from ..shard import ShardReader, schema
 from ..transport import FileSpec, read_chunks, write_files
 from .content import content_sha256
@@ -102,12 +103,8 @@ def _import_artifact(run_dir: Path, root: Path, rank: int, record: dict[str, Any
 
 def _own_artifact_path(rank: int, path: object) -> PurePosixPath | None:
     """A recorded path that stays inside this rank's artifact directory, else None."""
-    if not isinstance(path, str):
-        return None
-    rel = PurePosixPath(path)
-    inside = PurePosixPath(schema.rank_artifacts_dir(rank)) in rel.parents
-    safe = not rel.is_absolute() and not any(part in ("", ".", "..") or "\\" in part for part in rel.parts)
-    return rel if inside and safe else None
+    rel = relative_inside(path)
+    return rel if rel is not None and PurePosixPath(schema.rank_artifacts_dir(rank)) in rel.parents else None
 
 
 def _sha_or_none(path: Path, directory: bool) -> str | None:

@@ -25,6 +25,7 @@ from ..errors import MergeError
 from ..merge import load_merged
 from ..merge.layout import MERGED_NAME, PROV_NAME
 from ..merge.scan import BAD_SHARD
+from ..paths import relative_inside
 from ..provenance import load_document
 from ..provenance.builder import P4D_NAMESPACE
 from ..shard import ShardReader, schema
@@ -260,8 +261,9 @@ class _Checks:
             elif found != sha:
                 self.report.notes.append(f"artifact {what} at {path} changed since it was logged")
             return
-        if ".." in rel.parts:
-            self.problems.append(f"artifact {what} has a path leaving the run directory: {path}")
+        rel = relative_inside(path)
+        if rel is None:
+            self.problems.append(f"artifact {what} has a path that could leave the run directory: {path!r}")
             return
         target = self.run_dir.joinpath(*rel.parts)
         found = self._hash(target, directory)

@@ -17,11 +17,12 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import h5py
 
+from ..paths import relative_inside
 from ..shard.reader import MAX_RANK
 from . import layout
 from .scan import ShardInfo, as_text
@@ -107,8 +108,8 @@ class Journal:
 
     def _present(self, rank: int, name: str, path: str, size: int, directory: bool) -> int:
         """1 when the copied file is in the run directory (a missing one is a problem, not a failure)."""
-        rel = PurePosixPath(path)
-        if rel.is_absolute() or ".." in rel.parts:
+        rel = relative_inside(path)
+        if rel is None:
             self.problems.append(f"rank {rank}: artifact {name!r} has an unsafe path {path!r}; not checked")
             return 0
         target = self.run_dir.joinpath(*rel.parts)

@@ -9,6 +9,7 @@ second merge replaces the first.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -21,6 +22,7 @@ import h5py
 import numpy as np
 
 from ..errors import MergeError
+from ..paths import atomic_target, remove_stale_temporaries
 from ..shard import ShardReader, schema
 from ..shard.reader import MAX_RANK
 from . import layout
@@ -32,6 +34,8 @@ from .series import SeriesIndex, build_index, copy_rows
 from .store import write_table
 
 Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,24 +84,21 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
         raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
                          + (": " + "; ".join(problems) if problems else ""))
     merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
+    for name in remove_stale_temporaries(run_dir):  # a merge that crashed: its space is needed now
+        log.warning("prov4ml_dist: removed %s, left by a merge that did not finish", name)
     _check_space(run_dir, shards)
-    tmp_merged, tmp_prov = _temporary(merged), _temporary(prov)
     try:
-        with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
-            missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
-            _write(out, run_dir, shards, world_size, problems, report)
-            hasher.fill(problems)
-            _write_ranks(out, shards, missing, problems)
-        report("prov", 0, 1)
-        write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
-        report("prov", 1, 1)
-        os.replace(tmp_merged, merged)
-        os.replace(tmp_prov, prov)
+        with atomic_target(merged) as tmp_merged, atomic_target(prov) as tmp_prov:
+            with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
+                missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
+                _write(out, run_dir, shards, world_size, problems, report)
+                hasher.fill(problems)
+                _write_ranks(out, shards, missing, problems)
+            report("prov", 0, 1)
+            write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
+            report("prov", 1, 1)
     except OSError as exc:
         raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
-    finally:
-        for tmp in (tmp_merged, tmp_prov):
-            tmp.unlink(missing_ok=True)
     return MergeResult(merged, prov, problems)
 
 
@@ -118,9 +119,6 @@ def _check_space(run_dir: Path, shards: list[ShardInfo]) -> None:
 def _silent(stage: str, done: int, total: int) -> None:
     """The default progress callback."""
 
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: int | None, problems: list[str],

@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,11 @@ HARD_LIMIT_FACTOR = 4  # buffer rows past max_buffer_rows × this: the logging t
 BUFFER_POLL_S = 0.05
 MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
 MAX_REQUEUE_BYTES = 4 << 20  # journal bytes kept for the next flush while flushing fails
+CLOSE_WAIT_S = 10.0  # close waits this long for the flusher thread, then for a flush in progress
+
+# Writers of this process, for the fork hook below: a forked child must never write its parent's file.
+_live_writers: weakref.WeakSet[ShardWriter] = weakref.WeakSet()
+_inherited: list[ShardWriter] = []  # kept alive in a forked child: never deallocated into a close
 
 
 def to_json_line(record: dict[str, Any]) -> bytes:
@@ -47,10 +54,12 @@ def to_json_line(record: dict[str, Any]) -> bytes:
 class SeriesTable:
     """An append-only table of (series, step, value, time) rows with a series registry.
 
-    ``buffer`` is the row deque and ``push`` its bare ``append``, for the logging hot path: it
-    takes one ``(series, step, value, time)`` tuple. The flusher thread watches the buffer's
-    size; a logger that outruns a GIL-starved flusher checks ``len(buffer)`` against
-    ``ShardWriter.hard_limit_rows`` and flushes itself (see ``Run.log_metric``).
+    The table is the one owner of its row buffer (a deque): rows go in through ``push`` (its
+    bare ``append``, for the logging hot path: one ``(series, step, value, time)`` tuple) or
+    ``append``, and out through ``take``, ``requeue`` and ``discard`` only. ``queued`` is the
+    same deque typed read-only, for its length: a logger that outruns a GIL-starved flusher
+    checks ``len(queued)`` against ``ShardWriter.hard_limit_rows`` and flushes itself (see
+    ``Run.log_metric``; ``len`` is ~60 ns cheaper there than a bound ``__len__``).
     """
 
     def __init__(self, name: str, journal: Callable[[dict[str, Any]], None]) -> None:
@@ -58,8 +67,9 @@ class SeriesTable:
         self._journal = journal
         self._lock = threading.RLock()
         self._ids: dict[tuple, int] = {}
-        self.buffer: deque[tuple[int, int, float, float]] = deque()
-        self.push = self.buffer.append
+        self._rows: deque[tuple[int, int, float, float]] = deque()
+        self.push = self._rows.append
+        self.queued: Sized = self._rows
         self.rows_written = 0
         self.series_rows = np.zeros(0, dtype=np.int64)  # rows written per series id
         self.dropped = 0  # rows that could not be stored (see take)
@@ -81,7 +91,7 @@ class SeriesTable:
 
     def pending(self) -> int:
         """Rows buffered and not yet flushed."""
-        return len(self.buffer)
+        return len(self._rows)
 
     def written(self, rows: np.ndarray) -> None:
         """Count rows that reached the file (the end record's per-series counts)."""
@@ -94,8 +104,8 @@ class SeriesTable:
     def take(self) -> np.ndarray:
         """Remove the buffered rows and return them as a structured array. A row that cannot be
         stored (the API lets none through) is dropped and counted, never the whole batch."""
-        pop = self.buffer.popleft
-        rows = [pop() for _ in range(len(self.buffer))]  # a list first (no slower): kept if conversion fails
+        pop = self._rows.popleft
+        rows = [pop() for _ in range(len(self._rows))]  # a list first (no slower): kept if conversion fails
         try:
             return np.fromiter(rows, dtype=schema.ROW_DTYPE, count=len(rows))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -106,6 +116,15 @@ class SeriesTable:
             log.warning("prov4ml_dist: %s", message)
             self._journal({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
             return np.fromiter(kept, dtype=schema.ROW_DTYPE, count=len(kept))
+
+    def requeue(self, rows: np.ndarray) -> None:
+        """Put the rows of an abandoned flush back in front, in their order (rows pushed since
+        stay after them)."""
+        self._rows.extendleft(reversed(rows.tolist()))
+
+    def discard(self) -> None:
+        """Drop every buffered row (a forked child's, which can go nowhere)."""
+        self._rows.clear()
 
 
 def _storable(row: tuple) -> bool:
@@ -131,7 +150,10 @@ class ShardWriter:
         self._journal_buf: list[bytes] = []
         self._flush_lock = threading.RLock()
         self._stop = threading.Event()
+        self._owner_pid = os.getpid()
+        self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
         self._file = self._create(attrs)
+        self._fd = self._file.id.get_vfd_handle()
         self._flushed = dict.fromkeys((*schema.TABLES, schema.JOURNAL), 0)  # lengths at the last good flush
         self._inflight: tuple[list[bytes], dict[str, np.ndarray]] | None = None
         self._failing = False
@@ -142,6 +164,7 @@ class ShardWriter:
         self.system = self.tables["system"]
         self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
         self._thread.start()
+        _live_writers.add(self)
 
     def _create(self, attrs: dict[str, Any]) -> h5py.File:
         """Create the file exclusively (never overwrite another attempt's shard), then go SWMR.
@@ -177,18 +200,71 @@ class ShardWriter:
         line = to_json_line(record)
         with self._journal_lock:
             self._journal_buf.append(line)
+        if self._deferred:
+            self._run_deferred()
+
+    # -- signals and forks ----------------------------------------------------------------
+    def busy_here(self) -> bool:
+        """Whether this thread is inside a flush or a journal append: a signal handler running
+        now must not close the shard under it (nor wait for the flusher, which may be waiting
+        on this very flush)."""
+        return self._flush_lock._is_owned() or self._journal_lock._is_owned()
+
+    def defer(self, action: Callable[[], None]) -> bool:
+        """Queue ``action`` to run in this thread as soon as it leaves its flush or journal
+        append, and say True; say False (queue nothing) when it is in neither."""
+        if not self.busy_here():
+            return False
+        self._deferred.append((threading.get_ident(), action))
+        return True
+
+    def _run_deferred(self) -> None:
+        if self.busy_here():
+            return
+        me = threading.get_ident()
+        mine = [action for ident, action in self._deferred if ident == me]
+        if mine:
+            self._deferred = [(ident, action) for ident, action in self._deferred if ident != me]
+            for action in mine:
+                action()
+
+    def inherited(self) -> bool:
+        """Whether this process is a fork of the one that created the shard (never its writer)."""
+        return self._owner_pid != os.getpid()
+
+    def _disown(self) -> None:
+        """In a forked child: point the inherited descriptor at /dev/null, so that nothing HDF5
+        does here (a metadata flush when the file object is deallocated, or at HDF5's exit)
+        reaches the parent's file, and keep the objects alive until the process ends."""
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(devnull, self._fd)
+        finally:
+            os.close(devnull)
+        _inherited.append(self)
+
+    def _drop_in_child(self) -> None:
+        """A flush asked for in a forked child: nothing may reach the parent's file; drop."""
+        for table in self.tables.values():
+            table.discard()
+        self._journal_buf = []
 
     def _run(self) -> None:
-        """Flush every ``flush_interval``, or as soon as a buffer holds ``max_buffer_rows``."""
-        poll = min(self.flush_interval, BUFFER_POLL_S)
+        """Flush every ``flush_interval``, or as soon as a buffer holds ``max_buffer_rows``.
+        Flushes start ``flush_interval`` apart (not after the previous one ended), so a point
+        waits at most ``flush_interval`` plus one flush's time for the file."""
         due = time.monotonic() + self.flush_interval
-        while not self._stop.wait(poll):
-            if time.monotonic() >= due or any(t.pending() >= self._max_rows for t in self.tables.values()):
+        while not self._stop.wait(max(0.0, min(BUFFER_POLL_S, due - time.monotonic()))):
+            now = time.monotonic()
+            if now >= due or any(t.pending() >= self._max_rows for t in self.tables.values()):
+                due = now + self.flush_interval
                 self.flush()
-                due = time.monotonic() + self.flush_interval
 
     def flush(self) -> None:
         """Write everything buffered. A failure (disk full, ...) is recorded, not raised."""
+        if self._owner_pid != os.getpid():  # before any lock: a parent's thread may have held it at fork
+            self._drop_in_child()
+            return
         with self._flush_lock:
             if self._file is None:
                 return
@@ -202,6 +278,8 @@ class ShardWriter:
             except BaseException:  # KeyboardInterrupt mid-flush: nothing is lost, the exit path flushes
                 self._abandon(keep_rows=True)
                 raise
+        if self._deferred:
+            self._run_deferred()
 
     def _flush_locked(self) -> None:
         # Journal first: series records must land before the rows that use their ids.
@@ -253,7 +331,7 @@ class ShardWriter:
                 self.lost_journal_bytes += sum(map(len, lines))
         for name, data in rows.items():
             if keep_rows:
-                self.tables[name].buffer.extendleft(reversed(data.tolist()))
+                self.tables[name].requeue(data)
             else:
                 self.lost_rows[name] += len(data)
 
@@ -275,24 +353,48 @@ class ShardWriter:
         self.record({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
 
     def close(self, status: str = "ok") -> None:
-        """Flush, write the ``end`` record and close. Idempotent."""
-        if self._file is None:
+        """Flush, write the ``end`` record and close. Idempotent; nothing in a forked child.
+
+        Every wait is bounded by ``CLOSE_WAIT_S``: the flusher is not awaited from inside a
+        flush of this thread (it may be waiting on that flush's lock), and a flush stuck in
+        I/O leaves the shard as its last flush made it, without an end record.
+        """
+        if self._file is None or self._owner_pid != os.getpid():
             return
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        self.flush()  # rows first, so the end record can count them
-        self.record({"kind": "end", "time": time.time(), "status": status,
-                     "rows": {n: t.rows_written for n, t in self.tables.items()},
-                     "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
-                     "failures": self.failures, "failure_count": self.failure_count,
-                     "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
-                     "lost_journal_bytes": self.lost_journal_bytes})
-        self.flush()
-        with self._flush_lock:
+        if self._thread is not threading.current_thread() and not self._flush_lock._is_owned():
+            self._thread.join(CLOSE_WAIT_S)
+        if not self._flush_lock.acquire(timeout=CLOSE_WAIT_S):
+            log.warning("prov4ml_dist: a flush of %s has been running for more than %s s; the shard keeps "
+                        "what its last flush wrote, and no end record", self.path, CLOSE_WAIT_S)
+            return
+        try:
+            if self._file is None:  # closed while this thread waited
+                return
+            self.flush()  # rows first, so the end record can count them
+            self.record({"kind": "end", "time": time.time(), "status": status,
+                         "rows": {n: t.rows_written for n, t in self.tables.items()},
+                         "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
+                         "failures": self.failures, "failure_count": self.failure_count,
+                         "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
+                         "lost_journal_bytes": self.lost_journal_bytes})
+            self.flush()
             try:
                 self._file.close()
             except Exception as exc:  # noqa: BLE001
                 log.warning("closing %s failed: %s", self.path, exc)
             self._file = None
+        finally:
+            self._flush_lock.release()
+        if self._deferred:  # a signal that arrived during this close acts now
+            self._run_deferred()
 
+
+def _disown_inherited_writers() -> None:
+    """The fork hook: a child process never writes, flushes into or closes its parent's shards."""
+    for writer in list(_live_writers):
+        if writer._file is not None and writer.inherited():
+            writer._disown()
+
+
+os.register_at_fork(after_in_child=_disown_inherited_writers)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..paths import temporary_path
 from .base import StreamAborted, Transport, TransportError
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -74,7 +75,7 @@ def write_files(chunks: Iterator[bytes | memoryview], specs: list[FileSpec]) -> 
 
 
 def _write_one(chunks: Iterator[bytes | memoryview], spec: FileSpec) -> str | None:
-    part = spec.target.with_name(f".{spec.target.name}.part-{os.getpid()}")
+    part = temporary_path(spec.target)
     digest = hashlib.sha256()
     problem = None
     try:

@@ -1,0 +1,92 @@
+"""Many SIGTERMs at random moments into ranks that flush in their own thread all the time.
+
+    python sigterm_trials.py SAVE_DIR TRIALS PARALLEL SEED
+
+Imports once, then forks PARALLEL children at a time (no import cost per trial). Each child
+starts a run with a 0.05 s flush interval and a buffer hard limit of 64 rows, so its logging
+thread flushes itself every 64 points while the flusher thread keeps competing for the flush
+lock, and logs a counter (step = value = 0, 1, 2, ...) in a tight loop, publishing each
+accepted step in shared memory. The driver sends it SIGTERM at a random moment and waits at
+most HANG_S for it to die; one that does not is a hang, SIGKILLed. Prints one JSON line per
+trial: exit status, hung, the moment the signal was sent, how many points the child had
+logged by then, and the shard's path.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+import prov4ml_dist as prov4ml
+from prov4ml_dist import api
+
+HANG_S = 20.0
+HARD_LIMIT_ROWS = 64
+FLUSH_S = 0.05
+
+
+def child(save_dir: str, run_id: str, ready_fd: int, logged: Any) -> None:
+    prov4ml.start_run(experiment_name="sigterm", provenance_save_dir=save_dir, run_id=run_id,
+                      flush_interval=FLUSH_S, sample_interval=None)
+    api.get_active_run()._hard_limit = HARD_LIMIT_ROWS  # the logging thread flushes every 64 points
+    step = 0
+    while True:
+        prov4ml.log_metric("n", float(step), prov4ml.Context.TRAINING, step=step)
+        step += 1
+        logged.value = step
+        if step == 1000:
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+
+
+def wait_dead(pid: int, deadline: float) -> int | None:
+    """The exit status, or None when the process is still alive at ``deadline``."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+def main() -> None:
+    save_dir, trials, parallel, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    rng = random.Random(seed)
+    for first in range(0, trials, parallel):
+        batch = []
+        for trial in range(first, min(first + parallel, trials)):
+            read_fd, write_fd = os.pipe()
+            logged = multiprocessing.RawValue("q", 0)  # shared with the child through the fork
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                try:
+                    child(save_dir, f"t{trial:04d}", write_fd, logged)
+                finally:
+                    os._exit(3)
+            os.close(write_fd)
+            batch.append((trial, pid, read_fd, logged))
+        for trial, pid, read_fd, logged in batch:
+            os.read(read_fd, 1)
+            os.close(read_fd)
+            time.sleep(rng.uniform(0.0, 0.1))
+            sent, logged_before = time.time(), logged.value
+            os.kill(pid, signal.SIGTERM)
+            code = wait_dead(pid, time.monotonic() + HANG_S)
+            if code is None:
+                os.kill(pid, signal.SIGKILL)
+                code = wait_dead(pid, time.monotonic() + HANG_S)
+            print(json.dumps({"trial": trial, "code": code, "hung": code == -signal.SIGKILL, "sent": sent,
+                              "logged_before": logged_before,
+                              "shard": f"{save_dir}/sigterm/t{trial:04d}/shards/rank-00000.h5"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
