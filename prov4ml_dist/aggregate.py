@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,6 +42,7 @@ from typing import Any
 from .artifacts import sha256_file
 from .merge.layout import AGGREGATE_REPORT
 from .paths import atomic_target, relative_inside
+from .run import merge_command
 from .shard import schema
 from .topology import _initialised_dist
 from .transport import (
@@ -110,20 +111,8 @@ def _unreachable(run: Any) -> str:
             "initialised by the program)")
 
 
-def merge_command(run_dir: Path, local_roots: Iterable[Path] = ()) -> str:
-    """The offline merge of ``run_dir``; with ``--local-dirs`` for files left on node-local
-    disks (to be copied back first), each directory named once."""
-    roots = list(dict.fromkeys(str(root) for root in local_roots))
-    return f"prov4ml-dist merge {run_dir}" + (f" --local-dirs {' '.join(roots)}" if roots else "")
-
-
-def _local_roots(run: Any) -> list[Path]:
-    """This rank's node-local directory, when it used one."""
-    return [run.rank_root] if Path(run.rank_root) != Path(run.run_dir) else []
-
-
 def _leave_to_offline_merge(run: Any, reason: str) -> None:
-    local = _local_roots(run)
+    local = run.local_roots()
     log.warning("prov4ml_dist: rank %d: %s. This rank's shard and artifacts are under %s%s; merge the run "
                 "later with: %s", run.topology.rank, reason, run.rank_root,
                 " (node-local: copy it back to where the command can read it)" if local else "",
@@ -179,7 +168,7 @@ def _contribute(run: Any, transport: Transport) -> None:
         for _ in STREAM_KINDS:  # should rank 0 still ask, it hears at once that this rank is gone
             transport.decline_stream(0)
         why = f"rank 0's plan did not come within {plan_wait:g} s"
-        if _local_roots(run):
+        if run.local_roots():
             _not_at_rank_0(run, files, why)
         else:  # rank 0, if it merges, reads them where they are
             _leave_to_offline_merge(run, why)

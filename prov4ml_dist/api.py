@@ -130,7 +130,7 @@ def start_run(prov_user_namespace: str | None = None, experiment_name: str | Non
                         rank, topology.launcher, topology.rank)
     run = Run(config, topology)
     _active, _forked_from = run, None
-    _hooks = ExitHooks(run.close, run.writer.defer)
+    _hooks = ExitHooks(run.close_unfinished, run.writer.defer)
     return run.run_dir
 
 

@@ -84,9 +84,7 @@ class ExitHooks:
         self._close_and_die(signum)
 
     def _close_and_die(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        log.warning("prov4ml_dist: %s received; closing the shard before exiting", name)
-        self._safe_close(f"killed-by-{name}")
+        self._safe_close(f"killed-by-{signal.Signals(signum).name}")
         self.remove()
         _die_of(signum)
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -32,6 +33,10 @@ from .topology import Topology, detect
 log = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# How a shard's end status reads in the one-line message of a rank that did not reach end_run.
+UNFINISHED = {"exited-without-end_run": "exited (an exception, sys.exit or the end of the script)",
+              "killed-by-SIGTERM": "got SIGTERM (a time limit, scancel, a launcher stopping the job)",
+              "killed-by-SIGHUP": "got SIGHUP (its terminal or launcher went away)"}
 _now = time.time  # bound once: the hot path saves an attribute lookup per point
 
 
@@ -48,6 +53,13 @@ class RunConfig:
     sample_interval: float | None = 1.0
     merge_timeout: float = 300.0
     yprov4ml_options: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_command(run_dir: Path, local_roots: Iterable[Path] = ()) -> str:
+    """The offline merge of ``run_dir``; with ``--local-dirs`` for files left on node-local
+    disks (to be copied back first), each directory named once."""
+    roots = list(dict.fromkeys(str(root) for root in local_roots))
+    return f"prov4ml-dist merge {run_dir}" + (f" --local-dirs {' '.join(roots)}" if roots else "")
 
 
 def check_component(name: object, what: str) -> str:
@@ -375,6 +387,22 @@ class Run:
         if self.sampler is not None:
             self.sampler.stop()  # before the writer closes: its energy record must reach the shard
         self.writer.close(status)
+
+    def local_roots(self) -> list[Path]:
+        """This rank's node-local directory, when it used one (``--local-dirs`` of the offline merge)."""
+        return [self.rank_root] if self.rank_root != self.run_dir else []
+
+    def close_unfinished(self, status: str) -> None:
+        """Close the shard of a run that will not reach ``end_run`` (an exception, ``sys.exit``,
+        a signal) and say so in one line: the run, what was kept, and the command that merges it."""
+        if self._closed or self.writer.inherited():
+            return
+        self.close(status)
+        kept = sum(table.rows_written for table in (self.writer.metrics, self.writer.system))
+        log.warning("prov4ml_dist: rank %d %s before end_run; its shard %s is closed and keeps %d points up to "
+                    "%s UTC; once the job is over, complete the run with: %s", self.topology.rank,
+                    UNFINISHED.get(status, status), self.shard_path, kept,
+                    time.strftime("%H:%M:%S", time.gmtime()), merge_command(self.run_dir, self.local_roots()))
 
     def end(self, create_graph: bool = False, create_svg: bool = False) -> Path | None:
         """Close the shard, then take part in the merge. Rank 0 gets prov.json; others None."""

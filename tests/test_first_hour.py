@@ -181,3 +181,39 @@ def test_plot_of_a_run_shorter_than_one_sample_interval_says_so(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"note: {SINGLE_SAMPLE}" in done.stderr
     assert done.stderr.count(SINGLE_SAMPLE) == 1  # once, not once per figure
+
+
+# -- a rank that does not reach end_run says what was kept and how to finish -----------------
+CRASHING = """
+import os, signal, sys
+import prov4ml_dist as p
+how, local = sys.argv[1], sys.argv[2] or None
+p.start_run(experiment_name="crash", provenance_save_dir="prov", run_id="c-1", local_dir=local, sample_interval=None)
+for s in range(50):
+    p.log_metric("loss", 1.0 / (s + 1), p.Context.TRAINING, step=s)
+if how == "raise":
+    raise RuntimeError("the loss went NaN")
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+@pytest.mark.parametrize("how, local", [("raise", False), ("sigterm", False), ("raise", True)])
+def test_a_rank_that_dies_says_in_one_line_what_was_kept_and_the_command_that_finishes(tmp_path, how, local):
+    local_dir = tmp_path / "node-local" if local else ""
+    done = subprocess.run([sys.executable, "-c", CRASHING, how, str(local_dir)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=child_env())
+    assert done.returncode == (1 if how == "raise" else -15), done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("prov4ml_dist:")]
+    assert len(lines) == 1, done.stderr  # once, in one line
+    line = lines[0]
+    run_dir = (tmp_path / "prov" / "crash" / "c-1").absolute()
+    assert line.startswith("prov4ml_dist: rank 0 " + ("exited" if how == "raise" else "got SIGTERM")), line
+    assert "keeps 50 points up to " in line and "shards/rank-00000.h5" in line
+    command = line.split("complete the run with: ", 1)[1].split()
+    assert command[:3] == ["prov4ml-dist", "merge", str(run_dir)]
+    if local:
+        assert command[3:] == ["--local-dirs", str(local_dir.absolute() / "crash" / "c-1")]
+    merged = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=child_env())
+    assert merged.returncode == 0, merged.stderr  # the command works as printed
+    run = load_merged(run_dir / "merged.h5")
+    assert sum(s.count for s in run.series if s.key == "loss") == 50
