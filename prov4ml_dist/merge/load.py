@@ -56,7 +56,16 @@ def _load(f: h5py.File) -> MergedRun:
                 for r in f[layout.PARAMS][()]],
         series=series, groups=groups, artifacts=_artifacts(f[layout.ARTIFACTS]),
         datasets=per_rank["datasets"], models=per_rank["models"], energy=_energy(f[layout.ENERGY][()]),
-        problems=json.loads(f.attrs[layout.PROBLEMS_ATTR]))
+        problems=json.loads(f.attrs[layout.PROBLEMS_ATTR]), merge_stamp=_stamp(f))
+
+
+def _stamp(f: h5py.File) -> dict[str, Any]:
+    """When, by which version and in which process the file was merged ({} if unreadable)."""
+    try:
+        stamp = json.loads(f.attrs.get(layout.STAMP_ATTR, "{}"))
+    except ValueError:
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
 def _str(value: Any) -> str:
