@@ -59,7 +59,12 @@ def qname(name: str) -> dict[str, str]:
 def literal(value: Any) -> JsonValue:
     """A PROV-JSON value: typed xsd literals for numbers and times (JSON booleans); NaN and infinities as
     xsd:double words, never JSON numbers; a list or tuple as repeated values."""
-    if isinstance(value, bool):  # PROV-JSON's native boolean is xsd:boolean
+    kind = type(value)  # the common cases first: this runs once per attribute of a 1,000-rank document
+    if kind is str or kind is bool:  # PROV-JSON's native boolean is xsd:boolean
+        return value
+    if kind is float and math.isfinite(value):
+        return {"$": repr(value), "type": "xsd:double"}
+    if isinstance(value, bool):
         return value
     if isinstance(value, int):
         return typed(str(value), "xsd:long") if -(1 << 63) <= value < 1 << 63 else typed(str(value), "xsd:integer")
