@@ -24,6 +24,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from itertools import groupby
+from operator import attrgetter
 from typing import Any
 from urllib.parse import quote
 
@@ -311,12 +313,12 @@ class _Builder:
         straggler report; per-rank series entities only while there are few."""
         names: set[str] = set()
         by_table: dict[str, list[SeriesSummary]] = defaultdict(list)
-        for s in self.run.series:
-            by_table[s.dataset.split("/")[1]].append(s)
+        for dataset, series in groupby(self.run.series, attrgetter("dataset")):  # loaded table by table
+            by_table[dataset.split("/")[1]].extend(series)
         per_rank = len(self.run.series) <= self.series_limit
         crossrank: dict[int, str] = {}
         for g in self.run.groups:
-            members = [by_table[g.table][i] for i in g.series if i < len(by_table[g.table])]
+            members = by_table[g.table][g.series[0]:g.series[-1] + 1] if g.series else []  # a contiguous range
             base = [g.table, g.key, g.context, *([g.source] if g.source else []),
                     *([f"attempt-{g.attempt}"] if g.attempt > 0 else [])]
             name = _unique(local_name(*base), names)
@@ -613,27 +615,34 @@ def _series_attrs(s: SeriesSummary) -> list[tuple[str, Any]]:
 
 
 def _key_series_attrs(g: GroupSummary, members: list[SeriesSummary]) -> list[tuple[str, Any]]:
-    """A key across ranks: totals, and where its per-rank series are in merged.h5 (rows of the series table)."""
-    counted = [s for s in members if s.count]
-    finite = [v for s in counted for v in (s.min, s.max) if math.isfinite(v)]
+    """A key across ranks: totals, and where its per-rank series are in merged.h5 (rows of the series table).
+    Built-in reductions over ``map``: at 1,024 ranks x 2,000 keys they see 2 million series."""
+    counted = members if all(map(_COUNT, members)) else [s for s in members if s.count]
+    finite = [*filter(math.isfinite, map(_MIN, counted)), *filter(math.isfinite, map(_MAX, counted))]
+    extras = {id(s.extra): s.extra for s in members}  # series with the same extras share one dict
+    first = members[0].extra if members else {}
+    shared = {k: v for k, v in first.items() if all(e.get(k) == v for e in extras.values())}
     series_table = members[0].dataset.rsplit("/", 1)[0] + "/series" if members else None
     pairs: list[tuple[str, Any]] = [
         ("key", g.key), ("context", g.context), ("source", g.source or None), ("attempt", g.attempt),
-        ("ranks", len(g.series)), ("count", sum(s.count for s in members)),
-        ("nonfinite", sum(s.nonfinite for s in members) or None),
-        ("first_step", min((s.first_step for s in counted), default=None)),
-        ("last_step", max((s.last_step for s in counted), default=None)),
-        ("min", min(finite, default=None)), ("max", max(finite, default=None)),
-        ("dataset", series_table), ("row_start", min(g.series, default=0)), ("row_stop", max(g.series, default=-1) + 1),
+        ("ranks", len(g.series)), ("count", sum(map(_COUNT, members))),
+        ("nonfinite", sum(map(_NONFINITE, members)) or None),
+        ("first_step", min(map(_FIRST_STEP, counted), default=None)),
+        ("last_step", max(map(_LAST_STEP, counted), default=None)),
+        ("min", min(finite, default=None)), ("max", max(finite, default=None)), ("dataset", series_table),
+        ("row_start", g.series[0] if g.series else 0), ("row_stop", g.series[-1] + 1 if g.series else 0),
         ("rows", members[0].dataset if members else None)]
-    shared = {k: v for k, v in members[0].extra.items() if all(m.extra.get(k) == v for m in members)} if members else {}
     return p4d(pairs) + _extras(shared)
 
 
+_COUNT, _NONFINITE, _MIN, _MAX = attrgetter("count"), attrgetter("nonfinite"), attrgetter("min"), attrgetter("max")
+_FIRST_STEP, _LAST_STEP = attrgetter("first_step"), attrgetter("last_step")
+
+
 def _group_attrs(g: GroupSummary) -> Iterator[tuple[str, Any]]:
-    yield from (("key", g.key), ("context", g.context), ("source", g.source or None), ("attempt", g.attempt),
-                ("ranks", len(g.series)), ("dataset", g.dataset), ("row_start", g.stat_start),
-                ("row_stop", g.stat_stop), ("multi_rank_steps", g.multi_rank_steps))
+    """Key, context, source and ranks are on the series entity the statistics are derived from."""
+    yield from (("dataset", g.dataset), ("row_start", g.stat_start), ("row_stop", g.stat_stop),
+                ("multi_rank_steps", g.multi_rank_steps))
     if g.multi_rank_steps:
         yield from (("slowest_rank", g.slowest_rank), ("slowest_steps", g.slowest_steps),
                     ("skew_mean", g.skew_mean), ("skew_max", g.skew_max), ("skew_max_step", g.skew_max_step))
