@@ -333,3 +333,49 @@ def test_the_dict_writer_is_prov_json_that_prov_parses() -> None:
     doc = build_document(run)
     assert len(list(doc.get_records())) == records(data)
     assert check(data) == []
+
+
+# -- what environment.capture adds for the Plan and the software stack --------------------------
+def test_software_stack_script_hash_on_local_rank_0_and_container(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from prov4ml_dist.software import container, script_identity
+
+    script = tmp_path / "train.py"
+    script.write_bytes(b"print('hi')\n")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert script_identity(str(script)) == {"path": str(script.resolve()), "size": 12,
+                                            "sha256": hashlib.sha256(b"print('hi')\n").hexdigest()}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # its node's local rank 0 hashes it: no filesystem storm
+    assert "sha256" not in script_identity(str(script))
+    assert script_identity(str(tmp_path / "no-such.py")) is None
+    for name in ("APPTAINER_CONTAINER", "APPTAINER_NAME", "SINGULARITY_CONTAINER", "SINGULARITY_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert container() is None
+    monkeypatch.setenv("SINGULARITY_CONTAINER", "/images/a.sif")
+    monkeypatch.setenv("SINGULARITY_NAME", "a.sif")
+    assert container() == {"runtime": "singularity", "container": "/images/a.sif", "name": "a.sif"}
+
+
+def test_capture_records_the_software_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prov4ml_dist import environment
+
+    monkeypatch.setattr(sys, "argv", [str(Path(__file__))])
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    software = environment.capture()["software"]
+    assert software["script"]["sha256"] == hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    assert set(software) == {"script", "git_remote", "nccl", "mpi", "container"}
+
+
+def test_export_ttl_and_jsonld(tmp_path: Path) -> None:
+    from prov4ml_dist.cli import main
+
+    rdflib = pytest.importorskip("rdflib")
+    prov_json = _run(tmp_path)
+    assert main(["export", str(tmp_path), "--format", "ttl"]) == 0
+    assert main(["export", str(tmp_path), "--format", "jsonld"]) == 0
+    turtle = rdflib.Graph().parse(tmp_path / "prov.ttl", format="turtle")
+    jsonld = rdflib.Graph().parse(tmp_path / "prov.jsonld", format="json-ld")
+    assert len(turtle) == len(jsonld) > 0
+    generations = len(json.loads(prov_json.read_text())["wasGeneratedBy"])
+    prov = rdflib.Namespace("http://www.w3.org/ns/prov#")
+    assert len(set(jsonld.subject_objects(prov.wasGeneratedBy))) == generations
