@@ -329,7 +329,8 @@ class _Builder:
             self.doc.relation("hadMember", self.merged, series)
             if per_rank:
                 for s in members:
-                    entity = self.doc.element("entity", f"run:{name}.{attempt_name(s.rank, s.attempt)}", [kind],
+                    own = _unique(f"{name}.{attempt_name(s.rank, s.attempt)}", names)
+                    entity = self.doc.element("entity", f"run:{own}", [kind],
                                               _series_attrs(s), label=s.key)
                     self.doc.relation("wasGeneratedBy", entity, self._activity(s.rank, s.attempt, s.context))
                     self.doc.relation("hadMember", series, entity)
