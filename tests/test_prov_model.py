@@ -4,6 +4,7 @@ shipped vocabulary, and a size that grows with ranks + keys, never ranks x keys.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -379,3 +380,15 @@ def test_export_ttl_and_jsonld(tmp_path: Path) -> None:
     generations = len(json.loads(prov_json.read_text())["wasGeneratedBy"])
     prov = rdflib.Namespace("http://www.w3.org/ns/prov#")
     assert len(set(jsonld.subject_objects(prov.wasGeneratedBy))) == generations
+
+
+def test_one_software_stack_per_node_where_it_differs() -> None:
+    run = synthetic_run(8, 2)  # 4 ranks per node: node1 runs another torch
+    run.ranks = [dataclasses.replace(r, environment={**r.environment, "torch": "2.6.0"}) if r.node_rank == 1 else r
+                 for r in run.ranks]
+    doc = build_prov_json(run)
+    stacks = _of_type(doc, "p4d:SoftwareStack")
+    assert sorted(s["p4d:torch"] for s in stacks.values()) == ["2.5.0", "2.6.0"]
+    used = _relations(doc, "used", "prov:activity", "prov:entity")
+    torch_of = {a: doc["entity"][e]["p4d:torch"] for a, e in used if e in stacks}
+    assert torch_of == {f"run:process.rank-0000{r}": "2.5.0" if r < 4 else "2.6.0" for r in range(8)}

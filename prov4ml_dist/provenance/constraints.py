@@ -2,21 +2,21 @@
 recommendation (https://www.w3.org/TR/prov-constraints/); each violation names the record and
 the rule it breaks. Used by ``prov4ml-dist validate`` and the tests.
 
-Checked (the recommendation's section/constraint in brackets):
+Checked (rule names as the recommendation's constraints, where it has one):
 - ``endpoint-declared`` / ``typing``: a relation's endpoints are declared, each as the kind of
-  element its role needs (typing, 5.3 constraint 50); ``impossible-entity-activity``: no
-  identifier is both an entity and an activity (disjointness, 5.4.3 constraints 55-56).
-- ``unique-generation``: an entity is generated at most once (stricter than generation-uniqueness,
-  5.2 constraint 24 + generation-generation-ordering, 5.3 constraint 37: two generations of one
-  entity are one event, so two generations by different activities or at different times are
-  a contradiction); ``unique-invalidation`` likewise (constraints 25, 38).
-- Event ordering (5.3), wherever both times are stated: ``start-precedes-end`` (33); usage and
-  generation within their activity (34, 35: start <= event <= end); ``generation-precedes-usage``
-  (40); ``generation-precedes-invalidation``, ``usage-precedes-invalidation``; ``derivation-generation-
-  generation-ordering`` (42: the used entity's generation before the derived one's);
-  ``wasInformedBy-ordering`` (39: the informant starts before the informed ends);
-  ``association-within-activity`` (44-45: an agent that is also an entity is generated before
-  the activity ends).
+  element its role needs (typing constraints); ``impossible-entity-activity``: no identifier is
+  both an entity and an activity (disjointness).
+- ``unique-generation``: an entity is generated at most once. Stricter than the recommendation's
+  generation-uniqueness + generation-generation-ordering (two generations of one entity are one
+  event, so generations by different activities or at different times contradict each other);
+  ``unique-invalidation`` likewise.
+- Event ordering, wherever both times are stated: ``start-precedes-end``; usage, generation and
+  invalidation within their activity (start <= event <= end); ``generation-precedes-usage``,
+  ``generation-precedes-invalidation``, ``usage-precedes-invalidation``;
+  ``derivation-generation-generation-ordering`` (the used entity is generated before the derived
+  one); ``wasInformedBy-ordering`` (the informant starts before the informed activity ends);
+  ``association-within-activity`` (an agent that is also an entity is generated before the
+  activity ends).
 - ``time-format``: every time is an xsd:dateTime.
 
 Events without a stated time are not ordered (nothing to contradict). Two events at the same
