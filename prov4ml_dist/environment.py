@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .software import software_stack
 from .topology import launcher_environment
 
 GIT_TIMEOUT_S = 2.0
@@ -74,5 +75,6 @@ def capture() -> dict[str, Any]:
         "cuda": cuda,
         "versions": {name: _version(name) for name in ("prov4ml-dist", "h5py", "numpy", "prov", "psutil")},
         "git": git_state(code_directory()),
+        "software": software_stack(code_directory()),
         "launcher_env": launcher_environment(),
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from prov4ml_dist.merge import load_merged
 from prov4ml_dist.shard import ShardReader
 
 from .conftest import BIN, REPO, child_env
+from .prov_support import assert_prov_model_valid
 from .test_cli_support import assert_same_points, cli, merged_content, merged_points, prov_structure, shard_points
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,8 @@ def test_offline_merge_of_a_clean_job_equals_the_online_merge(clean_job, clean_c
         assert done.stderr == "" and done.stdout.count("\n") == 1  # a pipe: just the final line
         assert merged_content(clean_copy / "merged.h5") == merged_content(clean_job / "merged.h5")
         assert prov_structure(clean_copy / "prov.json") == prov_structure(clean_job / "prov.json")
+    merges = [json.loads((d / "prov.json").read_text())["activity"]["run:merge"] for d in (clean_job, clean_copy)]
+    assert [m["p4d:mode"] for m in merges] == ["online", "offline"]
 
 
 def test_validate_passes_on_a_clean_job_and_fails_on_a_flipped_byte(clean_copy):
@@ -105,6 +109,30 @@ def test_export_provn_dot_svg_and_csv(clean_copy, tmp_path):
     assert len(rows) == sum(s.count for s in merged.series if s.dataset == "/metrics/rows")
     assert {(r["rank"], r["key"], r["context"]) for r in rows} == {
         (str(s.rank), s.key, s.context) for s in merged.series if s.dataset == "/metrics/rows"}
+
+
+def test_sparql_over_the_turtle_of_a_real_job(clean_copy):
+    """The issue's queries: the script's git commit, Python and torch versions, every generation and
+    every model-version lineage, by plain SPARQL over `export --format ttl`."""
+    rdflib = pytest.importorskip("rdflib")
+    assert_prov_model_valid(clean_copy / "prov.json")
+    done = cli("export", clean_copy, "--format", "ttl")
+    assert done.returncode == 0, done.stderr
+    graph = rdflib.Graph().parse(clean_copy / "prov.ttl", format="turtle")
+    prefixes = "PREFIX prov: <http://www.w3.org/ns/prov#> PREFIX p4d: <https://prov4ml-dist.org/ns#> "
+    found = {tuple(map(str, row)) for row in graph.query(prefixes + """SELECT ?commit ?python ?torch WHERE {
+        ?p a p4d:RankProcess ; prov:qualifiedAssociation [ prov:hadPlan ?plan ] ; prov:used ?stack .
+        ?plan p4d:git_commit ?commit . ?stack p4d:python ?python ; p4d:torch ?torch . }""")}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    torch = pytest.importorskip("torch")
+    assert found == {(head, platform.python_version(), torch.__version__)}
+    doc = json.loads((clean_copy / "prov.json").read_text())
+    generations = len({(r["prov:entity"], r["prov:activity"]) for r in doc["wasGeneratedBy"].values()})
+    assert len(graph.query(prefixes + "SELECT ?e ?a WHERE { ?e prov:wasGeneratedBy ?a }")) == generations
+    lineage = graph.query(prefixes + """SELECT ?new ?old WHERE { ?new prov:wasRevisionOf ?old ;
+        prov:wasDerivedFrom ?old ; p4d:item "model_version" . }""")
+    versions = [e for e in doc["entity"].values() if e.get("p4d:item") == "model_version" and "p4d:rank" in e]
+    assert len(lineage) == len(versions) - 2 > 0  # each rank's versions after its first
 
 
 def test_plot_a_real_job(clean_job, tmp_path):
@@ -171,6 +199,7 @@ def test_whole_job_sigkilled_then_merged_offline_from_local_dirs(tmp_path):
     agents = json.loads((run_dir / "prov.json").read_text())["agent"]
     assert sorted(a["p4d:status"] for a in agents.values() if "p4d:rank" in a) == ["incomplete", "incomplete"]
     assert cli("validate", run_dir).returncode == 0  # the artifacts came along, verified
+    assert_prov_model_valid(run_dir / "prov.json")
     first = merged_content(run_dir / "merged.h5")
     again = cli("merge", run_dir, "--local-dirs", *local_dirs)
     assert again.returncode == 0 and "0 files copied" in again.stdout

@@ -140,8 +140,13 @@ def _plain(value: Any) -> Any:
 
 
 def prov_structure(prov_json: Path) -> dict[str, Any]:
-    """prov.json with relations compared by content (their blank-node ids are counters)."""
+    """prov.json with relations compared by content (their blank-node ids are counters), less
+    the merge activity's own record and its association/communication, which say who merged when."""
     doc = json.loads(prov_json.read_text())
+    doc["activity"].pop("run:merge")
+    for section in ("wasAssociatedWith", "wasInformedBy"):
+        doc[section] = {k: r for k, r in doc[section].items() if "run:merge" not in (
+            r.get("prov:activity"), r.get("prov:informed"))}
     return {section: records if section in ("prefix", "entity", "activity", "agent")
             else sorted(json.dumps(r, sort_keys=True) for r in records.values())
             for section, records in doc.items()}

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from .conftest import BIN, child_env
+from .prov_support import assert_prov_model_valid
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +162,7 @@ def check_merged(run_dir: Path, ranks: list[int], world_size: int, steps: int = 
     agents = [r for r in doc.get_records(prov.ProvAgent)
               if any(str(v) == "prov:SoftwareAgent" for k, v in r.attributes if str(k) == "prov:type")]
     assert sorted(str(a.identifier).rsplit("rank-", 1)[1] for a in agents) == [f"{r:05d}" for r in range(world_size)]
+    assert_prov_model_valid(run_dir / "prov.json")  # PROV-CONSTRAINTS, vocabulary
 
 
 def check_streamed_and_deduplicated(run_dir: Path, results_dir: Path, world_size: int) -> None:

@@ -63,6 +63,9 @@ def test_the_built_wheel_installs_into_a_clean_venv_and_works_without_torch(tmp_
                              text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr
     assert "loss" in summary.stdout and "Params (1)" in summary.stdout
+    validate = subprocess.run(["prov4ml-dist", "validate", "prov/own"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    assert validate.returncode == 0, validate.stdout + validate.stderr  # vocabulary.ttl is in the wheel
 
 
 # -- the set-up scripts reuse their venvs ------------------------------------------------

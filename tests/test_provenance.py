@@ -37,7 +37,7 @@ def _run(run_dir: Path, ranks: int = 4, points: int = 100, keys: int = 2) -> Pat
             rel = f"artifacts/rank-{r:05d}/net_v{version}.pt"
             (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / rel).write_bytes(data)
-            w.record({"kind": "artifact", "time": T0 + version, "name": f"net_v{version}.pt", "context": None,
+            w.record({"kind": "artifact", "time": T0 + 1 + version, "name": f"net_v{version}.pt", "context": None,
                       "step": None, "timestamp": None, "path": rel, "size": len(data),
                       "sha256": hashlib.sha256(data).hexdigest(), "copied": True, "item": "model_version",
                       "model_name": "net", "version": version})
@@ -69,7 +69,7 @@ def test_prefixes_literals_and_non_finite_values(tmp_path: Path) -> None:
 
     data = json.loads(text, parse_constant=no_constants)
     assert data["prefix"]["p4d"] == "https://prov4ml-dist.org/ns#"
-    assert data["prefix"]["run"] == "http://example.org/run-1/"
+    assert data["prefix"]["run"] == "urn:prov4ml-dist:site:node0/run-1/"  # start_run's placeholder replaced
     run = data["activity"]["run:run"]
     assert run["p4d:world_size"] == {"$": "4", "type": "xsd:long"}
     assert run["prov:startTime"].startswith("2023-11-14T22:13:20")
@@ -85,15 +85,16 @@ def test_document_structure(tmp_path: Path) -> None:
     ids = [str(r.identifier) for r in doc.get_records(ProvElement)]
     assert len(ids) == len(set(ids))
     assert len(_by_type(doc, "p4d:RankProcess")) == 4
-    assert len(_by_type(doc, "p4d:MetricSeries")) == 4 * 3
+    assert len(_by_type(doc, "p4d:MetricSeries")) == 4 * 3 + 3  # per rank (few), and per key
     assert len(_by_type(doc, "p4d:CrossRankStatistics")) == 3
     assert len(_by_type(doc, "p4d:ModelVersion")) == 2  # identical on every rank: content-addressed
+    assert len(_by_type(doc, "p4d:ArtifactFile")) == 4 * 2  # each rank's file its own entity
     assert len(_by_type(doc, "p4d:Dataset")) == 1 and len(_by_type(doc, "p4d:Energy")) == 4 + 2 + 1
     param = _by_type(doc, "p4d:Param")[0]
     assert str(list(param.get_attribute("p4d:disagreement"))[0]).lower() == "true"
     revisions = [r for r in doc.get_records() if r.get_type().localpart == "Derivation"
                  and any(str(v) == "prov:Revision" for _, v in r.extra_attributes)]
-    assert len(revisions) == 1
+    assert len(revisions) == 4  # v1 from v0, on each rank
     contexts = {str(a.identifier) for a in _by_type(doc, "p4d:ContextActivity")}
     assert "run:process.rank-00002.VALIDATION" in contexts and len(contexts) == 8
 
@@ -112,17 +113,19 @@ def test_exports(tmp_path: Path) -> None:
     assert provn.startswith("document") and "agent(run:rank-00001" in provn
     dot = to_dot(doc)
     assert dot.startswith("digraph prov {") and 'label="actedOnBehalfOf"' in dot
-    assert dot.count("shape=house") == 3 and dot.count("shape=box") == 1 + 2 + 2 * 2
+    assert dot.count("shape=house") == 3 and dot.count("shape=box") == 1 + 2 + 2 * 2 + 1  # + the merge
     assert write_graph(prov_json) == tmp_path / "prov.dot"
     assert (tmp_path / "prov.dot").read_text() == dot
 
 
-@pytest.mark.parametrize(("given", "expected"), [("http://example.org/", "http://example.org/"),
+@pytest.mark.parametrize(("given", "expected"), [("http://example.org/", "urn:prov4ml-dist:site:hpc.lab/"),
                                                  ("https://lab.example/ns", "https://lab.example/ns/"),
-                                                 ("urn:x:y#", "urn:x:y#"), ("not an iri", "http://example.org/"),
-                                                 ("", "http://example.org/")])
-def test_user_namespace_must_be_an_iri(given: str, expected: str) -> None:
-    assert user_namespace_iri(given) == expected
+                                                 ("urn:x:y#", "urn:x:y#"),
+                                                 ("not an iri", "urn:prov4ml-dist:site:hpc.lab/"),
+                                                 ("", "urn:prov4ml-dist:site:hpc.lab/")])
+def test_user_namespace_must_be_an_iri_else_the_sites(given: str, expected: str) -> None:
+    """start_run's placeholder http://example.org/ would make every site's identifiers collide."""
+    assert user_namespace_iri(given, "HPC.lab") == expected
 
 
 def test_local_names_are_safe() -> None:

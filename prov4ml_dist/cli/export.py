@@ -1,4 +1,5 @@
-"""``prov4ml-dist export``: the provenance as PROV-N or a Graphviz graph (dot, svg), and the
+"""``prov4ml-dist export``: the provenance as PROV-N, PROV-O Turtle (ttl, with the plain
+relation triples SPARQL queries need), JSON-LD (needs rdflib) or a Graphviz graph (dot, svg), and the
 points as CSV/TSV for pandas and spreadsheets. Rows are streamed block by block, so a run of
 any size exports in little memory."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
+import json
 import shutil
 import subprocess
 import sys
@@ -19,25 +22,27 @@ import h5py
 from ..merge.layout import PROV_NAME
 from ..paths import atomic_target
 from ..provenance import load_document, to_dot
+from ..provenance.turtle import write_turtle
 from ..shard import schema
 from .output import CliError, one_line
 from .points import series_table, table_blocks
 from .rundir import open_merged, run_directory
 
-FORMATS = ("provn", "dot", "svg", "csv", "tsv")
+FORMATS = ("provn", "ttl", "jsonld", "dot", "svg", "csv", "tsv")
 COLUMNS = ("rank", "key", "context", "step", "value", "time")
 DOT_TIMEOUT_S = 600
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = commands.add_parser("export", parents=[common], help="write PROV-N, dot, svg, or the points as CSV/TSV",
-                            description="Export a merged run: its PROV document as PROV-N, Graphviz dot or SVG "
+    p = commands.add_parser("export", parents=[common], help="write PROV-N, Turtle, JSON-LD, dot, svg or CSV/TSV",
+                            description="Export a merged run: its PROV document as PROV-N, PROV-O Turtle (ttl), "
+                                        "JSON-LD (needs rdflib), Graphviz dot or SVG "
                                         "(needs Graphviz's `dot`), or its points as CSV/TSV with the columns "
                                         + ", ".join(COLUMNS) + ".")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a merged run directory (or its prov.json)")
     p.add_argument("--format", "-f", choices=FORMATS, required=True)
     p.add_argument("-o", "--output", metavar="FILE",
-                   help="where to write ('-': stdout); default: next to prov.json (prov.provn, prov.dot, "
+                   help="where to write ('-': stdout); default: next to prov.json (prov.provn, prov.ttl, prov.dot, "
                         "prov.svg, metrics.csv, ...)")
     p.add_argument("--table", choices=schema.TABLES, default="metrics",
                    help="csv/tsv: the logged metrics (default) or the sampled system series")
@@ -54,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
             rows = write_points(f, args.table, out, "\t" if fmt == "tsv" else ",")
         _done(output, f"{rows} rows")
         return 0
+    if fmt in ("ttl", "jsonld"):
+        return _rdf(_prov_json(run_dir), fmt, output)
     doc = load_document(_prov_json(run_dir))
     if fmt == "svg":
         svg = _svg(to_dot(doc))
@@ -63,6 +70,32 @@ def run(args: argparse.Namespace) -> int:
         with _writing(output) as out:
             out.write(doc.get_provn() + "\n" if fmt == "provn" else to_dot(doc))
     _done(output, fmt)
+    return 0
+
+
+def _rdf(prov_json: Path, fmt: str, output: str) -> int:
+    """Turtle written by our own streaming writer; JSON-LD from it through rdflib (optional)."""
+    try:
+        data = json.loads(prov_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{prov_json}: not a readable PROV-JSON document ({exc})") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{prov_json}: not a PROV-JSON document (not a JSON object)")
+    if fmt == "ttl":
+        with _writing(output) as out:
+            records = write_turtle(data, out)
+        _done(output, f"{records} records")
+        return 0
+    try:
+        import rdflib
+    except ImportError:
+        raise CliError("JSON-LD needs rdflib (pip install 'prov4ml-dist[rdf]'); `--format ttl` needs nothing") from None
+    text = io.StringIO()
+    write_turtle(data, text)
+    graph = rdflib.Graph().parse(data=text.getvalue(), format="turtle")
+    with _writing(output) as out:
+        out.write(graph.serialize(format="json-ld"))
+    _done(output, f"{len(graph)} triples")
     return 0
 
 

@@ -6,7 +6,10 @@ associated with its rank's agent; no relation points at a record that is not the
 shard it names is a readable shard of this run; merged.h5 is this run's and holds every row
 range the document points into; every artifact is where the records say, with their sha256
 and size. Artifacts kept outside the run directory (not copied) are checked when they can be
-found and only noted otherwise: they are the user's files, free to move.
+found and only noted otherwise: they are the user's files, free to move. The PROV model must
+satisfy PROV-CONSTRAINTS (unique generation, time ordering, endpoints declared with the right
+types) and use only p4d: terms the shipped vocabulary defines; each problem names its record
+and rule.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..shard import ShardReader, schema
 from .content import content_sha256
 from .output import EXIT_OK, EXIT_PROBLEMS, CliError, note
 from .rundir import is_run_directory, one_run_in
+from .validate_prov import model_problems
 
 P4D = Namespace("p4d", P4D_NAMESPACE)
 ARTIFACT_TYPES = ("Artifact", "Model", "ModelVersion")
@@ -91,6 +95,9 @@ def validate(prov_json: Path) -> Report:
         report.problems.append(str(exc))
         return report
     _Checks(doc, prov_json.parent, report).run()
+    problems, checked = model_problems(prov_json)
+    report.problems += problems
+    report.checked.update(checked)
     return report
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
     be written.
     """
     # Imported here: provenance builds on merge.model, so a module-level import would be a cycle.
-    from ..provenance import build_document, write_prov_json
+    from ..provenance import build_prov_json, write_prov_json
 
     run_dir = Path(run_dir)
     report = progress or _silent
@@ -95,7 +96,7 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
                 hasher.fill(problems)
                 _write_ranks(out, shards, missing, problems)
             report("prov", 0, 1)
-            write_prov_json(build_document(load_merged(tmp_merged)), tmp_prov)
+            write_prov_json(build_prov_json(load_merged(tmp_merged)), tmp_prov)
             report("prov", 1, 1)
     except OSError as exc:
         raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
@@ -134,7 +135,9 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
     user = environment.get("user") if isinstance(environment, dict) else None
     out.attrs["user"] = user if isinstance(user, str) else ""
     out.attrs["world_size"] = _world_size(shards, world_size)
-    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": _version()})
+    # pid and host: the PROV merge activity is online when they are rank 0's (issue 13).
+    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": _version(), "pid": os.getpid(),
+                                               "host": socket.gethostname()})
 
     journal = Journal(out, run_dir, problems)
     for shard in shards:

@@ -159,6 +159,7 @@ class MergedRun:
     models: list[RankRecord]
     energy: list[EnergyTotal]
     problems: list[str]
+    merge_stamp: dict[str, Any] = field(default_factory=dict)  # merged_at, version, pid, host of the merge
 
     @property
     def start_time(self) -> float | None:

@@ -1,68 +1,86 @@
-"""The merged run → a W3C PROV document (``prov.model.ProvDocument``).
+"""The merged run → a W3C PROV-JSON document (plain dicts, see ``document.py``).
 
-Agents: the user (prov:Person) and one prov:SoftwareAgent per rank acting on the user's
-behalf. Activities: the run; one per rank attempt (informed by the run); one per (rank
-attempt, context). Entities: params, one per metric series (a summary and a pointer into
-``merged.h5``, never points), cross-rank statistics with the straggler report, content-
-addressed artifacts and model versions, datasets, model descriptions and energy. The
-document's size grows with ranks, keys and artifacts, never with the number of points.
+The model (README "The PROV model", DESIGN.md): the user (prov:Person) and one
+prov:SoftwareAgent per rank on the user's behalf; the run, one activity per rank attempt
+(associated with its agent under the script's prov:Plan) and per (rank attempt, context); the
+merge as its own activity that used each shard and generated ``merged.h5`` and the cross-rank
+statistics. Every file a rank saved is its own entity, ``specializationOf`` one content entity
+named by its sha256, so no entity is generated twice (PROV-CONSTRAINTS). Series: one entity
+per (key, context, source, attempt), a member of ``merged.h5``; one per rank only while the
+run has at most ``rank_series_limit`` of them, so the document grows with ranks + keys +
+artifacts, never ranks x keys, and never with the number of points. Values not measured are
+absent (with the reason), never a default 0.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
+import os
 import re
+import shlex
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from itertools import groupby
+from operator import attrgetter
 from typing import Any
 from urllib.parse import quote
 
-from prov.constants import PROV, PROV_LABEL, PROV_TYPE, PROV_VALUE, XSD_BOOLEAN, XSD_DOUBLE, XSD_LONG
-from prov.model import Literal, ProvDocument, QualifiedName
+from prov.model import ProvDocument
 
 from ..merge.journal import dumps
-from ..merge.model import Artifact, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
+from ..merge.model import Artifact, Generation, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
+from .document import ProvJson, qname
 
 P4D_NAMESPACE = "https://prov4ml-dist.org/ns#"
+KEY_NAMESPACE = "https://prov4ml-dist.org/ns/key#"  # user-chosen field names (dataset stats, ...)
 XSD_NAMESPACE = "http://www.w3.org/2001/XMLSchema#"
-DEFAULT_USER_NAMESPACE = "http://example.org/"
+PLACEHOLDER_NAMESPACE = "http://example.org/"  # start_run's default: replaced by the site's namespace
+SITE_NAMESPACE = "urn:prov4ml-dist:site:"
+RANK_SERIES_LIMIT_ENV = "PROV4ML_PROV_RANK_SERIES"
+DEFAULT_RANK_SERIES_LIMIT = 1000
 _IRI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s<>\"{}|\\^`]+")
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+# series extras the library itself writes (sampler): vocabulary terms; any other extra is a user key
+KNOWN_EXTRAS = ("unit", "device", "scope", "sensor", "sampled_by")
+ENERGY_PARTS = (("gpu_joules", "gpu.", "nvml"), ("rapl_joules", "rapl.", "rapl"))
 
 
-def user_namespace_iri(value: str) -> str:
-    """The user's namespace if it is an IRI (ending in / or #, so it can prefix names), else the default."""
-    if not _IRI.fullmatch(value or ""):
-        return DEFAULT_USER_NAMESPACE
-    return value if value.endswith(("/", "#")) else value + "/"
+def site_of(run: MergedRun) -> str:
+    """The site a run's default namespace is derived from: its Slurm cluster, else rank 0's host."""
+    for r in run.ranks:
+        launcher = r.environment.get("launcher_env")
+        if isinstance(launcher, dict) and isinstance(launcher.get("SLURM_CLUSTER_NAME"), str):
+            return launcher["SLURM_CLUSTER_NAME"]
+    hosts = [r.hostname for r in sorted(run.ranks, key=lambda r: (r.rank, r.attempt)) if r.hostname]
+    return hosts[0] if hosts else "unknown"
+
+
+def user_namespace_iri(value: str, site: str = "unknown") -> str:
+    """The user's namespace if it is an IRI other than the API's placeholder (ending in / or #, so it
+    can prefix names); else ``urn:prov4ml-dist:site:<site>/``, which does not collide across sites."""
+    if _IRI.fullmatch(value or "") and value != PLACEHOLDER_NAMESPACE:
+        return value if value.endswith(("/", "#")) else value + "/"
+    return f"{SITE_NAMESPACE}{quote(site.lower(), safe='-_~.')}/"
 
 
 def local_name(*parts: object) -> str:
-    """A local name from parts joined by '.'; each part percent-encoded so any key is safe."""
+    """An identifier's local name from parts joined by '.'; each part percent-encoded so any key is safe."""
     return ".".join(quote(str(part), safe="-_~").replace(".", "%2E") for part in parts)
 
 
-def literal(value: Any) -> Any:
-    """A typed PROV literal; NaN and infinities as xsd:double words, never JSON numbers."""
-    if isinstance(value, bool):
-        return Literal("true" if value else "false", XSD_BOOLEAN)
-    if isinstance(value, int):
-        return Literal(str(value), XSD_LONG) if -(1 << 63) <= value < 1 << 63 else str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return Literal("NaN", XSD_DOUBLE)
-        if math.isinf(value):
-            return Literal("INF" if value > 0 else "-INF", XSD_DOUBLE)
-        return Literal(repr(value), XSD_DOUBLE)
-    if isinstance(value, (str, datetime)):
-        return value
-    return dumps(value)
+def key_name(name: str) -> str:
+    """A user-chosen field name as an attribute in the ``key:`` namespace: letters, digits, _ . -
+    (anything else becomes _), never percent-encoded."""
+    name = _KEY_CHARS.sub("_", name).strip(".")
+    return "key:" + (name if name and name[0] not in "-" else "_" + name)
 
 
 def timestamp(value: float | None) -> datetime | None:
-    """A unix time as an aware datetime; None for a missing, non-finite or out-of-range one
-    (a bit-flipped time column must not fail the merge)."""
+    """A unix time as an aware datetime; None for a missing, non-finite or out-of-range one."""
     if value is None or not math.isfinite(value):
         return None
     try:
@@ -76,56 +94,85 @@ def attempt_name(rank: int, attempt: int) -> str:
     return f"rank-{rank:05d}" if attempt <= 0 else f"rank-{rank:05d}.restart-{attempt}"
 
 
+def flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Nested dicts and lists as (dotted path, scalar) pairs; list items by index (order kept)."""
+    if isinstance(value, dict):
+        for key, item in sorted(value.items(), key=lambda kv: str(kv[0])):
+            yield from flat(item, f"{prefix}{key}.")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from flat(item, f"{prefix}{i}.")
+    elif value is not None:
+        yield prefix[:-1], value
+
+
+def p4d(pairs: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(f"p4d:{name}", value) for name, value in pairs]
+
+
+def keys(pairs: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(key_name(name), value) for name, value in pairs]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(dumps(value).encode()).hexdigest()[:12]
+
+
+def rank_series_limit() -> int:
+    """The documented option: PROV4ML_PROV_RANK_SERIES (default 1000) per-rank series entities at most."""
+    try:
+        return max(0, int(os.environ.get(RANK_SERIES_LIMIT_ENV, DEFAULT_RANK_SERIES_LIMIT)))
+    except ValueError:
+        return DEFAULT_RANK_SERIES_LIMIT
+
+
 class _Builder:
-    def __init__(self, run: MergedRun) -> None:
+    def __init__(self, run: MergedRun, series_limit: int, built_at: float) -> None:
         self.run = run
-        self.doc = ProvDocument()
-        self.p4d = self.doc.add_namespace("p4d", P4D_NAMESPACE)
-        self.doc.add_namespace("xsd", XSD_NAMESPACE)
-        user_ns = user_namespace_iri(run.user_namespace)
-        self.user_ns = self.doc.add_namespace("user", user_ns)
-        self.ns = self.doc.add_namespace("run", f"{user_ns}{quote(run.run_id, safe='-_~.')}/")
-        self.activities: dict[tuple[int, int], QualifiedName] = {}
-        self.context_activities: dict[tuple[int, int, str], QualifiedName] = {}
-        self.agent_of: dict[int, QualifiedName] = {}
-        self.attr_names: dict[str, QualifiedName] = {}
+        self.series_limit = series_limit
+        self.built_at = built_at
+        user_ns = user_namespace_iri(run.user_namespace, site_of(run))
+        self.doc = ProvJson({"p4d": P4D_NAMESPACE, "key": KEY_NAMESPACE, "xsd": XSD_NAMESPACE, "user": user_ns,
+                             "run": f"{user_ns}{quote(run.run_id, safe='-_~.')}/"})
+        self.attempts = {(r.rank, r.attempt): r for r in run.ranks}
+        self.activities: dict[tuple[int, int], str] = {}
+        self.context_activities: dict[tuple[int, int, str], str] = {}
+        self.agent_of: dict[int, str] = {}
+        self.used: set[tuple[str, str]] = set()
+        self.dataset_parts: dict[tuple[int, int], list[str]] = defaultdict(list)
 
-    def attrs(self, pairs: Iterable[tuple[str, Any]]) -> list[tuple[QualifiedName, Any]]:
-        """p4d attributes from (name, value) pairs; None values are left out."""
-        return [(self._attr_name(name), literal(value)) for name, value in pairs if value is not None]
+    def use(self, activity: str, entity: str, when: float | None = None) -> None:
+        """``used``, once per (activity, entity) pair."""
+        if (activity, entity) not in self.used:
+            self.used.add((activity, entity))
+            self.doc.relation("used", activity, entity, time=when)
 
-    def _attr_name(self, name: str) -> QualifiedName:
-        """Cached: thousands of series share a dozen attribute names."""
-        if name not in self.attr_names:
-            self.attr_names[name] = self.p4d[local_name(name)]
-        return self.attr_names[name]
-
-    def build(self) -> ProvDocument:
-        run = self.run
-        user = self.doc.agent(self.user_ns[local_name(run.user or "user")],
-                              [(PROV_TYPE, PROV["Person"]), (PROV_LABEL, run.user or "user")])
-        self.run_activity = self.doc.activity(
-            self.ns["run"], timestamp(run.start_time), timestamp(run.end_time),
-            [(PROV_TYPE, self.p4d["Run"]), (PROV_LABEL, run.experiment_name), *self.attrs(self._run_attrs())])
-        self.doc.wasAssociatedWith(self.run_activity, user)
-        self._ranks(user)
+    def build(self) -> dict[str, Any]:
+        run, doc = self.run, self.doc
+        self.user = doc.element("agent", f"user:{local_name(run.user or 'user')}", ["prov:Person"],
+                                label=run.user or "user")
+        plans = self._plans()
+        self.run_activity = doc.activity("run:run", run.start_time, run.end_time, ["p4d:Run"],
+                                         p4d(self._run_attrs()), label=run.experiment_name)
+        first = min(plans, default=None)
+        doc.relation("wasAssociatedWith", self.run_activity, self.user, plans[first] if first else None)
+        self._ranks(plans, self._software())
+        self._merge()
         self._params()
-        series_ids = self._series()
-        self._groups(series_ids)
+        self._series()
+        self._datasets()
         self._artifacts()
-        self._described("Dataset", "dataset", run.datasets, used=True)
-        self._described("ModelDescription", "model", run.models, used=False)
+        self._models()
         self._energy()
-        return self.doc
+        return doc.data
 
     def _run_attrs(self) -> Iterator[tuple[str, Any]]:
         run = self.run
         yield "run_id", run.run_id
         yield "experiment_name", run.experiment_name
         yield "world_size", run.world_size
-        incomplete = sorted({r.rank for r in run.ranks if not r.complete and r.status != "missing"})
-        yield "incomplete_ranks", incomplete or None
-        yield "missing_ranks", sorted({r.rank for r in run.ranks if r.status == "missing"}) or None
+        yield "incomplete_ranks", sorted({r.rank for r in run.ranks if not r.complete and r.status != "missing"})
+        yield "missing_ranks", sorted({r.rank for r in run.ranks if r.status == "missing"})
         yield "merged_file", "merged.h5"
         yield "problems", len(run.problems)
         launcher = next((r.environment.get("launcher_env") for r in run.ranks if r.environment), None)
@@ -134,51 +181,98 @@ class _Builder:
                 if isinstance(launcher.get(name), str):
                     yield name.lower(), launcher[name]
 
-    def _ranks(self, user: Any) -> None:
+    def _plans(self) -> dict[tuple[int, int], str]:
+        """The script each rank attempt ran, as a prov:Plan; one entity per distinct script state.
+        Only local rank 0 hashes the script: its sha256 stands for its node's ranks with the same path."""
+        node_sha: dict[tuple[str, str], str] = {}
+        for r in self.run.ranks:
+            script = _dict(_dict(r.environment.get("software")).get("script"))
+            if isinstance(script.get("sha256"), str):
+                node_sha[(r.hostname, str(script.get("path")))] = script["sha256"]
+        plans: dict[tuple[int, int], str] = {}
+        made: dict[str, str] = {}
+        for r in sorted(self.run.ranks, key=lambda r: (r.rank, r.attempt)):
+            env = r.environment
+            script, git = _dict(_dict(env.get("software")).get("script")), _dict(env.get("git"))
+            if not script and not git:
+                continue
+            path = script.get("path")
+            pairs = [("path", path), ("sha256", node_sha.get((r.hostname, str(path)))), ("size", script.get("size")),
+                     ("git_commit", git.get("commit")), ("git_branch", git.get("branch")),
+                     ("git_dirty", git.get("dirty")), ("git_directory", git.get("directory")),
+                     ("git_remote", _dict(env.get("software")).get("git_remote"))]
+            pairs = [(k, v) for k, v in pairs if isinstance(v, (str, int, bool))]
+            digest = _digest(pairs)
+            if digest not in made:
+                label = os.path.basename(path) if isinstance(path, str) else "script"
+                made[digest] = self.doc.element("entity", f"run:plan.{digest}", ["prov:Plan", "p4d:Script"],
+                                                p4d(pairs), label=label)
+            plans[(r.rank, r.attempt)] = made[digest]
+        return plans
+
+    def _software(self) -> dict[tuple[int, int], str]:
+        """The software stack of each rank attempt: one entity per distinct stack (per node where it differs)."""
+        stacks: dict[tuple[int, int], str] = {}
+        made: dict[str, str] = {}
+        for r in sorted(self.run.ranks, key=lambda r: (r.rank, r.attempt)):
+            pairs = _software_pairs(r)
+            if not pairs:
+                continue
+            digest = _digest(pairs)
+            if digest not in made:
+                made[digest] = self.doc.element("entity", f"run:software.{digest}", ["p4d:SoftwareStack"],
+                                                p4d(pairs), label="software stack")
+            stacks[(r.rank, r.attempt)] = made[digest]
+        return stacks
+
+    def _ranks(self, plans: dict[tuple[int, int], str], stacks: dict[tuple[int, int], str]) -> None:
         by_rank: dict[int, list[RankAttempt]] = defaultdict(list)
         for r in self.run.ranks:
             by_rank[r.rank].append(r)
         for rank, attempts in sorted(by_rank.items()):
-            agent = self.doc.agent(self.ns[local_name(f"rank-{rank:05d}")],
-                                   [(PROV_TYPE, PROV["SoftwareAgent"]), *self.attrs(self._agent_attrs(attempts))])
-            self.doc.actedOnBehalfOf(agent, user)
+            agent = self.doc.element("agent", f"run:rank-{rank:05d}", ["prov:SoftwareAgent"],
+                                     p4d(_agent_attrs(attempts)))
+            self.doc.relation("actedOnBehalfOf", agent, self.user)
+            self.agent_of[rank] = agent
             for r in attempts:
+                who = (r.rank, r.attempt)
                 activity = self.doc.activity(
-                    self.ns[local_name("process", attempt_name(r.rank, r.attempt))], timestamp(r.start_time),
-                    timestamp(r.end_time), [(PROV_TYPE, self.p4d["RankProcess"]), *self.attrs(self._rank_attrs(r))])
-                self.doc.wasAssociatedWith(activity, agent)
-                self.doc.wasInformedBy(activity, self.run_activity)
-                self.activities[(r.rank, r.attempt)] = activity.identifier
-            self.agent_of[rank] = agent.identifier
+                    f"run:process.{attempt_name(r.rank, r.attempt)}", r.start_time, r.end_time if r.complete else None,
+                    ["p4d:RankProcess"], p4d(_rank_attrs(r)))
+                self.doc.relation("wasAssociatedWith", activity, agent, plans.get(who))
+                self.doc.relation("wasInformedBy", activity, self.run_activity)
+                if who in stacks:
+                    self.use(activity, stacks[who])
+                self.activities[who] = activity
 
-    def _agent_attrs(self, attempts: list[RankAttempt]) -> Iterator[tuple[str, Any]]:
-        first = attempts[0]
-        topology = first.topology
-        yield "rank", first.rank
-        yield "status", "missing" if first.status == "missing" else (
-            "complete" if all(a.complete for a in attempts) else "incomplete")
-        for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
-                     "job_id", "step_id", "elastic_run_id"):
-            value = topology.get(name)
-            yield name, value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-        yield "restart_count", max(a.attempt for a in attempts) if first.attempt >= 0 else None
-        for a in attempts:
-            yield "pid", a.topology.get("pid") if isinstance(a.topology.get("pid"), int) else None
-        for uuid in sorted({u for a in attempts for u in a.gpu_uuids}):
-            yield "gpu_uuid", uuid
-
-    def _rank_attrs(self, r: RankAttempt) -> Iterator[tuple[str, Any]]:
-        yield "rank", r.rank
-        yield "attempt", r.attempt if r.attempt >= 0 else None
-        yield "status", r.status
-        yield "complete", r.complete
-        yield "shard", r.shard or None
-        yield "shard_sha256", r.shard_sha256 or None
-        yield "reason", r.reason or None
-        yield "last_seen", None if r.complete or r.last_time is None else timestamp(r.last_time)
-        yield "warnings", r.warnings or None
-        for sensor in r.sensors:
-            yield "sensor", sensor
+    def _merge(self) -> None:
+        """The merge: online (in rank 0's process at end_run) or offline (``prov4ml-dist merge``)."""
+        stamp = self.run.merge_stamp
+        merged_at = stamp.get("merged_at") if isinstance(stamp.get("merged_at"), (int, float)) else None
+        online = next((r for r in self.run.ranks if r.rank == 0 and stamp.get("pid") is not None
+                       and r.topology.get("pid") == stamp.get("pid") and r.hostname == stamp.get("host")), None)
+        self.merge = self.doc.activity("run:merge", merged_at, max(self.built_at, merged_at or self.built_at),
+                                       ["p4d:Merge"], p4d([
+                                           ("mode", "online" if online else "offline"),
+                                           ("library_version", stamp.get("version")), ("host", stamp.get("host"))]),
+                                       label="merge")
+        if online is not None:
+            self.doc.relation("wasAssociatedWith", self.merge, self.agent_of[0])
+            self.doc.relation("wasInformedBy", self.merge, self.activities[(online.rank, online.attempt)])
+        else:
+            self.doc.relation("wasAssociatedWith", self.merge, self.user)
+        self.merged = self.doc.element("entity", "run:merged.h5", ["p4d:MergedFile", "prov:Collection"],
+                                       p4d([("file", "merged.h5")]), label="merged.h5")
+        self.doc.relation("wasGeneratedBy", self.merged, self.merge)
+        for r in sorted(self.run.ranks, key=lambda r: (r.rank, r.attempt)):
+            if not r.shard:
+                continue
+            shard = self.doc.element("entity", f"run:shard.{attempt_name(r.rank, r.attempt)}", ["p4d:Shard"],
+                                     p4d([("file", r.shard), ("sha256", r.shard_sha256 or None), ("rank", r.rank)]),
+                                     label=r.shard)
+            self.doc.relation("wasGeneratedBy", shard, self.activities[(r.rank, r.attempt)])
+            self.use(self.merge, shard)
+            self.doc.relation("wasDerivedFrom", self.merged, shard, self.merge)
 
     def _params(self) -> None:
         by_key: dict[str, list] = defaultdict(list)
@@ -189,155 +283,369 @@ class _Builder:
             pairs: list[tuple[str, Any]] = [("key", key)]
             if len(values) > 1:
                 pairs += [("disagreement", True),
-                          ("disagreeing_ranks", sorted(r for p in values if not p.majority for r in p.ranks)),
-                          ("values", [{"value": p.value, "ranks": list(p.ranks)} for p in values])]
-            entity = self.doc.entity(self.ns[local_name("param", key)], [
-                (PROV_TYPE, self.p4d["Param"]), (PROV_VALUE, literal(agreed.value)), *self.attrs(pairs)])
-            self.doc.used(self.run_activity, entity)
+                          ("disagreeing_ranks", sorted(r for p in values if not p.majority for r in p.ranks))]
+            param = self.doc.element("entity", f"run:param.{local_name(key)}", ["p4d:Param"],
+                                     [*_value_attrs(agreed.value), *p4d(pairs)], label=key)
+            self.use(self.run_activity, param)
+            if len(values) > 1:
+                for i, p in enumerate(values):
+                    variant = self.doc.element("entity", f"run:param.{local_name(key)}.value-{i}", ["p4d:ParamValue"],
+                                               [*_value_attrs(p.value), *p4d([("rank", list(p.ranks)),
+                                                                              ("majority", p.majority)])])
+                    self.doc.relation("specializationOf", variant, param)
 
-    def _context_activity(self, rank: int, attempt: int, context: str) -> QualifiedName:
+    def _context_activity(self, rank: int, attempt: int, context: str) -> str:
         """The (rank attempt, context) activity, made on first use."""
         key = (rank, attempt, context)
         if key not in self.context_activities:
-            parent = self.activities[(rank, attempt)]
-            activity = self.doc.activity(self.ns[local_name("process", attempt_name(rank, attempt), context)],
-                                         other_attributes=[
-                (PROV_TYPE, self.p4d["ContextActivity"]), *self.attrs([("context", context), ("rank", rank)])])
-            self.doc.wasInformedBy(activity, parent)
-            self.doc.wasAssociatedWith(activity, self.agent_of[rank])
-            self.context_activities[key] = activity.identifier
+            activity = self.doc.activity(f"run:process.{attempt_name(rank, attempt)}.{local_name(context)}", None,
+                                         None, ["p4d:ContextActivity"], p4d([("context", context), ("rank", rank)]))
+            self.doc.relation("wasInformedBy", activity, self.activities[(rank, attempt)])
+            self.doc.relation("wasAssociatedWith", activity, self.agent_of[rank])
+            self.context_activities[key] = activity
         return self.context_activities[key]
 
-    def _series(self) -> dict[tuple[str, int], QualifiedName]:
-        ids: dict[tuple[str, int], QualifiedName] = {}
-        used: set[str] = set()
-        for s in self.run.series:
-            table = s.dataset.split("/")[1]
-            parts = [table, s.key, s.context, *([s.source] if s.source else []), attempt_name(s.rank, s.attempt)]
-            name = local_name(*parts)
-            name = name if name not in used else local_name(*parts, s.index)
-            used.add(name)
-            entity = self.doc.entity(self.ns[name], [
-                (PROV_TYPE, self.p4d["SystemSeries" if table == "system" else "MetricSeries"]),
-                (PROV_LABEL, s.key), *self.attrs(_series_attrs(s))])
-            activity = (self._context_activity(s.rank, s.attempt, s.context) if s.context
-                        else self.activities[(s.rank, s.attempt)])
-            self.doc.wasGeneratedBy(entity, activity, timestamp(s.last_time))
-            ids[(table, s.index)] = entity.identifier
-        return ids
+    def _activity(self, rank: int, attempt: int, context: str) -> str:
+        return self._context_activity(rank, attempt, context) if context else self.activities[(rank, attempt)]
 
-    def _groups(self, series_ids: dict[tuple[str, int], QualifiedName]) -> None:
-        """Cross-rank statistics of groups logged by several ranks, and the job's straggler report."""
+    def _series(self) -> None:
+        """Per (key, context, source, attempt) entities, their cross-rank statistics and the
+        straggler report; per-rank series entities only while there are few."""
+        names: set[str] = set()
+        by_table: dict[str, list[SeriesSummary]] = defaultdict(list)
+        for dataset, series in groupby(self.run.series, attrgetter("dataset")):  # loaded table by table
+            by_table[dataset.split("/")[1]].extend(series)
+        per_rank = len(self.run.series) <= self.series_limit
+        crossrank: dict[int, str] = {}
+        for g in self.run.groups:
+            members = by_table[g.table][g.series[0]:g.series[-1] + 1] if g.series else []  # a contiguous range
+            base = [g.table, g.key, g.context, *([g.source] if g.source else []),
+                    *([f"attempt-{g.attempt}"] if g.attempt > 0 else [])]
+            name = _unique(local_name(*base), names)
+            kind = "p4d:SystemSeries" if g.table == "system" else "p4d:MetricSeries"
+            series = self.doc.element("entity", f"run:{name}", [kind, "prov:Collection"],
+                                      _key_series_attrs(g, members), label=g.key)
+            self.doc.relation("wasGeneratedBy", series, self.run_activity)
+            self.doc.relation("hadMember", self.merged, series)
+            if per_rank:
+                for s in members:
+                    own = _unique(f"{name}.{attempt_name(s.rank, s.attempt)}", names)
+                    entity = self.doc.element("entity", f"run:{own}", [kind],
+                                              _series_attrs(s), label=s.key)
+                    self.doc.relation("wasGeneratedBy", entity, self._activity(s.rank, s.attempt, s.context))
+                    self.doc.relation("hadMember", series, entity)
+            if len(g.series) >= 2:
+                stats = self.doc.element("entity", f"run:crossrank.{name}", ["p4d:CrossRankStatistics"],
+                                         p4d(_group_attrs(g)), label=g.key)
+                self.doc.relation("wasGeneratedBy", stats, self.merge)
+                self.doc.relation("wasDerivedFrom", stats, series, self.merge)
+                self.doc.relation("hadMember", self.merged, stats)
+                crossrank[id(g)] = stats
+        self._stragglers(crossrank)
+
+    def _stragglers(self, crossrank: dict[int, str]) -> None:
         overall: Counter = Counter()
         worst: GroupSummary | None = None
         for g in self.run.groups:
-            if len(g.series) < 2:
-                continue
-            parts = ["crossrank", g.table, g.key, g.context, *([g.source] if g.source else []), f"attempt-{g.attempt}"]
-            entity = self.doc.entity(self.ns[local_name(*parts)], [
-                (PROV_TYPE, self.p4d["CrossRankStatistics"]), (PROV_LABEL, g.key), *self.attrs(_group_attrs(g))])
-            self.doc.wasGeneratedBy(entity, self.run_activity)
-            for s in g.series:
-                self.doc.wasDerivedFrom(entity, series_ids[(g.table, s)])
-            if g.table == "metrics" and g.multi_rank_steps:
+            if g.table == "metrics" and g.multi_rank_steps and id(g) in crossrank:
                 overall.update(g.slowest_counts)
                 if worst is None or g.skew_max > worst.skew_max:
                     worst = g
-        if overall:
-            rank, steps = min(overall.items(), key=lambda rc: (-rc[1], rc[0]))
-            report = self.doc.entity(self.ns["stragglers"], [(PROV_TYPE, self.p4d["StragglerReport"]), *self.attrs([
-                ("slowest_rank", rank), ("slowest_steps", steps),
-                ("slowest_counts", {str(r): c for r, c in sorted(overall.items())}),
-                ("worst_skew", worst.skew_max), ("worst_skew_key", worst.key),
-                ("worst_skew_context", worst.context), ("worst_skew_step", worst.skew_max_step)])])
-            self.doc.wasGeneratedBy(report, self.run_activity)
+        if not overall or worst is None:
+            return
+        rank, steps = min(overall.items(), key=lambda rc: (-rc[1], rc[0]))
+        report = self.doc.element("entity", "run:stragglers", ["p4d:StragglerReport", "prov:Collection"], p4d([
+            ("slowest_rank", rank), ("slowest_steps", steps), ("worst_skew", worst.skew_max),
+            ("worst_skew_key", worst.key), ("worst_skew_context", worst.context),
+            ("worst_skew_step", worst.skew_max_step)]), label="straggler report")
+        self.doc.relation("wasGeneratedBy", report, self.merge)
+        self.doc.relation("wasDerivedFrom", report, crossrank[id(worst)], self.merge)
+        for r, count in sorted(overall.items()):
+            part = self.doc.element("entity", f"run:stragglers.rank-{r:05d}", ["p4d:StragglerCount"],
+                                    p4d([("rank", r), ("slowest_steps", count)]))
+            self.doc.relation("hadMember", report, part)
+
+    def _datasets(self) -> None:
+        """Each dataset whole (a collection used by the run) and each rank's part of it (used by the rank)."""
+        by_name: dict[str, list[RankRecord]] = defaultdict(list)
+        for r in self.run.datasets:
+            by_name[r.name].append(r)
+        for name, parts in sorted(by_name.items()):
+            flats = [dict(flat(r.fields)) for r in parts]
+            common = {k: v for k, v in flats[0].items() if all(f.get(k, _MISSING) == v for f in flats[1:])}
+            whole = self.doc.element("entity", f"run:dataset.{local_name(name)}", ["p4d:Dataset", "prov:Collection"],
+                                     [*p4d([("name", name), ("parts", len(parts))]), *keys(sorted(common.items()))],
+                                     label=name)
+            self.use(self.run_activity, whole)
+            seen: Counter = Counter()
+            for r, fields in sorted(zip(parts, flats, strict=True), key=lambda rf: (rf[0].rank, rf[0].attempt)):
+                who = attempt_name(r.rank, r.attempt)
+                seen[who] += 1
+                suffix = who if seen[who] == 1 else f"{who}.{seen[who]}"
+                part = self.doc.element("entity", f"{whole}.{suffix}", ["p4d:DatasetPart"],
+                                        [*p4d([("rank", r.rank)]), *keys(sorted(fields.items()))], label=name)
+                self.doc.relation("hadMember", whole, part)
+                self.use(self.activities[(r.rank, r.attempt)], part)
+                self.dataset_parts[(r.rank, r.attempt)].append(part)
 
     def _artifacts(self) -> None:
-        ids: dict[str, QualifiedName] = {}
+        """One content entity per sha256; one file entity per save by a rank, specializationOf its content."""
+        saves: list[tuple[Generation, Artifact, str]] = []
+        counts: Counter = Counter()
         for a in self.run.artifacts:
-            kind = {"model_version": "ModelVersion", "model": "Model", "input_model": "Model"}.get(a.item, "Artifact")
-            entity = self.doc.entity(self.ns[local_name("artifact", a.sha256)], [
-                (PROV_TYPE, self.p4d[kind]), (PROV_LABEL, a.name), *self.attrs(_artifact_attrs(a))])
-            ids[a.sha256] = entity.identifier
-            for rank, attempt, is_input in sorted({(g.rank, g.attempt, g.item.startswith("input"))
-                                                   for g in a.generations}):
-                when = min(g.time for g in a.generations if (g.rank, g.attempt) == (rank, attempt))
-                if is_input:  # yProv4ML's is_input=True: the rank read it
-                    self.doc.used(self.activities[(rank, attempt)], entity, timestamp(when))
+            kind = {"model_version": "p4d:ModelVersion", "model": "p4d:Model", "input_model": "p4d:Model"}.get(
+                a.item, "p4d:Artifact")
+            content = self.doc.element("entity", f"run:content.{a.sha256}", ["p4d:Content", kind],
+                                       p4d(_content_attrs(a)), label=a.name)
+            for g in sorted(a.generations, key=lambda g: (g.rank, g.attempt, g.time, g.path)):
+                who = attempt_name(g.rank, g.attempt)
+                counts[who] += 1
+                file = self.doc.element("entity", f"run:file.{who}.{counts[who]}", ["p4d:ArtifactFile"],
+                                        p4d(_file_attrs(g)), label=g.name)
+                self.doc.relation("specializationOf", file, content)
+                if (g.rank, g.attempt) not in self.activities:
+                    continue
+                activity = self._activity(g.rank, g.attempt, g.context)
+                if g.item.startswith("input"):  # yProv4ML's is_input=True: the rank read it
+                    self.use(activity, file, g.time)
                 else:
-                    self.doc.wasGeneratedBy(entity, self.activities[(rank, attempt)], timestamp(when))
-        versions: dict[tuple[int, int, str], list[tuple[int, str]]] = defaultdict(list)
-        for a in self.run.artifacts:
-            for g in a.generations:
-                if g.item == "model_version" and g.version >= 0:
-                    versions[(g.rank, g.attempt, g.model_name)].append((g.version, a.sha256))
-        derived: set[tuple[str, str]] = set()
-        for chain in versions.values():
-            chain.sort()
-            derived |= {(new, old) for (_, old), (_, new) in zip(chain, chain[1:], strict=False) if new != old}
-        for new, old in sorted(derived):
-            self.doc.wasDerivedFrom(ids[new], ids[old], other_attributes=[(PROV_TYPE, PROV["Revision"])])
+                    self.doc.relation("wasGeneratedBy", file, activity, time=g.time)
+                saves.append((g, a, file))
+        self._lineage(saves)
 
-    def _described(self, kind: str, prefix: str, records: list[RankRecord], used: bool) -> None:
-        """Datasets and model descriptions: one entity per distinct (name, fields), shared by ranks."""
-        entities: dict[tuple[str, str], QualifiedName] = {}
-        for r in sorted(records, key=lambda r: (r.name, r.rank, r.attempt)):
-            text = dumps(r.fields)
-            key = (r.name, text)
-            if key not in entities:
-                digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-                entities[key] = self.doc.entity(self.ns[local_name(prefix, r.name, digest)], [
-                    (PROV_TYPE, self.p4d[kind]), (PROV_LABEL, r.name),
-                    *self.attrs(_flat(r.fields))]).identifier
-            activity = self.activities[(r.rank, r.attempt)]
-            if used:
-                self.doc.used(activity, entities[key])
-            else:
-                self.doc.wasGeneratedBy(entities[key], activity)
+    def _lineage(self, saves: list[tuple[Generation, Artifact, str]]) -> None:
+        """Each model version derived from the previous one (a prov:Revision), the final model from the
+        last version saved before it; the activity that made a model used that rank's dataset parts."""
+        chains: dict[tuple[int, int, str], list[tuple[float, int, str]]] = defaultdict(list)
+        finals: list[tuple[Generation, str]] = []
+        for g, _, file in saves:
+            if g.item == "model_version":
+                chains[(g.rank, g.attempt, g.model_name)].append((g.time, g.version, file))
+            elif g.item == "model":
+                finals.append((g, file))
+            if g.item in ("model_version", "model"):
+                for part in self.dataset_parts.get((g.rank, g.attempt), []):
+                    self.use(self._activity(g.rank, g.attempt, g.context), part)
+        for chain in chains.values():
+            chain.sort(key=lambda c: (c[1], c[0]))
+            for (t_old, _, old), (t_new, _, new) in zip(chain, chain[1:], strict=False):
+                if t_old <= t_new:  # a version saved before its predecessor is not derived from it
+                    self.doc.relation("wasDerivedFrom", new, old, attrs=[("prov:type", qname("prov:Revision"))])
+        for g, file in finals:
+            chain = chains.get((g.rank, g.attempt, g.model_name))
+            if chain is None:  # the final model saved under another name: the rank's only chain
+                mine = [c for (rank, attempt, _), c in chains.items() if (rank, attempt) == (g.rank, g.attempt)]
+                chain = mine[0] if len(mine) == 1 else []
+            before = [c for c in chain if c[0] <= g.time]
+            if before:
+                self.doc.relation("wasDerivedFrom", file, max(before, key=lambda c: (c[0], c[1]))[2])
+
+    def _models(self) -> None:
+        """Model descriptions: one content per distinct description, one entity per rank that logged it."""
+        made: dict[str, str] = {}
+        seen: Counter = Counter()
+        for r in sorted(self.run.models, key=lambda r: (r.name, r.rank, r.attempt)):
+            fields = sorted(flat(r.fields))
+            digest = _digest([r.name, fields])
+            if digest not in made:
+                made[digest] = self.doc.element("entity", f"run:model.{local_name(r.name)}.{digest}",
+                                                ["p4d:ModelDescription"],
+                                                [*p4d([("name", r.name)]), *keys(fields)], label=r.name)
+            who = attempt_name(r.rank, r.attempt)
+            seen[(r.name, who)] += 1
+            suffix = who if seen[(r.name, who)] == 1 else f"{who}.{seen[(r.name, who)]}"
+            entity = self.doc.element("entity", f"run:model.{local_name(r.name)}.{suffix}",
+                                      ["p4d:RankModelDescription"], p4d([("rank", r.rank)]), label=r.name)
+            self.doc.relation("specializationOf", entity, made[digest])
+            self.doc.relation("wasGeneratedBy", entity, self.activities[(r.rank, r.attempt)])
 
     def _energy(self) -> None:
+        """Energy per rank (its GPUs), node (its ranks + RAPL) and job; a part not measured is
+        absent, named in p4d:not_measured with the sensors' reasons."""
         by_scope: dict[str, list] = defaultdict(list)
         for e in self.run.energy:
             by_scope[e.scope].append(e)
-        nodes: dict[str, QualifiedName] = {}
-        rank_entities: dict[str, list[QualifiedName]] = defaultdict(list)
         host_of = {r.rank: r.hostname for r in self.run.ranks}
+        reasons = _sensor_reasons(self.run.ranks)
+        rank_entities: dict[str, list[str]] = defaultdict(list)
         for e in by_scope["rank"]:
-            entity = self.doc.entity(self.ns[local_name("energy", f"rank-{int(e.name):05d}")],
-                                     [(PROV_TYPE, self.p4d["Energy"]), *self.attrs(_energy_attrs(e))])
-            self.doc.wasAttributedTo(entity, self.agent_of[int(e.name)])
-            rank_entities[host_of.get(int(e.name), "")].append(entity.identifier)
+            rank = int(e.name)
+            entity = self._energy_entity(f"run:energy.rank-{rank:05d}", e.fields, [("rank", rank)],
+                                         reasons.get(host_of.get(rank, ""), {}))
+            self.doc.relation("wasAttributedTo", entity, self.agent_of[rank])
+            rank_entities[host_of.get(rank, "")].append(entity)
+        nodes = []
         for e in by_scope["node"]:
-            entity = self.doc.entity(self.ns[local_name("energy", "node", e.name)],
-                                     [(PROV_TYPE, self.p4d["Energy"]), *self.attrs(_energy_attrs(e))])
+            entity = self._energy_entity(f"run:energy.node.{local_name(e.name)}", e.fields, [("host", e.name)],
+                                         reasons.get(e.name, {}))
+            self.doc.relation("wasGeneratedBy", entity, self.merge)
             for part in rank_entities.get(e.name, []):
-                self.doc.wasDerivedFrom(entity, part)
-            nodes[e.name] = entity.identifier
+                self.doc.relation("wasDerivedFrom", entity, part, self.merge)
+            nodes.append(entity)
         for e in by_scope["job"]:
-            entity = self.doc.entity(self.ns["energy.job"], [(PROV_TYPE, self.p4d["Energy"]),
-                                                            *self.attrs(_energy_attrs(e))])
-            self.doc.wasGeneratedBy(entity, self.run_activity)
-            for node in nodes.values():
-                self.doc.wasDerivedFrom(entity, node)
+            everywhere = {part: "; ".join(sorted({r for host in reasons.values() for r in host.get(part, [])}))
+                          for part in ("gpu_joules", "rapl_joules")}
+            entity = self._energy_entity("run:energy.job", e.fields, [],
+                                         {k: [v] for k, v in everywhere.items() if v})
+            self.doc.relation("wasGeneratedBy", entity, self.merge)
+            for node in nodes:
+                self.doc.relation("wasDerivedFrom", entity, node, self.merge)
+
+    def _energy_entity(self, identifier: str, fields: dict[str, float], pairs: list[tuple[str, Any]],
+                       reasons: dict[str, list[str]]) -> str:
+        measured = [(total, prefix) for total, prefix, _ in ENERGY_PARTS
+                    if any(f.startswith(prefix) for f in fields)]
+        missing = [total for total, _, _ in ENERGY_PARTS if total not in dict(measured)]
+        attrs = [*pairs, *((total, fields.get(total)) for total, _ in measured)]
+        if measured:
+            attrs.append(("total_joules", sum(fields.get(total, 0.0) for total, _ in measured)))
+        attrs += [("not_measured", missing),
+                  ("not_measured_reason", [f"{part}: {r}" for part in missing for r in reasons.get(part, [])])]
+        devices = sorted(f for f in fields if f.startswith(("gpu.", "rapl.")) and f.endswith(".joules"))
+        types = ["p4d:Energy", "prov:Collection"] if devices else ["p4d:Energy"]
+        entity = self.doc.element("entity", identifier, types, p4d(attrs))
+        for i, name in enumerate(devices):
+            kind, device = name.split(".", 1)[0], name.split(".", 1)[1].rsplit(".", 1)[0]
+            part = self.doc.element("entity", f"{identifier}.{kind}-{i}", ["p4d:DeviceEnergy"],
+                                    p4d([("sensor", "nvml" if kind == "gpu" else "rapl"), ("device", device),
+                                         ("joules", fields[name])]))
+            self.doc.relation("hadMember", entity, part)
+        return entity
 
 
-def _series_attrs(s: SeriesSummary) -> Iterator[tuple[str, Any]]:
-    yield from (("key", s.key), ("context", s.context), ("source", s.source or None), ("rank", s.rank),
-                ("attempt", s.attempt), ("count", s.count))
+_MISSING = object()
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _unique(name: str, names: set[str]) -> str:
+    n, candidate = 1, name
+    while candidate in names:
+        n += 1
+        candidate = f"{name}.{n}"
+    names.add(candidate)
+    return candidate
+
+
+def _value_attrs(value: Any) -> list[tuple[str, Any]]:
+    """A param value: prov:value for a scalar; a structured one as one key: attribute per leaf."""
+    if isinstance(value, (dict, list)):
+        return keys(("value." + path if path else "value", leaf) for path, leaf in flat(value))
+    return [("prov:value", value)] if value is not None else [("p4d:null", True)]
+
+
+def _software_pairs(r: RankAttempt) -> list[tuple[str, Any]]:
+    env = r.environment
+    software, versions = _dict(env.get("software")), _dict(env.get("versions"))
+    container = _dict(software.get("container"))
+    drivers = sorted({s.get("driver_version") for s in r.sensors if isinstance(s.get("driver_version"), str)})
+    pairs = [("python", env.get("python")), ("implementation", env.get("implementation")),
+             ("platform", env.get("platform")), ("executable", env.get("executable")), ("torch", env.get("torch")),
+             ("cuda", env.get("cuda")), ("nccl", software.get("nccl")), ("mpi", software.get("mpi")),
+             ("nvidia_driver", drivers[0] if drivers else None),
+             *((f"version_{name.replace('-', '_')}", versions.get(name)) for name in sorted(_PACKAGES)),
+             ("container_runtime", container.get("runtime")), ("container_image", container.get("container")),
+             ("container_name", container.get("name")), ("container_version", container.get("version"))]
+    return [(k, v) for k, v in pairs if isinstance(v, str)]
+
+
+_PACKAGES = ("prov4ml-dist", "h5py", "numpy", "prov", "psutil")
+
+
+def _sensor_reasons(ranks: list[RankAttempt]) -> dict[str, dict[str, list[str]]]:
+    """host → energy part → why its sensor was unavailable, from the ranks' sensor records."""
+    found: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for r in ranks:
+        for s in r.sensors:
+            name = str(s.get("name", ""))
+            part = "gpu_joules" if name == "nvml" or name.startswith("gpu") else "rapl_joules" if name == "rapl" else ""
+            if part and s.get("available") is False and s.get("reason"):
+                found[r.hostname][part].add(str(s["reason"]))
+    return {host: {part: sorted(v) for part, v in parts.items()} for host, parts in found.items()}
+
+
+def _agent_attrs(attempts: list[RankAttempt]) -> Iterator[tuple[str, Any]]:
+    first = attempts[0]
+    topology = first.topology
+    yield "rank", first.rank
+    yield "status", "missing" if first.status == "missing" else (
+        "complete" if all(a.complete for a in attempts) else "incomplete")
+    for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
+                 "job_id", "step_id", "elastic_run_id"):
+        value = topology.get(name)
+        yield name, value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    yield "restart_count", max(a.attempt for a in attempts) if first.attempt >= 0 else None
+    yield "pid", [a.topology["pid"] for a in attempts if isinstance(a.topology.get("pid"), int)]
+    yield "gpu_uuid", sorted({u for a in attempts for u in a.gpu_uuids})
+
+
+def _rank_attrs(r: RankAttempt) -> Iterator[tuple[str, Any]]:
+    yield "rank", r.rank
+    yield "attempt", r.attempt if r.attempt >= 0 else None
+    yield "status", r.status
+    yield "complete", r.complete
+    yield "shard", r.shard or None
+    yield "shard_sha256", r.shard_sha256 or None
+    yield "reason", r.reason or None
+    yield "last_seen", None if r.complete or r.last_time is None else timestamp(r.last_time)
+    yield "warnings", r.warnings or None
+    argv = r.environment.get("argv")
+    if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+        yield "command_line", shlex.join(argv)
+    yield "sensor_available", sorted({str(s.get("name")) for s in r.sensors if s.get("available") is True})
+    yield "sensor_unavailable", sorted({f"{s.get('name')}: {s.get('reason')}" for s in r.sensors
+                                        if s.get("available") is False})
+
+
+def _extras(extra: dict[str, Any]) -> list[tuple[str, Any]]:
+    known = p4d((k, extra[k]) for k in KNOWN_EXTRAS if isinstance(extra.get(k), (str, int, float)))
+    return known + keys(sorted((k, v) for k, v in flat({k: v for k, v in extra.items() if k not in KNOWN_EXTRAS})))
+
+
+def _series_attrs(s: SeriesSummary) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = [("key", s.key), ("context", s.context), ("source", s.source or None),
+                                    ("rank", s.rank), ("attempt", s.attempt), ("count", s.count)]
     if s.count:
-        yield from (("first_step", s.first_step), ("last_step", s.last_step), ("min", s.min), ("max", s.max),
-                    ("last", s.last), ("nonfinite", s.nonfinite or None), ("step_runs", s.runs if s.runs > 1 else None))
-    yield from (("dataset", s.dataset), ("row_start", s.row_start), ("row_stop", s.row_stop))
-    yield from ((f"extra.{k}", v) for k, v in sorted(s.extra.items()))
+        pairs += [("first_step", s.first_step), ("last_step", s.last_step), ("min", s.min), ("max", s.max),
+                  ("last", s.last), ("nonfinite", s.nonfinite or None), ("step_runs", s.runs if s.runs > 1 else None),
+                  ("first_time", timestamp(s.first_time)), ("last_time", timestamp(s.last_time))]
+    pairs += [("dataset", s.dataset), ("row_start", s.row_start), ("row_stop", s.row_stop)]
+    return p4d(pairs) + _extras(s.extra)
+
+
+def _key_series_attrs(g: GroupSummary, members: list[SeriesSummary]) -> list[tuple[str, Any]]:
+    """A key across ranks: totals, and where its per-rank series are in merged.h5 (rows of the series table).
+    Built-in reductions over ``map``: at 1,024 ranks x 2,000 keys they see 2 million series."""
+    counted = members if all(map(_COUNT, members)) else [s for s in members if s.count]
+    finite = [*filter(math.isfinite, map(_MIN, counted)), *filter(math.isfinite, map(_MAX, counted))]
+    extras = {id(s.extra): s.extra for s in members}  # series with the same extras share one dict
+    first = members[0].extra if members else {}
+    shared = {k: v for k, v in first.items() if all(e.get(k) == v for e in extras.values())}
+    series_table = members[0].dataset.rsplit("/", 1)[0] + "/series" if members else None
+    pairs: list[tuple[str, Any]] = [
+        ("key", g.key), ("context", g.context), ("source", g.source or None), ("attempt", g.attempt),
+        ("ranks", len(g.series)), ("count", sum(map(_COUNT, members))),
+        ("nonfinite", sum(map(_NONFINITE, members)) or None),
+        ("first_step", min(map(_FIRST_STEP, counted), default=None)),
+        ("last_step", max(map(_LAST_STEP, counted), default=None)),
+        ("min", min(finite, default=None)), ("max", max(finite, default=None)), ("dataset", series_table),
+        ("row_start", g.series[0] if g.series else 0), ("row_stop", g.series[-1] + 1 if g.series else 0),
+        ("rows", members[0].dataset if members else None)]
+    return p4d(pairs) + _extras(shared)
+
+
+_COUNT, _NONFINITE, _MIN, _MAX = attrgetter("count"), attrgetter("nonfinite"), attrgetter("min"), attrgetter("max")
+_FIRST_STEP, _LAST_STEP = attrgetter("first_step"), attrgetter("last_step")
 
 
 def _group_attrs(g: GroupSummary) -> Iterator[tuple[str, Any]]:
-    yield from (("key", g.key), ("context", g.context), ("source", g.source or None), ("attempt", g.attempt),
-                ("ranks", len(g.series)), ("dataset", g.dataset), ("row_start", g.stat_start),
-                ("row_stop", g.stat_stop), ("multi_rank_steps", g.multi_rank_steps))
+    """Key, context, source and ranks are on the series entity the statistics are derived from."""
+    yield from (("dataset", g.dataset), ("row_start", g.stat_start), ("row_stop", g.stat_stop),
+                ("multi_rank_steps", g.multi_rank_steps))
     if g.multi_rank_steps:
         yield from (("slowest_rank", g.slowest_rank), ("slowest_steps", g.slowest_steps),
-                    ("slowest_counts", {str(r): c for r, c in sorted(g.slowest_counts.items())}),
                     ("skew_mean", g.skew_mean), ("skew_max", g.skew_max), ("skew_max_step", g.skew_max_step))
 
 
@@ -349,31 +657,33 @@ SLURM_ALLOCATION = (
 )
 
 
-def _artifact_attrs(a: Artifact) -> Iterator[tuple[str, Any]]:
+def _content_attrs(a: Artifact) -> Iterator[tuple[str, Any]]:
     yield from (("sha256", a.sha256), ("size", a.size), ("item", a.item), ("path", a.path),
                 ("directory", a.directory or None), ("generators", len({g.rank for g in a.generations})))
     yield "present", {1: True, 0: False}.get(a.present)
-    for name in sorted({g.name for g in a.generations} - {a.name}):
-        yield "also_named", name
-    for model in sorted({g.model_name for g in a.generations if g.model_name}):
-        yield "model_name", model
-    for version in sorted({g.version for g in a.generations if g.version >= 0}):
-        yield "version", version
 
 
-def _energy_attrs(e: Any) -> Iterator[tuple[str, Any]]:
-    yield from (("scope", e.scope), ("name", e.name or None))
-    yield from sorted(e.fields.items())
+def _file_attrs(g: Generation) -> Iterator[tuple[str, Any]]:
+    yield from (("rank", g.rank), ("attempt", g.attempt), ("name", g.name), ("path", g.path), ("item", g.item),
+                ("model_name", g.model_name or None), ("version", g.version if g.version >= 0 else None),
+                ("context", g.context or None), ("saved_at", timestamp(g.time)))
 
 
-def _flat(fields: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in sorted(fields.items()):
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+def build_prov_json(run: MergedRun, *, series_limit: int | None = None, built_at: float | None = None) -> dict:
+    """The PROV-JSON document of a merged run, as the dict ``json.dumps`` writes."""
+    limit = rank_series_limit() if series_limit is None else series_limit
+    enabled = gc.isenabled()
+    gc.disable()  # tens of thousands of small acyclic dicts: cyclic GC passes would cost more than the build
+    try:
+        return _Builder(run, limit, time.time() if built_at is None else built_at).build()
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def build_document(run: MergedRun) -> ProvDocument:
-    """The PROV document of a merged run (deterministic: same run, same document)."""
-    return _Builder(run).build()
+def build_document(run: MergedRun, *, series_limit: int | None = None) -> ProvDocument:
+    """The same document as a ``prov.model.ProvDocument`` (parsed by ``prov``: slow on big runs)."""
+    import json
+
+    return ProvDocument.deserialize(content=json.dumps(build_prov_json(run, series_limit=series_limit)),
+                                    format="json")

@@ -24,10 +24,11 @@ _STYLE = {
 }
 
 
-def write_prov_json(doc: ProvDocument, path: Path) -> None:
-    """``doc.serialize(format="json")`` text, through ``json.dumps``: its C encoder is several
-    times faster than the streaming ``json.dump`` that ``serialize`` uses."""
-    Path(path).write_text(json.dumps(doc, cls=ProvJSONEncoder), encoding="utf-8")
+def write_prov_json(doc: ProvDocument | dict, path: Path) -> None:
+    """PROV-JSON text through ``json.dumps`` (its C encoder is several times faster than the
+    streaming ``json.dump`` that ``serialize`` uses); ``doc`` is the builder's dict or a ``ProvDocument``."""
+    text = json.dumps(doc) if isinstance(doc, dict) else json.dumps(doc, cls=ProvJSONEncoder)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def load_document(path: Path) -> ProvDocument:
