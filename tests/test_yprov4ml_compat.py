@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
+from enum import Enum
+from pathlib import Path
 
+import h5py
+import pytest
 import torch
 
 import prov4ml_dist as prov4ml
+from prov4ml_dist.merge import load_merged
 from prov4ml_dist.provenance.export import load_document
+from prov4ml_dist.run import as_param_value
+from prov4ml_dist.shard.reader import ShardReader
+
+from .conftest import REPO, child_env
 
 
 def test_a_yprov4ml_3_script_runs_unchanged(tmp_path):
@@ -42,3 +54,178 @@ def test_a_yprov4ml_3_script_runs_unchanged(tmp_path):
     load_document(prov_json)  # parses with prov
     flops = next(e for e in doc["entity"].values() if e.get("p4d:key") == "flops")
     assert float(flops["p4d:last"]["$"]) == 2 * 16 * (8 * 4 + 4 * 2)  # two matmuls, 2 flops per MAC
+
+
+# -- the 3.x surface, name by name -------------------------------------------------------
+# Every public name of yProv4ML 3.x's top level that its examples and docs use.
+YPROV4ML_3X_NAMES = [
+    "start_run", "end_run", "log_metric", "log_metrics", "log_param", "log_params", "log_artifact", "log_model",
+    "save_model_version", "log_dataset", "log_context", "create_context", "log_source_code",
+    "log_execution_command", "log_current_execution_time", "log_system_metrics", "log_carbon_metrics",
+    "log_flops_per_batch", "log_flops_per_epoch", "log_provenance_documents", "get_run_dir", "get_artifacts_dir",
+    "Context", "Contexts", "LoggingItemKind", "MetricsType", "CompressorType", "FoldOperation",
+    "ProvenanceTrackedFunction", "ProvenanceTrackedModel", "WeightDistributionTrackedModel", "IndexedDatasetWrapper",
+]
+
+
+def _merged_records(run_dir: Path, kind: str) -> list[dict]:
+    with h5py.File(run_dir / "merged.h5", "r") as f:
+        rows = f["records"][()]
+    return [json.loads(r["json"]) for r in rows if r["kind"].decode() == kind]
+
+
+def _start(tmp_path, name="y"):
+    return prov4ml.start_run(name, provenance_save_dir=tmp_path, sample_interval=None)
+
+
+@pytest.mark.parametrize("name", YPROV4ML_3X_NAMES)
+def test_every_3x_name_exists_and_is_exported(name):
+    assert getattr(prov4ml, name) is not None
+    assert name in prov4ml.__all__
+    namespace: dict = {}
+    exec("from prov4ml_dist import *", namespace)  # as `from yprov4ml import *`
+    assert namespace[name] is getattr(prov4ml, name)
+
+
+def test_submodule_paths_of_the_examples_import():
+    from prov4ml_dist.utils import getters
+    from prov4ml_dist.wrappers.indexed_dataset import IndexedDatasetWrapper
+    from prov4ml_dist.wrappers.tracked_function import ProvenanceTrackedFunction
+    from prov4ml_dist.wrappers.tracked_layers import WeightDistributionTrackedModel
+    from prov4ml_dist.wrappers.tracked_model import ProvenanceTrackedModel
+
+    assert IndexedDatasetWrapper is prov4ml.IndexedDatasetWrapper and callable(getters.get_metric)
+    assert {ProvenanceTrackedFunction, ProvenanceTrackedModel, WeightDistributionTrackedModel} <= {
+        prov4ml.ProvenanceTrackedFunction, prov4ml.ProvenanceTrackedModel, prov4ml.WeightDistributionTrackedModel}
+
+
+def test_importing_the_library_does_not_import_torch():
+    code = "import sys, prov4ml_dist; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(PYTHONPATH=str(REPO)), capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_3x_contexts_and_contexts_made_at_run_time(tmp_path):
+    assert prov4ml.Contexts is prov4ml.Context
+    assert {"MODELS", "EVALUATION", "DATASETS", "TRAINING", "VALIDATION"} <= set(prov4ml.Context.__members__)
+    _start(tmp_path)
+    made = prov4ml.create_context("FINETUNING", is_subcontext_of=prov4ml.Context.TRAINING)
+    prov4ml.log_context("DISTILLING", prov4ml.Context.TRAINING)
+    assert prov4ml.Context.FINETUNING is made and prov4ml.Context["FINETUNING"] is made
+    assert isinstance(prov4ml.Context.DISTILLING, Enum)
+    with pytest.raises(AttributeError, match="create_context"):
+        _ = prov4ml.Context.NEVER_DECLARED
+    prov4ml.log_metric("loss", 1.0, prov4ml.Context.FINETUNING)
+    prov4ml.log_metric("loss", 2.0, prov4ml.Context.DISTILLING)
+    prov4ml.log_metric("loss", 3.0, prov4ml.Contexts.EVALUATION)
+    prov4ml.log_metric("loss", 4.0)  # context optional in 3.x: TRAINING
+    run_dir = prov4ml.end_run().parent
+    contexts = {s.context for s in load_merged(run_dir / "merged.h5").series if s.key == "loss"}
+    assert contexts == {"FINETUNING", "DISTILLING", "EVALUATION", "TRAINING"}
+    declared = {r["context"]: r.get("parent") for r in _merged_records(run_dir, "context")}
+    assert declared == {"FINETUNING": "TRAINING", "DISTILLING": "TRAINING"}
+
+
+def test_start_run_takes_the_experiment_first_and_3x_positional_options(tmp_path):
+    from prov4ml_dist import CompressorType, MetricsType
+
+    run_dir = prov4ml.start_run("mnist", "www.example.org", tmp_path, True, 100, 0, True, MetricsType.NETCDF, ",",
+                                CompressorType.LZ4, sample_interval=None)
+    run = prov4ml.get_active_run()
+    assert run.config.experiment_name == "mnist" and run.config.user_namespace == "www.example.org"
+    assert run.config.yprov4ml_options["save_after_n_logs"] == 100
+    assert run_dir.parent == (tmp_path / "mnist").absolute()
+    prov4ml.end_run()
+    prov4ml.start_run("mnist", prov_user_namespace="x", provenance_save_dir=tmp_path, sample_interval=None)
+    assert prov4ml.get_active_run().config.user_namespace == "x"
+    prov4ml.end_run()
+    prov4ml.start_run("http://example.org/ns#", "old_style", tmp_path, sample_interval=None)  # 2.x: namespace first
+    assert prov4ml.get_active_run().config.experiment_name == "old_style"
+    prov4ml.end_run()
+    with pytest.raises(TypeError, match="multiple values"):
+        prov4ml.start_run("e", None, tmp_path, True, 1, 0, rank=0)
+
+
+def test_3x_positional_orders_of_log_artifact_and_log_model(tmp_path):
+    _start(tmp_path)
+    src = tmp_path / "tmp.png"
+    src.write_bytes(b"png")
+    model = torch.nn.Linear(2, 2)
+    prov4ml.log_artifact("tmp", str(src), "Training", "src", 3)
+    prov4ml.log_artifact("nocontext.png", str(src))  # context optional in 3.x
+    prov4ml.log_model("m", model, "Training", "src", True, True, True, False)
+    prov4ml.log_model("mnist_model_final", model)
+    with pytest.raises(TypeError, match="positional"):
+        prov4ml.log_model("m2", model, "Training", "src", True, True, True, False, "one too many")
+    run_dir = prov4ml.end_run().parent
+    artifacts = {r["name"]: r for r in _merged_records(run_dir, "artifact")}
+    assert artifacts["tmp"]["step"] == 3 and artifacts["tmp"]["context"] == "Training"
+    assert artifacts["nocontext.png"]["context"] is None
+    assert {"m_final.pt", "layers.json", "mnist_model_final.pt"} <= set(artifacts)
+    models = run_dir / "artifacts" / "rank-00000" / "models"
+    assert sorted(p.name for p in (models / "mnist_model_final").iterdir()) == ["mnist_model_final.pt"]
+
+
+def test_other_attrs_are_recorded(tmp_path):
+    _start(tmp_path)
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    model = torch.nn.Linear(2, 1)
+    prov4ml.log_artifact("a.txt", str(src), "Training", other_attrs={"origin": "sensor-7"})
+    prov4ml.log_model("net", model, other_attrs={"arch": "linear"})
+    prov4ml.save_model_version("net", model, "Training", None, 1, other_attrs={"epoch_note": "warmup"})
+    prov4ml.log_dataset("train", torch.utils.data.TensorDataset(torch.zeros(4, 2)), other_attrs={"license": "CC0"})
+    with pytest.raises(prov4ml.InvalidInputError, match="other_attrs"):
+        prov4ml.log_dataset("bad", [1], other_attrs=["not", "a", "dict"])
+    run_dir = prov4ml.end_run().parent
+    artifacts = {r["name"]: r.get("other_attrs") for r in _merged_records(run_dir, "artifact")}
+    assert artifacts["a.txt"] == {"origin": "sensor-7"} and artifacts["net_v0000.pt"] == {"epoch_note": "warmup"}
+    assert _merged_records(run_dir, "model")[0]["other_attrs"] == {"arch": "linear"}
+    assert _merged_records(run_dir, "dataset")[0]["other_attrs"] == {"license": "CC0"}
+
+
+def test_params_whose_repr_has_an_address_are_described_alike_on_every_rank():
+    data = torch.utils.data.TensorDataset(torch.zeros(10, 2))
+    described = []
+    for rank in (0, 1):
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+        assert " at 0x" in repr(loader)
+        described.append(as_param_value(loader))
+    assert described[0] == described[1]
+    assert described[0]["batch_size"] == 2 and described[0]["total_samples"] == 10
+    assert "0x" not in json.dumps(described[0])
+    assert as_param_value(lambda x: x)["name"] == "test_params_whose_repr_has_an_address_are_described_alike_on_" \
+                                                 "every_rank.<locals>.<lambda>"
+
+
+def test_a_later_start_run_closes_a_stale_run_and_end_run_without_a_run_returns(tmp_path, caplog):
+    _start(tmp_path, "first")
+    stale = prov4ml.get_active_run()
+    try:
+        prov4ml.log_metric("loss", 1.0)
+        raise RuntimeError("training failed")
+    except RuntimeError:
+        pass  # a notebook cell or dask task: end_run never came
+    with caplog.at_level(logging.WARNING):
+        _start(tmp_path, "second")
+    assert "abandoned" in caplog.text and stale.closed
+    with ShardReader(stale.shard_path) as reader:
+        assert reader.end_record()["status"] == "abandoned"
+    assert prov4ml.end_run() is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert prov4ml.end_run() is None
+    assert "no active run" in caplog.text
+
+
+def test_log_source_code_with_git_and_run_directories(tmp_path):
+    _start(tmp_path)
+    prov4ml.log_source_code(__file__, use_git=True)
+    assert prov4ml.get_run_dir() == prov4ml.get_active_run().run_dir
+    assert prov4ml.get_artifacts_dir() == prov4ml.get_run_dir() / "artifacts" / "rank-00000"
+    prov_json = prov4ml.log_provenance_documents(create_graph=False)
+    params = {p.key: p.value for p in load_merged(prov_json.parent / "merged.h5").params}
+    assert len(params["source_code_git"]["commit"]) == 40
+    assert (prov_json.parent / "artifacts" / "rank-00000" / "source" / Path(__file__).name).is_file()
