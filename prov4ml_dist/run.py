@@ -371,12 +371,13 @@ class Run:
         """Flush and close this rank's shard; no merge. Idempotent."""
         if self._closed:
             return
-        self._closed = True
-        for callback in self._before_close:
+        callbacks, self._before_close = self._before_close, []  # while the shard still takes records
+        for callback in callbacks:
             try:
                 callback()
             except Exception as exc:  # noqa: BLE001 - a wrapper's failure must not lose the shard
                 log.warning("rank %s: %r failed at close: %s", self.topology.rank, callback, exc)
+        self._closed = True
         if self.sampler is not None:
             self.sampler.stop()  # before the writer closes: its energy record must reach the shard
         self.writer.close(status)
