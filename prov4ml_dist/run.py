@@ -389,7 +389,11 @@ class Run:
 
         prov_json = finish_run(self)
         if prov_json is not None and (create_graph or create_svg):
+            from .errors import MergeError
             from .provenance import write_graph
 
-            write_graph(prov_json, svg=create_svg)
+            try:
+                write_graph(prov_json, svg=create_svg)
+            except MergeError as exc:  # no Graphviz: the merged run is complete; the drawing is an extra
+                log.warning("end_run: %s (prov.json and merged.h5 are written)", exc)
         return prov_json
