@@ -69,11 +69,11 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
                                             {"rank": rank, **yprov4ml_options})
     rank = options.pop("rank")
     yprov4ml_options = {k: v for k, v in options.items() if k in yprov4ml_options or v is not None}
-    if _active is not None:
-        _abandon(_active)
     unknown = sorted(set(yprov4ml_options) - set(YPROV4ML_OPTIONS))
     if unknown:
         raise TypeError(f"start_run() got unexpected keyword arguments: {', '.join(unknown)}")
+    if _active is not None:
+        _abandon(_active)
     save_dir = provenance_save_dir if provenance_save_dir is not None else prov_save_path
     if run_id is None and yprov4ml_options.get("use_run_id") is not None:
         run_id = str(yprov4ml_options["use_run_id"])

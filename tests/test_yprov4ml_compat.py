@@ -209,6 +209,9 @@ def test_a_later_start_run_closes_a_stale_run_and_end_run_without_a_run_returns(
         raise RuntimeError("training failed")
     except RuntimeError:
         pass  # a notebook cell or dask task: end_run never came
+    with pytest.raises(TypeError):
+        prov4ml.start_run("second", provenance_save_dir=tmp_path, save_after_n_log=1)  # a typo
+    assert not stale.closed  # a refused call changes nothing
     with caplog.at_level(logging.WARNING):
         _start(tmp_path, "second")
     assert "abandoned" in caplog.text and stale.closed
