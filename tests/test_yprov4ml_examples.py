@@ -37,10 +37,12 @@ def run_example(cwd: Path, script: str, ranks: int | None, *args: str) -> str:
     ("wrappers_example.py", None), ("wrappers_example.py", 2),
     ("cnn_example.py", None), ("cnn_example.py", 2),
     ("hpc_example.py", None), ("hpc_example.py", 2), ("hpc_example.py", 4),
+    ("plot_example.py", None), ("plot_example.py", 2),
+    ("benchmark_example.py", None), ("benchmark_example.py", 2),
 ])
 def test_example_runs_unchanged_and_merges(tmp_path, script, ranks):
     out = run_example(tmp_path, script, ranks)
-    assert f"CHECKED {ranks or 1} ranks" in out
+    assert out.count(f"CHECKED {ranks or 1} ranks") == (3 if script == "benchmark_example.py" else 1)
     if script == "hpc_example.py":
         assert "INDICES disjoint and covering" in out
 
