@@ -388,3 +388,23 @@ def test_end_run_writes_an_ro_crate_of_the_run_directory(tmp_path):
     crate = ROCrate(run_dir)  # the reference library reads it back
     assert crate.dereference("#run").type == "CreateAction"
     assert {e.id for e in crate.data_entities} == set(on_disk)
+
+
+def test_tracked_model_drops_batches_instead_of_waiting_for_a_stalled_writer(tmp_path):
+    from h5py._objects import phil  # h5py's global lock: held here, the writer thread cannot write
+
+    from prov4ml_dist.wrappers.tracked_model import QUEUE_BATCHES
+
+    net = torch.nn.Linear(4, 2)
+    tracked = prov4ml.ProvenanceTrackedModel("lin", net, max_bytes=2**40)
+    _start(tmp_path)
+    steps = QUEUE_BATCHES * 3
+    with phil:
+        for _ in range(steps):  # every step completes although nothing can be written
+            tracked(torch.randn(2, 4))
+    run_dir = prov4ml.end_run().parent
+    record = next(r for r in _merged_records(run_dir, "artifact") if r["name"] == "lin.h5")
+    dropped = record["tracked_layers"]["dropped_batches"]
+    assert steps - QUEUE_BATCHES - 1 <= dropped < steps  # the queue's worth (and the one in hand) kept
+    with h5py.File(run_dir / record["path"], "r") as f:
+        assert f["lin/input"].shape[0] == 2 * (steps - dropped)
