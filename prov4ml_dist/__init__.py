@@ -47,12 +47,14 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-# yProv4ML's wrappers need torch: imported on first use, so that `import prov4ml_dist` stays cheap.
+# yProv4ML's wrappers (they need torch) and logger: imported on first use, so that `import prov4ml_dist`
+# stays cheap.
 _LAZY = {
     "ProvenanceTrackedFunction": "prov4ml_dist.wrappers.tracked_function",
     "ProvenanceTrackedModel": "prov4ml_dist.wrappers.tracked_model",
     "WeightDistributionTrackedModel": "prov4ml_dist.wrappers.tracked_layers",
     "IndexedDatasetWrapper": "prov4ml_dist.wrappers.indexed_dataset",
+    "ProvMLItwinAILogger": "prov4ml_dist.loggers.prov4ml_itwinai_logger",
 }
 
 
@@ -70,7 +72,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ArtifactError", "CompressorType", "Context", "Contexts", "FoldOperation", "IndexedDatasetWrapper",
     "InvalidInputError", "LoggingItemKind", "MergeError", "MetricsType", "ModelSaveError", "Prov4MLError",
-    "ProvenanceTrackedFunction", "ProvenanceTrackedModel", "RunStateError", "ShardError",
+    "ProvMLItwinAILogger", "ProvenanceTrackedFunction", "ProvenanceTrackedModel", "RunStateError", "ShardError",
     "WeightDistributionTrackedModel", "create_context", "end_run", "get_active_run", "get_artifacts_dir",
     "get_run_dir", "log_artifact", "log_carbon_metrics", "log_context", "log_current_execution_time",
     "log_dataset", "log_execution_command", "log_flops_per_batch", "log_flops_per_epoch", "log_metric",

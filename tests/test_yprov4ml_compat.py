@@ -65,6 +65,7 @@ YPROV4ML_3X_NAMES = [
     "log_flops_per_batch", "log_flops_per_epoch", "log_provenance_documents", "get_run_dir", "get_artifacts_dir",
     "Context", "Contexts", "LoggingItemKind", "MetricsType", "CompressorType", "FoldOperation",
     "ProvenanceTrackedFunction", "ProvenanceTrackedModel", "WeightDistributionTrackedModel", "IndexedDatasetWrapper",
+    "ProvMLItwinAILogger",
 ]
 
 

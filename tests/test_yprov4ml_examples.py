@@ -39,6 +39,7 @@ def run_example(cwd: Path, script: str, ranks: int | None, *args: str) -> str:
     ("hpc_example.py", None), ("hpc_example.py", 2), ("hpc_example.py", 4),
     ("plot_example.py", None), ("plot_example.py", 2),
     ("benchmark_example.py", None), ("benchmark_example.py", 2),
+    ("logger_example.py", None), ("logger_example.py", 2),
 ])
 def test_example_runs_unchanged_and_merges(tmp_path, script, ranks):
     out = run_example(tmp_path, script, ranks)
