@@ -409,3 +409,24 @@ def test_tracked_model_drops_batches_instead_of_waiting_for_a_stalled_writer(tmp
     assert steps - QUEUE_BATCHES - 1 <= dropped < steps  # the queue's worth (and the one in hand) kept
     with h5py.File(run_dir / record["path"], "r") as f:
         assert f["lin/input"].shape[0] == 2 * (steps - dropped)
+
+
+def test_itwinai_logger_follows_log_freq_and_records_each_kind(tmp_path):
+    logger = prov4ml.ProvMLItwinAILogger(experiment_name="itw", provenance_save_dir=str(tmp_path), log_freq=2)
+    logger.create_logger_context(rank=0)
+    for batch in range(5):
+        logger.log(float(batch), "loss", step=batch, batch_idx=batch)  # every 2nd batch
+    logger.log(torch.utils.data.DataLoader(list(range(4)), batch_size=2), "train", kind="torch")
+    logger.log(0.5, "lr", kind="torch")
+    logger.log(torch.nn.Linear(2, 1), "net", kind="best_model")
+    with pytest.raises(ValueError, match="kind"):
+        logger.log(1.0, "x", kind="histogram")
+    run_dir = logger.destroy_logger_context().parent
+    from prov4ml_dist.utils import getters
+
+    assert getters.get_metric(run_dir, name="loss")["step"].tolist() == [0, 2, 4]
+    merged = load_merged(run_dir / "merged.h5")
+    assert [d.name for d in merged.datasets] == ["train"] and {p.key for p in merged.params} == {"lr"}
+    assert [m.name for m in merged.models] == ["net"]
+    with pytest.raises(ValueError, match="log_freq"):
+        prov4ml.ProvMLItwinAILogger(log_freq=0)
