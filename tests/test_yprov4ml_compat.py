@@ -430,3 +430,16 @@ def test_itwinai_logger_follows_log_freq_and_records_each_kind(tmp_path):
     assert [m.name for m in merged.models] == ["net"]
     with pytest.raises(ValueError, match="log_freq"):
         prov4ml.ProvMLItwinAILogger(log_freq=0)
+
+
+def test_index_ranges_and_their_cross_rank_coverage():
+    from prov4ml_dist.compat.indices import coverage, to_ranges
+
+    assert to_ranges([5, 0, 2, 1, 2, 7, 6]) == [[0, 3], [5, 8]]
+    # a DistributedSampler over 10 samples and 4 ranks pads with 2 repeats: not disjoint, but covering
+    shares = {r: [(r + 4 * k) % 10 for k in range(3)] for r in range(4)}
+    records = [(r, {"label": "d", "epoch": 0, "dataset_len": 10, "ranges": to_ranges(ix)}) for r, ix in shares.items()]
+    (entry,) = coverage(records)
+    assert (entry["served"], entry["distinct"], entry["overlap"], entry["covers"]) == (12, 10, 2, True)
+    (short,) = coverage(records[:2])
+    assert (short["disjoint"], short["covers"], short["distinct"]) == (True, False, 6)

@@ -28,6 +28,17 @@ def to_ranges(indices: Iterable[int]) -> list[list[int]]:
     return ranges
 
 
+def union(range_lists: Iterable[list[list[int]]]) -> list[list[int]]:
+    """The union of several range lists, merged (touching ranges join)."""
+    merged: list[list[int]] = []
+    for start, stop in sorted((r[0], r[1]) for ranges in range_lists for r in ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return merged
+
+
 def _count(ranges: list[list[int]]) -> int:
     return sum(stop - start for start, stop in ranges)
 
@@ -56,15 +67,15 @@ def coverage(records: Iterable[tuple[int, dict[str, Any]]]) -> list[dict[str, An
         lengths[key[0]] = record.get("dataset_len")
     out = []
     for (label, epoch), per_rank in sorted(grouped.items()):
-        union = to_ranges(i for ranges in per_rank.values() for start, stop in ranges for i in range(start, stop))
+        covered = union(per_rank.values())
         served = sum(_count(r) for r in per_rank.values())
         ranks = sorted(per_rank)
         pairwise = sum(_overlap(per_rank[a], per_rank[b]) for n, a in enumerate(ranks) for b in ranks[n + 1:])
         total = lengths.get(label)
-        distinct = _count(union)
+        distinct = _count(covered)
         out.append({"label": label, "epoch": epoch, "ranks": ranks, "served": served, "distinct": distinct,
                     "overlap": pairwise, "disjoint": pairwise == 0, "dataset_len": total,
-                    "covers": total is not None and union == [[0, total]]})
+                    "covers": total is not None and covered == [[0, total]]})
     return out
 
 

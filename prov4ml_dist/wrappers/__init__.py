@@ -7,6 +7,6 @@ from typing import Any
 def __getattr__(name: str) -> Any:
     import prov4ml_dist
 
-    if name in prov4ml_dist._LAZY:
+    if prov4ml_dist._LAZY.get(name, "").startswith(__name__ + "."):
         return getattr(prov4ml_dist, name)
     raise AttributeError(f"module 'prov4ml_dist.wrappers' has no attribute {name!r}")
