@@ -4,6 +4,8 @@ rank, a rank-0 merge, and a W3C PROV-JSON with one agent per rank.
     import prov4ml_dist as prov4ml      # or: import prov4ml_dist as yprov4ml
 """
 
+import importlib
+import importlib.util
 from typing import Any
 
 from .api import (
@@ -62,8 +64,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'prov4ml_dist' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -79,3 +79,15 @@ __all__ = [
     "log_metrics", "log_model", "log_param", "log_params", "log_provenance_documents", "log_source_code",
     "log_system_metrics", "save_model_version", "start_run",
 ]
+
+
+def _torch_installed() -> bool:
+    """Whether torch can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if not _torch_installed():  # `from prov4ml_dist import *` must not fail where torch is absent
+    __all__ = [name for name in __all__ if not _LAZY.get(name, "").startswith("prov4ml_dist.wrappers.")]

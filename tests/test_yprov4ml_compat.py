@@ -443,3 +443,19 @@ def test_index_ranges_and_their_cross_rank_coverage():
     assert (entry["served"], entry["distinct"], entry["overlap"], entry["covers"]) == (12, 10, 2, True)
     (short,) = coverage(records[:2])
     assert (short["disjoint"], short["covers"], short["distinct"]) == (True, False, 6)
+
+
+def test_import_star_works_where_torch_is_absent(tmp_path):
+    script = tmp_path / "star.py"
+    script.write_text(
+        "import sys\n"
+        "class NoTorch:  # as if torch were not installed\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from prov4ml_dist import *\n"
+        "print(start_run.__name__, 'ProvenanceTrackedModel' in dir(), 'ProvMLItwinAILogger' in dir())\n")
+    out = subprocess.run([sys.executable, str(script)], env=child_env(PYTHONPATH=str(REPO)), capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.split() == ["start_run", "False", "True"]
