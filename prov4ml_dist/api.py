@@ -13,6 +13,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from . import yprov4ml_args
+from .context import Context
 from .errors import ArtifactError, InvalidInputError, RunStateError
 from .process_hooks import ExitHooks
 from .run import INT64_MAX, Run, RunConfig, as_metric_value, as_step, automatic_step_overflow, check_param
@@ -97,19 +99,28 @@ def get_active_run() -> Run | None:
     return _active
 
 
-def start_run(prov_user_namespace: str | None = None, experiment_name: str | None = None,
-              provenance_save_dir: str | os.PathLike | None = None, *, run_id: str | None = None,
-              local_dir: str | os.PathLike | None = None, flush_interval: float = 1.0,
+def start_run(experiment_name: str | None = None, prov_user_namespace: str | None = None,
+              provenance_save_dir: str | os.PathLike | None = None, *yprov4ml_positional: Any,
+              run_id: str | None = None, local_dir: str | os.PathLike | None = None, flush_interval: float = 1.0,
               sample_interval: float | None = 1.0, merge_timeout: float = 300.0,
               prov_save_path: str | os.PathLike | None = None, rank: int | None = None,
               **yprov4ml_options: Any) -> Path:
-    """Start recording this process; returns the run directory shared by all ranks of the job."""
+    """Start recording this process; returns the run directory shared by all ranks of the job.
+
+    yProv4ML 3.x's order (experiment name first, then its options positionally) is ours; a 2.x
+    call with the namespace first (an IRI) is recognised. A run still active (an exception
+    skipped its end_run: a notebook, a dask worker) is closed as "abandoned", with a warning."""
     global _active, _hooks, _forked_from
-    if _active is not None:
-        raise RunStateError(f"a run is already active ({_active.run_dir}); call end_run() first")
+    experiment_name, prov_user_namespace = yprov4ml_args.start_run_names(experiment_name, prov_user_namespace)
+    options = yprov4ml_args.bind_positional("start_run", yprov4ml_args.START_RUN_POSITIONAL, yprov4ml_positional,
+                                            {"rank": rank, **yprov4ml_options})
+    rank = options.pop("rank")
+    yprov4ml_options = {k: v for k, v in options.items() if k in yprov4ml_options or v is not None}
     unknown = sorted(set(yprov4ml_options) - set(YPROV4ML_OPTIONS))
     if unknown:
         raise TypeError(f"start_run() got unexpected keyword arguments: {', '.join(unknown)}")
+    if _active is not None:
+        _abandon(_active)
     save_dir = provenance_save_dir if provenance_save_dir is not None else prov_save_path
     if run_id is None and yprov4ml_options.get("use_run_id") is not None:
         run_id = str(yprov4ml_options["use_run_id"])
@@ -134,27 +145,53 @@ def start_run(prov_user_namespace: str | None = None, experiment_name: str | Non
     return run.run_dir
 
 
-def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate: bool = False) -> Path | None:
-    """Close this rank's shard and merge. Returns the merged prov.json on rank 0, None elsewhere
-    (and None when the merge is left to ``prov4ml-dist merge``). ``crate_ro_crate`` (yProv4ML)
-    is accepted; no RO-Crate is written."""
+def _abandon(stale: Run) -> None:
+    """Close a run whose end_run never came (its shard says "abandoned"; ``prov4ml-dist merge``
+    merges it later), so that a new start_run in the same process works."""
     global _active, _hooks
-    run = require_run()
+    log.warning("start_run: the previous run %s was never ended (an exception?); closing its shard as "
+                "'abandoned' (merge it with: prov4ml-dist merge %s)", stale.run_dir, stale.run_dir)
     _active = None
     if _hooks is not None:
         _hooks.remove()
         _hooks = None
-    return run.end(create_graph=create_graph, create_svg=create_svg)
+    stale.close("abandoned")
 
 
-def log_metric(key: str, value: Any, context: Any, step: int | None = None, source: Any = None,
+def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate: bool = False,
+            create_card: bool = False) -> Path | None:
+    """Close this rank's shard and merge. Returns the merged prov.json on rank 0, None elsewhere
+    (and None when the merge is left to ``prov4ml-dist merge``, or when no run is active: as in
+    yProv4ML, with a warning). On rank 0, ``create_card`` writes a model card and
+    ``crate_ro_crate`` an RO-Crate of the run directory (see compat/card.py, compat/crate.py)."""
+    global _active, _hooks
+    run = _active
+    if run is None:
+        log.warning("end_run: no active run (never started, or already ended); nothing to do")
+        return None
+    _active = None
+    if _hooks is not None:
+        _hooks.remove()
+        _hooks = None
+    prov_json = run.end(create_graph=create_graph, create_svg=create_svg)
+    if prov_json is not None and (create_card or crate_ro_crate):
+        from .compat.outputs import write_outputs
+
+        write_outputs(prov_json.parent, card=create_card, crate=crate_ro_crate)
+    return prov_json
+
+
+def log_metric(key: str, value: Any, context: Any = None, step: int | None = None, source: Any = None,
                timestamp: Any = None) -> None:
-    """Record one point of a metric series (the hot path: no I/O). yProv4ML's ``timestamp`` is
-    accepted; every point carries this process's wall-clock time instead."""
+    """Record one point of a metric series (the hot path: no I/O). Without a context (optional
+    in yProv4ML 3.x) the point is TRAINING's. yProv4ML's ``timestamp`` is accepted; every point
+    carries this process's wall-clock time instead."""
     run = _active
     if run is None:
         require_run()  # raises, or refuses in a forked child
         return
+    if context is None:
+        context = Context.TRAINING
     run.log_metric(key, value, context, step, source)
 
 
@@ -193,66 +230,80 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: Any = None,
-                 step: int | None = None, timestamp: int | None = None,
+                 step: Any = None, timestamp: Any = None,
                  log_copy_in_prov_directory: bool = True, *, source: Any = None,
                  log_copy_subdirectory: str | None = None, is_model: bool = False,
-                 is_input: bool = False) -> dict[str, Any]:
-    """Record a file, directory or value under the name ``artifact_path``.
+                 is_input: bool = False, other_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record a file, directory or value under the name ``artifact_path``; without a context
+    (optional in 3.x) the artifact has none.
 
     yProv4ML 2.x's ``log_artifact(path, context, step)`` works too: the file is ``artifact_path``.
-    3.x keywords: ``log_copy_subdirectory`` prefixes the stored name, ``is_input`` records the
-    artifact as used (read) by the rank rather than generated; ``source`` and ``is_model`` are
-    accepted.
+    3.x's ``log_artifact(name, path, context, source, step)`` is recognised (a string where the
+    step goes is the source). 3.x keywords: ``log_copy_subdirectory`` prefixes the stored name,
+    ``is_input`` records the artifact as used (read) by the rank rather than generated,
+    ``other_attrs`` is recorded with it; ``source`` and ``is_model`` are accepted.
     """
+    step, timestamp, source = yprov4ml_args.artifact_3x(step, timestamp, source)
     if not isinstance(artifact_path, (str, os.PathLike)):
         raise ArtifactError(f"artifact_path must be a name or a path, got {type(artifact_path).__name__}")
     if isinstance(value, Enum) and (context is None or isinstance(context, int)):
         value, context, step = None, value, step if context is None else context
     if value is None:
         value = artifact_path
-    if context is None:
-        raise InvalidInputError("log_artifact needs a context (prov4ml.Context.TRAINING, ...)")
     same_file = isinstance(value, (str, os.PathLike)) and os.fspath(value) == os.fspath(artifact_path)
     name = os.path.basename(os.fspath(artifact_path)) if same_file else os.fspath(artifact_path)
     if log_copy_subdirectory:
         name = f"{log_copy_subdirectory}/{name}"
     return require_run().log_artifact(name, value, context, step, timestamp, copy=log_copy_in_prov_directory,
-                               is_input=is_input)
+                                      is_input=is_input, other_attrs=other_attrs)
 
 
-def log_model(model: Any, model_name: Any = "default", log_model_info: bool = True,
-              log_model_layers: bool = False, log_as_artifact: bool = True, *, context: Any = None,
-              source: Any = None, log_copy_in_prov_directory: bool | None = None, is_input: bool = False) -> None:
+def log_model(model: Any, model_name: Any = "default", *positional: Any, log_model_info: bool | None = None,
+              log_model_layers: bool | None = None, log_as_artifact: bool | None = None, context: Any = None,
+              source: Any = None, log_copy_in_prov_directory: bool | None = None, is_input: bool | None = None,
+              other_attrs: dict[str, Any] | None = None) -> None:
     """Model information, optionally its layers (JSON) and its final weights as an artifact.
-    3.x's ``log_model(model_name, model)`` order is recognised by type, and its
-    ``log_copy_in_prov_directory`` means ``log_as_artifact``; ``context``, ``source`` and
-    ``is_input`` are accepted."""
+
+    Ours: ``log_model(model, name, log_model_info=True, log_model_layers=False,
+    log_as_artifact=True)``. 3.x's ``log_model(name, model, context, source, log_model_info,
+    log_model_layers, log_as_artifact, is_input)`` is recognised by type; its
+    ``log_copy_in_prov_directory`` means ``log_as_artifact``; ``other_attrs`` is recorded with
+    the model; ``context``, ``source`` and ``is_input`` are accepted."""
+    given = {"context": context, "source": source, "log_model_info": log_model_info,
+             "log_model_layers": log_model_layers, "log_as_artifact": log_as_artifact, "is_input": is_input}
+    names = yprov4ml_args.LOG_MODEL_OURS
     if isinstance(model, str) and not isinstance(model_name, str):
         model, model_name = model_name, model
-    if log_copy_in_prov_directory is not None:
-        log_as_artifact = log_copy_in_prov_directory
-    require_run().log_model(model, model_name, log_model_info, log_model_layers, log_as_artifact)
+        names = yprov4ml_args.LOG_MODEL_3X
+    bound = yprov4ml_args.bind_positional("log_model", names, positional, given)
+    if log_copy_in_prov_directory is not None and bound["log_as_artifact"] is None:
+        bound["log_as_artifact"] = log_copy_in_prov_directory
+    require_run().log_model(model, model_name, bound["log_model_info"] is not False,
+                            bool(bound["log_model_layers"]), bound["log_as_artifact"] is not False,
+                            other_attrs=other_attrs)
 
 
 def save_model_version(model: Any, model_name: Any, context: Any = None, step: int | None = None,
                        timestamp: int | None = None, *, source: Any = None, incremental: bool = True,
-                       is_input: bool = False, log_copy_in_prov_directory: bool = True) -> dict[str, Any]:
+                       is_input: bool = False, log_copy_in_prov_directory: bool = True,
+                       other_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save a new numbered version of a model (state dict) and record it. 3.x's
     ``save_model_version(model_name, model, context, source, step)`` is recognised by type;
-    its other keywords are accepted (versions are always incremental and always copied)."""
+    ``other_attrs`` is recorded with the version; its other keywords are accepted (versions are
+    always incremental and always copied)."""
     if isinstance(model, str) and not isinstance(model_name, str):
         model, model_name = model_name, model
-    if isinstance(step, str) and source is None:  # 3.x's positional order: (..., context, source, step)
-        source, step, timestamp = step, timestamp, None
-    return require_run().save_model_version(model, model_name, context, step, timestamp)
+    step, timestamp, source = yprov4ml_args.artifact_3x(step, timestamp, source)
+    return require_run().save_model_version(model, model_name, context, step, timestamp, other_attrs=other_attrs)
 
 
 def log_dataset(dataset: Any, label: Any, context: Any = None, source: Any = None,
-                log_dataset_info: bool = True) -> None:
-    """Dataset statistics; 3.x's ``log_dataset(label, dataset)`` order is recognised by type
-    (its ``context``, ``source`` and ``log_dataset_info`` are accepted)."""
+                log_dataset_info: bool = True, other_attrs: dict[str, Any] | None = None) -> None:
+    """Dataset statistics; 3.x's ``log_dataset(label, dataset)`` order is recognised by type;
+    ``other_attrs`` is recorded with them (its ``context``, ``source`` and ``log_dataset_info``
+    are accepted)."""
     if isinstance(dataset, str) and not isinstance(label, str):
         dataset, label = label, dataset
-    require_run().log_dataset(dataset, label)
+    require_run().log_dataset(dataset, label, other_attrs=other_attrs)
 
 

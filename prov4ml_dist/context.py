@@ -1,24 +1,77 @@
 """Contexts (training, validation, ...) and metric sources, as in yProv4ML.
 
-Users extend contexts with their own ``Enum``; plain strings (yProv4ML 3.x) work too.
+Users extend contexts with their own ``Enum``; plain strings (yProv4ML 3.x) work too, and
+so do contexts declared at run time (``create_context``), which then read as ``Context.<NAME>``.
 Everything is normalised to a string name before it reaches the shard.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+import threading
+from enum import Enum, EnumMeta
 
 from .errors import InvalidInputError
 
 MAX_NAME_LENGTH = 1024
+_RUNTIME_BASE = 100  # values of contexts declared at run time start here
 
 
-class Context(Enum):
-    """The built-in contexts. Any other ``Enum`` member or a string is accepted as well."""
+class _ContextMeta(EnumMeta):
+    """An Enum cannot gain members once defined; contexts declared at run time live beside it
+    and are found by ``Context.NAME`` / ``Context["NAME"]`` when no built-in member matches."""
+
+    _runtime: dict[str, Enum] = {}
+    _lock = threading.Lock()
+
+    def __getattr__(cls, name: str) -> Enum:
+        try:
+            return _ContextMeta._runtime[name]
+        except KeyError:
+            raise AttributeError(f"Context has no member {name!r}; declare it with prov4ml.create_context"
+                                 f"({name!r})") from None
+
+    def __getitem__(cls, name: str) -> Enum:
+        try:
+            return super().__getitem__(name)
+        except KeyError:
+            if name in _ContextMeta._runtime:
+                return _ContextMeta._runtime[name]
+            raise
+
+
+class Context(Enum, metaclass=_ContextMeta):
+    """The built-in contexts (yProv4ML 3.x's five plus TESTING). Any other ``Enum`` member or a
+    string is accepted as well; ``create_context("X")`` makes ``Context.X`` (an Enum member of
+    its own one-member class: ``isinstance(Context.X, Enum)`` holds, ``isinstance(.., Context)``
+    does not)."""
 
     TRAINING = 0
     VALIDATION = 1
     TESTING = 2
+    MODELS = 3
+    EVALUATION = 4
+    DATASETS = 5
+
+
+Contexts = Context  # yProv4ML 3.x's name
+
+
+def declare_context(name: str) -> Enum | str:
+    """The member for a context declared at run time: a built-in one if the name is one,
+    else the same new member on every call (series are cached by the member's identity).
+    A name that is no Python identifier cannot be an attribute: it stays a string context."""
+    check_name(name, "context")
+    if not name.isidentifier():
+        return name
+    builtin = Context.__members__.get(name)
+    if builtin is not None:
+        return builtin
+    with _ContextMeta._lock:
+        member = _ContextMeta._runtime.get(name)
+        if member is None:
+            member = Enum("Context", {name: _RUNTIME_BASE + len(_ContextMeta._runtime)})[name]
+            _ContextMeta._runtime[name] = member
+    return member
 
 
 class LoggingItemKind(Enum):

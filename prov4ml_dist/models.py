@@ -14,8 +14,10 @@ from .paths import atomic_target
 
 # Wrappers that hold the user's model in an attribute: DDP, DataParallel and FSDP in ``module``,
 # torch.compile's OptimizedModule in ``_orig_mod``. What was trained is the model inside.
+# Our yProv4ML wrappers (prov4ml_dist/wrappers/) hold it in ``model``.
 WRAPPERS = {"DistributedDataParallel": "module", "DataParallel": "module", "FullyShardedDataParallel": "module",
-            "OptimizedModule": "_orig_mod"}
+            "OptimizedModule": "_orig_mod",
+            "ProvenanceTrackedModel": "model", "WeightDistributionTrackedModel": "model"}
 
 
 def _qualname(obj: Any) -> str:

@@ -24,6 +24,7 @@ from . import environment, models
 from .artifacts import ArtifactStore
 from .context import check_name, context_name, source_name
 from .datasets import dataset_stats
+from .describe import describe, has_address
 from .errors import InvalidInputError, MergeError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
@@ -153,7 +154,8 @@ def as_param_value(value: Any) -> Any:
     """Params keep JSON types; NumPy/torch scalars become numbers; Enum members their name,
     as contexts (a StrEnum or IntEnum too: it is a str or int, but its name is what it says);
     anything else its repr (NaN and ±inf too: JSON has no such numbers, the journal would
-    refuse the record)."""
+    refuse the record), or a stable description where the repr holds a memory address (ranks
+    must agree)."""
     if isinstance(value, Enum):
         return value.name
     if value is None or isinstance(value, (bool, int, str)):
@@ -169,7 +171,17 @@ def as_param_value(value: Any) -> Any:
     item = getattr(value, "item", None)
     if callable(item) and getattr(value, "ndim", 1) == 0:
         return as_param_value(item())
-    return repr(value)
+    text = repr(value)
+    return describe(value, text) if has_address(text) else text
+
+
+def other(other_attrs: Any) -> dict[str, Any]:
+    """yProv4ML's ``other_attrs``: the user's extra attributes, kept as one JSON field."""
+    if other_attrs is None:
+        return {}
+    if not isinstance(other_attrs, dict):
+        raise InvalidInputError(f"other_attrs must be a dict, got {type(other_attrs).__name__}")
+    return {"other_attrs": as_param_value(other_attrs)}
 
 
 def check_param(key: Any, value: Any) -> Any:
@@ -227,6 +239,7 @@ class Run:
         self._queued = self.writer.metrics.queued
         self._hard_limit = self.writer.hard_limit_rows
         self._closed = False
+        self._before_close: list[Any] = []
         self.sampler: Sampler | None = None
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
         self.writer.record({"kind": "start", "time": self.started, "run_id": self.run_id,
@@ -316,7 +329,7 @@ class Run:
         self.writer.record(record)
 
     def log_artifact(self, name: Any, value: Any, context: Any, step: Any = None, timestamp: Any = None,
-                     copy: bool = True, is_input: bool = False) -> dict[str, Any]:
+                     copy: bool = True, is_input: bool = False, other_attrs: dict | None = None) -> dict[str, Any]:
         """Record a file, directory or in-memory value (``is_input``: read by the run, not
         produced by it); returns the artifact record."""
         ctx = context_name(context) if context is not None else None
@@ -326,10 +339,10 @@ class Run:
         else:
             stored = self.artifacts.add_value(name, value)
         return self._add_artifact({"name": str(name), "context": ctx, "step": step, "timestamp": timestamp,
-                                   "item": "input" if is_input else "artifact", **stored})
+                                   "item": "input" if is_input else "artifact", **stored, **other(other_attrs)})
 
     def save_model_version(self, model: Any, model_name: str, context: Any, step: Any = None,
-                           timestamp: Any = None) -> dict[str, Any]:
+                           timestamp: Any = None, other_attrs: dict | None = None) -> dict[str, Any]:
         """A new version of ``model_name`` (0, 1, 2, ... per rank) under models/<name>/."""
         check_name(model_name, "model_name")
         ctx = context_name(context) if context is not None else None
@@ -340,33 +353,51 @@ class Run:
         self._model_versions[model_name] = version
         return self._add_artifact({"name": f"{model_name}_v{version:04d}.pt", "context": ctx, "step": step,
                                    "timestamp": timestamp, "item": "model_version", "model_name": model_name,
-                                   "version": version, **self.artifacts.record_for(dest)})
+                                   "version": version, **self.artifacts.record_for(dest), **other(other_attrs)})
 
     def log_model(self, model: Any, model_name: str = "default", log_model_info: bool = True,
-                  log_model_layers: bool = False, log_as_artifact: bool = True) -> None:
+                  log_model_layers: bool = False, log_as_artifact: bool = True,
+                  other_attrs: dict | None = None) -> None:
         check_name(model_name, "model_name")
-        if log_model_info:
+        attrs = other(other_attrs)
+        if log_model_info or attrs:
             self.writer.record({"kind": "model", "time": time.time(), "model_name": model_name,
-                                **models.model_info(model)})
+                                **(models.model_info(model) if log_model_info else {}), **attrs})
         if log_model_layers:
             stored = self.artifacts.add_value(f"models/{model_name}/layers.json", models.layer_table(model))
             self._add_artifact({"name": "layers.json", "context": None, "step": None, "timestamp": None,
                                 "item": "model_layers", "model_name": model_name, **stored})
         if log_as_artifact:
-            dest = self.artifacts.reserve(f"models/{model_name}/{model_name}_final.pt")
+            stem = model_name if model_name.endswith("_final") else f"{model_name}_final"  # not x_final_final
+            dest = self.artifacts.reserve(f"models/{model_name}/{stem}.pt")
             models.save_model(model, dest)
             self._add_artifact({"name": dest.name, "context": None, "step": None, "timestamp": None,
                                 "item": "model", "model_name": model_name, **self.artifacts.record_for(dest)})
 
-    def log_dataset(self, dataset: Any, label: str) -> None:
+    def log_dataset(self, dataset: Any, label: str, other_attrs: dict | None = None) -> None:
         self.writer.record({"kind": "dataset", "time": time.time(), "label": check_name(label, "dataset label"),
-                            "stats": dataset_stats(dataset)})
+                            "stats": dataset_stats(dataset), **other(other_attrs)})
 
     def _add_artifact(self, record: dict[str, Any]) -> dict[str, Any]:
         record = {"kind": "artifact", "time": time.time(), **record}
         self.writer.record(record)
         self._artifact_records.append(record)
         return record
+
+    def record_written_file(self, dest: Path, fields: dict[str, Any]) -> dict[str, Any]:
+        """Record a file written in place at ``dest`` (from ``artifacts.reserve``), e.g. by a
+        wrapper's writer thread; ``fields`` name it (name, context, item, ...)."""
+        return self._add_artifact({"context": None, "step": None, "timestamp": None, **fields,
+                                   **self.artifacts.record_for(dest)})
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def before_close(self, callback: Any) -> None:
+        """Call ``callback()`` when this run closes, before its shard does (wrappers flush what
+        they hold); a failing callback is logged, never raised."""
+        self._before_close.append(callback)
 
     def artifact_records(self) -> list[dict[str, Any]]:
         """This rank's artifact records (paths relative to ``rank_root`` when copied)."""
@@ -383,6 +414,12 @@ class Run:
         (the shard and the sampler are the parent's)."""
         if self._closed or self.writer.inherited():
             return
+        callbacks, self._before_close = self._before_close, []  # while the shard still takes records
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - a wrapper's failure must not lose the shard
+                log.warning("rank %s: %r failed at close: %s", self.topology.rank, callback, exc)
         self._closed = True
         if self.sampler is not None:
             self.sampler.stop()  # before the writer closes: its energy record must reach the shard
@@ -411,6 +448,7 @@ class Run:
 
         prov_json = finish_run(self)
         if prov_json is not None and (create_graph or create_svg):
+            from .errors import MergeError
             from .provenance import write_graph
 
             try:

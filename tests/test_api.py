@@ -105,7 +105,7 @@ def test_odd_but_valid_keys_round_trip(run_dir, key):
         assert list(_points(reader)) == [(key, "TRAINING")]
 
 
-@pytest.mark.parametrize("context", [None, 3, 1.5, ("TRAINING",)])
+@pytest.mark.parametrize("context", [3, 1.5, ("TRAINING",)])  # None: TRAINING (yProv4ML 3.x)
 def test_bad_contexts_are_refused(run_dir, context):
     with pytest.raises(InvalidInputError):
         prov4ml.log_metric("loss", 1.0, context)
@@ -147,13 +147,7 @@ def test_logging_outside_a_run(tmp_path):
         prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING)
     with pytest.raises(RunStateError):
         prov4ml.log_param("lr", 1)
-    with pytest.raises(RunStateError):
-        prov4ml.end_run()
-
-
-def test_second_start_run_is_refused(run_dir, tmp_path):
-    with pytest.raises(RunStateError, match="already active"):
-        prov4ml.start_run(experiment_name="again", provenance_save_dir=tmp_path)
+    # end_run() and a second start_run: tests/test_yprov4ml_compat.py (yProv4ML's behaviour)
 
 
 def test_yprov4ml_start_run_keywords_are_accepted(tmp_path):

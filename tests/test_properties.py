@@ -98,7 +98,8 @@ def test_log_metric_records_exactly_what_it_accepts(run_dir):
     next_step: dict[tuple[str, str], int] = {}
 
     def log(key: Any, value: Any, context: Any, step: Any) -> None:
-        series = (key, context.name if isinstance(context, Enum) else context)
+        named = prov4ml.Context.TRAINING if context is None else context  # no context: TRAINING (yProv4ML 3.x)
+        series = (key, named.name if isinstance(named, Enum) else named)
         try:
             prov4ml.log_metric(key, value, context, step=step)
         except Prov4MLError as exc:  # after step 2**63 - 1, the automatic step does not fit

@@ -55,7 +55,8 @@ def render(run: MergedRun, run_dir: Path, stamp: dict, max_ranks: int = MAX_RANK
     per_rank = len({r.rank for r in run.ranks}) <= max_ranks
     lines = _overview(run, run_dir, stamp)
     for section in (_params(run), _series(run, "metrics", per_rank), _series(run, "system", per_rank),
-                    _datasets(run), _energy(run, max_ranks), _stragglers(run), _artifacts(run, per_rank), _models(run),
+                    _datasets(run), _sample_indices(run_dir),
+                    _energy(run, max_ranks), _stragglers(run), _artifacts(run, per_rank), _models(run),
                     _unfinished(run), _problems(run)):
         if section:
             lines += ["", *section]
@@ -242,6 +243,19 @@ def _datasets(run: MergedRun) -> list[str]:
         return []
     return [f"Datasets ({len(rows)})", *table(("label", "type", "samples", "ranks", "per rank", "batch", "batches"),
                                                rows, numeric=(2, 4, 5, 6), flex=1)]
+
+
+def _sample_indices(run_dir: Path) -> list[str]:
+    """Which ranks consumed which samples (IndexedDatasetWrapper): disjoint? the whole dataset?"""
+    from ..compat.indices import coverage_of_merged, describe_coverage
+    from ..merge.layout import MERGED_NAME
+
+    merged = run_dir / MERGED_NAME
+    entries = coverage_of_merged(merged) if merged.is_file() else []
+    if not entries:
+        return []
+    lines = ["  " + describe_coverage(e) for e in entries]
+    return ["Sample indices per epoch (IndexedDatasetWrapper)", *_capped(lines)]
 
 
 # -- energy ------------------------------------------------------------------------------
