@@ -25,7 +25,7 @@ from .artifacts import ArtifactStore
 from .context import check_name, context_name, source_name
 from .datasets import dataset_stats
 from .describe import describe, has_address
-from .errors import InvalidInputError, MergeError, RunStateError
+from .errors import InvalidInputError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
 from .shard.writer import to_json_line
