@@ -25,7 +25,7 @@ from .artifacts import ArtifactStore
 from .context import check_name, context_name, source_name
 from .datasets import dataset_stats
 from .describe import describe, has_address
-from .errors import InvalidInputError, RunStateError
+from .errors import InvalidInputError, MergeError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
 from .shard.writer import to_json_line
@@ -448,7 +448,6 @@ class Run:
 
         prov_json = finish_run(self)
         if prov_json is not None and (create_graph or create_svg):
-            from .errors import MergeError
             from .provenance import write_graph
 
             try:

@@ -81,7 +81,13 @@ def list_entities(source: dict | str | os.PathLike, entity_type: str | None = No
     if entity_type is None:
         return list(entities)
     wanted = _ours(entity_type)
-    return [k for k, v in entities.items() if _unwrap(v.get("prov:type")) == wanted]
+    return [k for k, v in entities.items() if wanted in _types(v)]
+
+
+def _types(record: dict[str, Any]) -> set[Any]:
+    """A record's ``prov:type`` values (PROV-JSON gives one, or a list when there are several)."""
+    types = record.get("prov:type")
+    return {_unwrap(t) for t in (types if isinstance(types, list) else [types])}
 
 
 def get_parameter(source: dict | str | os.PathLike, name: str, param: str, unwrap: bool = True) -> Any:
