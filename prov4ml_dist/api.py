@@ -26,6 +26,8 @@ _active: Run | None = None
 _hooks: ExitHooks | None = None
 _forked_from: Run | None = None  # in a forked child: the parent's run, never to be written
 _refused = 0  # calls refused in this forked child
+_ended: tuple[Run, Path | None] | None = None  # the last run ended here and what end_run returned: a second
+# end_run (a framework's hook and the script both call it) returns the same
 
 
 class _Refused:
@@ -164,10 +166,17 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
     (and None when the merge is left to ``prov4ml-dist merge``, or when no run is active: as in
     yProv4ML, with a warning). On rank 0, ``create_card`` writes a model card and
     ``crate_ro_crate`` an RO-Crate of the run directory (see compat/card.py, compat/crate.py)."""
-    global _active, _hooks
+    global _active, _hooks, _ended
     run = _active
     if run is None:
-        log.warning("end_run: no active run (never started, or already ended); nothing to do")
+        if _forked_from is not None:
+            _refuse()  # a forked child: the run is its parent's to end
+            return None
+        if _ended is not None:
+            log.warning("end_run: the run %s has already ended; returning what its end_run returned",
+                        _ended[0].run_dir)
+            return _ended[1]
+        log.warning("end_run: no active run (never started); nothing to do")
         return None
     _active = None
     if _hooks is not None:
@@ -178,6 +187,7 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
         from .compat.outputs import write_outputs
 
         write_outputs(prov_json.parent, card=create_card, crate=crate_ro_crate)
+    _ended = (run, prov_json)
     return prov_json
 
 

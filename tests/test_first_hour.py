@@ -220,3 +220,13 @@ def test_a_rank_that_dies_says_in_one_line_what_was_kept_and_the_command_that_fi
     assert merged.returncode == 0, merged.stderr  # the command works as printed
     run = load_merged(run_dir / "merged.h5")
     assert sum(s.count for s in run.series if s.key == "loss") == 50
+
+
+def test_a_second_end_run_returns_what_the_first_returned_with_a_warning(tmp_path, caplog):
+    prov4ml.start_run(experiment_name="twice", provenance_save_dir=tmp_path / "prov", sample_interval=None)
+    prov4ml.log_metric("loss", 1.0, prov4ml.Context.TRAINING, step=0)
+    first = prov4ml.end_run()
+    assert first is not None and first.is_file()
+    with caplog.at_level("WARNING"):
+        assert prov4ml.end_run() == first
+    assert "has already ended" in caplog.text and str(first.parent) in caplog.text

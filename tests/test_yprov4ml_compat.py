@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import prov4ml_dist as prov4ml
+from prov4ml_dist import api
 from prov4ml_dist.merge import load_merged
 from prov4ml_dist.provenance.export import load_document
 from prov4ml_dist.run import as_param_value
@@ -202,7 +203,7 @@ def test_params_whose_repr_has_an_address_are_described_alike_on_every_rank():
                                                  "every_rank.<locals>.<lambda>"
 
 
-def test_a_later_start_run_closes_a_stale_run_and_end_run_without_a_run_returns(tmp_path, caplog):
+def test_a_later_start_run_closes_a_stale_run_and_end_run_without_a_run_returns(tmp_path, caplog, monkeypatch):
     _start(tmp_path, "first")
     stale = prov4ml.get_active_run()
     try:
@@ -218,7 +219,13 @@ def test_a_later_start_run_closes_a_stale_run_and_end_run_without_a_run_returns(
     assert "abandoned" in caplog.text and stale.closed
     with ShardReader(stale.shard_path) as reader:
         assert reader.end_record()["status"] == "abandoned"
-    assert prov4ml.end_run() is not None
+    ended = prov4ml.end_run()
+    assert ended is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert prov4ml.end_run() == ended  # a second end_run: the first one's result
+    assert "has already ended" in caplog.text
+    monkeypatch.setattr(api, "_ended", None)  # a process that never started a run
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert prov4ml.end_run() is None
