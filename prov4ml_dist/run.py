@@ -166,7 +166,10 @@ class Run:
         base = Path(config.local_dir) if config.local_dir is not None else None
         self.rank_root = (base / config.experiment_name / self.run_id).absolute() if base else self.run_dir
         self.started = time.time()
-        rank, attempt = self.topology.rank, self.topology.restart_count
+        try:
+            rank, attempt = self.topology.rank, self.topology.attempt
+        except ValueError as exc:
+            raise RunStateError(f"cannot number this attempt of rank {self.topology.rank}: {exc}") from None
         shards = self.rank_root / schema.SHARDS_DIR
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from .shard.schema import attempt_number
+
 # Environment variables worth keeping as provenance of how the process was launched.
 # (Not HOSTNAME: Slurm sets it to the batch node and srun copies it to every task.)
 LAUNCHER_ENV_PREFIXES = ("SLURM_", "SLURMD_", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "PMIX_RANK",
@@ -32,13 +34,20 @@ class Topology:
     local_rank: int = 0
     local_world_size: int = 1
     node_rank: int = 0
-    restart_count: int = 0
+    restart_count: int = 0  # torchrun's, within one run of the job
+    requeue_count: int = 0  # Slurm's SLURM_RESTART_COUNT: the job was requeued, same job id
     launcher: str = "single"
     hostname: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     job_id: str | None = None
     step_id: str | None = None
     elastic_run_id: str | None = None
+
+    @property
+    def attempt(self) -> int:
+        """This process's attempt of its rank, unique across torchrun restarts and Slurm
+        requeues (``schema.attempt_number``); ValueError for counts no real job reaches."""
+        return attempt_number(self.restart_count, self.requeue_count)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +71,8 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     """Detect the topology from the environment (and torch.distributed when initialised)."""
     env = os.environ if env is None else env
     job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-    common = {"job_id": job_id, "step_id": _slurm_step(env) if job_id else None}
+    common = {"job_id": job_id, "step_id": _slurm_step(env) if job_id else None,
+              "requeue_count": _int(env, "SLURM_RESTART_COUNT", 0) if job_id else 0}
 
     if "RANK" in env and ("TORCHELASTIC_RUN_ID" in env or "LOCAL_RANK" in env):
         return Topology(

@@ -127,16 +127,21 @@ class SlurmCluster:
         self.run(["scancel", str(job_id)], check=False)
         raise AssertionError(f"job {job_id} still {info.get('JobState')} after {timeout} s: {info}")
 
-    def submit(self, template: str | Path, workdir: Path, *, env: dict[str, str] | None = None,
-               sbatch_args: list[str] | tuple[str, ...] = (), timeout: float = 240) -> SlurmJob:
-        """sbatch a script (a path, or a name in slurm/), run in ``workdir``; wait for the end."""
+    def sbatch(self, template: str | Path, workdir: Path, *, env: dict[str, str] | None = None,
+               sbatch_args: list[str] | tuple[str, ...] = ()) -> int:
+        """sbatch a script (a path, or a name in slurm/), run in ``workdir``; its job id."""
         script = Path(template)
         if not script.is_absolute() and not script.exists():
             script = SLURM_DIR / script
         workdir.mkdir(parents=True, exist_ok=True)
         out = self.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/slurm-%j.out",
                         *sbatch_args, str(script)], env=env, cwd=workdir).stdout
-        job_id = int(out.strip().split(";")[0])
+        return int(out.strip().split(";")[0])
+
+    def submit(self, template: str | Path, workdir: Path, *, env: dict[str, str] | None = None,
+               sbatch_args: list[str] | tuple[str, ...] = (), timeout: float = 240) -> SlurmJob:
+        """``sbatch``, then wait for the end."""
+        job_id = self.sbatch(template, workdir, env=env, sbatch_args=sbatch_args)
         state, code = self.wait(job_id, timeout)
         return self.collect(job_id, workdir, state, code)
 
@@ -623,6 +628,16 @@ def _metric_rows(shard: Path) -> int:
         return 0
 
 
+def wait_until_logging(cluster: SlurmCluster, job_id: int, run_dir: Path, world_size: int,
+                       timeout: float = 120) -> None:
+    """Until every rank has flushed metric points (so start_run, with its exit hooks, is done)."""
+    deadline = time.monotonic() + timeout
+    while not all(_metric_rows(run_dir / "shards" / f"rank-{r:05d}.h5") for r in range(world_size)):
+        state = cluster.job_info(job_id).get("JobState", "")
+        assert state not in FINISHED and time.monotonic() < deadline, f"job {job_id}: {state}"
+        time.sleep(0.25)
+
+
 @pytest.fixture(scope="module")
 def cancelled_run(slurm_cluster, tmp_path_factory):
     """Template 5 after `scancel` (what a time limit does too: SIGTERM to every step and the
@@ -638,12 +653,7 @@ def cancelled_run(slurm_cluster, tmp_path_factory):
     train_id, merge_id = (int(x) for x in out.split())
     run_dir = work / "prov" / "exp5c" / f"slurm-{train_id}"
     try:
-        deadline = time.monotonic() + 120
-        # Until both ranks have flushed metric points (so start_run, with its exit hooks, is done).
-        while not all(_metric_rows(run_dir / "shards" / f"rank-{r:05d}.h5") for r in (0, 1)):
-            state = slurm_cluster.job_info(train_id).get("JobState", "")
-            assert state not in FINISHED and time.monotonic() < deadline, f"training job {train_id}: {state}"
-            time.sleep(0.25)
+        wait_until_logging(slurm_cluster, train_id, run_dir, 2)
     finally:
         slurm_cluster.run(["scancel", str(train_id)], check=False)
     merge = slurm_cluster.collect(merge_id, work, *slurm_cluster.wait(merge_id))
@@ -670,3 +680,64 @@ def test_template_merge_after_cancelled_job(cancelled_run):
     assert "merged provenance:" not in rec.job.stdout
     with h5py.File(rec.run_dir / "merged.h5", "r") as merged:
         assert len(merged["metrics/rows"]) > 0
+
+
+# -- a requeued job (scontrol requeue; preemption and node failures requeue too) ------------------
+
+# The training script of the requeue test: the job's first run trains until it is requeued, the
+# second (SLURM_RESTART_COUNT=1) one epoch; everything else is examples/train_ddp.py.
+REQUEUE_TRAIN = f"""import os, runpy, sys
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    sys.argv += ["--epochs", "100000"]
+sys.argv[0] = {str(TRAIN_SCRIPT)!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _merged_attempts(run_dir: Path) -> list[tuple[int, int, str]]:
+    with h5py.File(run_dir / "merged.h5", "r") as merged:
+        return sorted((int(r["rank"]), int(r["attempt"]), r["status"].decode()) for r in merged["ranks"][:])
+
+
+def test_requeued_job_keeps_both_attempts(slurm_cluster, tmp_path):
+    """`scontrol requeue` ends the running job (SIGTERM to its steps and batch script) and runs
+    the batch script again with the same SLURM_JOB_ID, so the same run id, and
+    SLURM_RESTART_COUNT=1. Each rank of the second run writes a shard of its own next to the
+    first run's (before: RunStateError "rank-00000.h5 already exists" on every rank), and rank
+    0's online merge holds both attempts of every rank, as for a torchrun restart."""
+    train = tmp_path / "train_until_requeued.py"
+    train.write_text(REQUEUE_TRAIN)
+    env = {"TRAIN_SCRIPT": str(train), "TRAIN_ARGS": TRAIN_ARGS, "PROV4ML_PROV_DIR": str(tmp_path / "prov"),
+           "PROV4ML_EXPERIMENT": "exprq"}
+    job_id = slurm_cluster.sbatch("srun-per-gpu.sbatch", tmp_path, env=env, sbatch_args=[
+        "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"])
+    run_dir = tmp_path / "prov" / "exprq" / f"slurm-{job_id}"
+    try:
+        wait_until_logging(slurm_cluster, job_id, run_dir, 2)
+        deadline = time.monotonic() + 60
+        slurm_cluster.run(["scontrol", "requeue", str(job_id)])
+        # Slurm holds a requeued job back for two minutes (Reason=BeginTime): release it now.
+        while (info := slurm_cluster.job_info(job_id)).get("JobState") != "PENDING":
+            assert info.get("JobState") not in FINISHED and time.monotonic() < deadline, info
+            time.sleep(0.25)
+        slurm_cluster.run(["scontrol", "update", f"job={job_id}", "StartTime=now"])
+        job = slurm_cluster.collect(job_id, tmp_path, *slurm_cluster.wait(job_id))
+    finally:
+        slurm_cluster.run(["scancel", str(job_id)], check=False)
+    assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
+    with explained(job):
+        assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout
+        assert sorted(p.name for p in (run_dir / "shards").iterdir()) == [
+            "rank-00000.h5", "rank-00000.requeue-1.h5", "rank-00001.h5", "rank-00001.requeue-1.h5"]
+        assert _merged_attempts(run_dir) == [(0, 0, "killed-by-SIGTERM"), (0, 1000, "ok"),
+                                             (1, 0, "killed-by-SIGTERM"), (1, 1000, "ok")]
+        rec = read_run(job, run_dir)
+        assert sorted(rec.agents) == [0, 1] and rec.run["world_size"] == 2
+        for rank, agent in rec.agents.items():
+            assert (agent["job_id"], agent["requeue_count"], agent["restart_count"]) == (str(job_id), 1, 0)
+            assert rec.ranks[rank]["start"]["topology"]["requeue_count"] == 1  # the last row: the second run
+            assert rec.launcher_env(rank)["SLURM_RESTART_COUNT"] == "1"
+        doc = ProvDocument.deserialize(str(run_dir / "prov.json"), format="json")
+        shards = sorted(_p4d(a)["shard"] for a in doc.get_records(ProvActivity)
+                        if any(t.localpart == "RankProcess" for t in a.get_asserted_types()))
+        assert shards == ["rank-00000.h5", "rank-00000.requeue-1.h5", "rank-00001.h5", "rank-00001.requeue-1.h5"]

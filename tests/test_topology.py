@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from prov.constants import PROV
+from prov.model import ProvActivity, ProvAgent, ProvDocument
 
-from prov4ml_dist.run import RunConfig, launcher_run_id, resolve_run_id
+from prov4ml_dist import Context
+from prov4ml_dist.errors import RunStateError
+from prov4ml_dist.merge import load_merged
+from prov4ml_dist.run import Run, RunConfig, launcher_run_id, resolve_run_id
+from prov4ml_dist.shard import schema
 from prov4ml_dist.topology import Topology, detect, launcher_environment
 
 TORCHRUN = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
@@ -96,3 +102,51 @@ def test_srun_recipe_that_sets_rank_variables_keeps_slurms_tasks_per_node():
 def test_launcher_environment_keeps_slurmd_nodename_but_not_the_copied_hostname():
     env = {"SLURMD_NODENAME": "n2", "HOSTNAME": "batch-node", "SLURM_JOB_ID": "9"}
     assert launcher_environment(env) == {"SLURMD_NODENAME": "n2", "SLURM_JOB_ID": "9"}
+
+
+# -- a requeued Slurm job: SLURM_RESTART_COUNT is an attempt, as a torchrun restart is ---------
+
+SLURM_TASK = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+              "SLURM_NODEID": "0", "SLURM_NTASKS": "1"}
+
+
+def test_slurm_requeue_count_numbers_the_attempt_with_torchruns_restarts():
+    assert (detect(SLURM_TASK).attempt, detect({**SLURM_TASK, "SLURM_RESTART_COUNT": "2"}).attempt) == (0, 2000)
+    # srun torchrun, requeued once, then restarted twice by torchrun: neither count hides the other.
+    t = detect({**TORCHRUN, **SLURM_TASK, "SLURM_RESTART_COUNT": "1"})
+    assert (t.requeue_count, t.restart_count, t.attempt) == (1, 2, 1002)
+    assert detect({"SLURM_RESTART_COUNT": "3"}).requeue_count == 0  # not in a Slurm job: not Slurm's
+    assert [schema.shard_name(3, a) for a in (0, 2, 1000, 1002)] == [
+        "rank-00003.h5", "rank-00003.restart-2.h5", "rank-00003.requeue-1.h5", "rank-00003.requeue-1.restart-2.h5"]
+
+
+def test_torchrun_restarts_beyond_the_stride_are_refused_clearly(tmp_path):
+    topology = detect({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": str(schema.RESTARTS_PER_REQUEUE)})
+    with pytest.raises(RunStateError, match="restart count 1000"):
+        Run(RunConfig(experiment_name="e", provenance_save_dir=tmp_path, run_id="r", sample_interval=None), topology)
+
+
+def test_a_requeued_job_keeps_both_attempts_and_the_merge_shows_them(tmp_path):
+    """The requeued job has the same SLURM_JOB_ID, hence the same run id: its rank used to
+    fail at start_run on the first attempt's shard. Now each attempt has its own shard and
+    the requeued run's merge holds both, in merged.h5 and in prov.json."""
+    for env in (SLURM_TASK, {**SLURM_TASK, "SLURM_RESTART_COUNT": "1"}):
+        run = Run(RunConfig(experiment_name="e", provenance_save_dir=tmp_path, sample_interval=None), detect(env))
+        run.log_metric("loss", float(len(env)), Context.TRAINING, step=0)
+        prov_json = run.end()
+    assert run.run_dir == tmp_path / "e" / "slurm-77.0" and prov_json == run.run_dir / "prov.json"
+    assert sorted(p.name for p in (run.run_dir / "shards").iterdir()) == ["rank-00000.h5", "rank-00000.requeue-1.h5"]
+    merged = load_merged(run.run_dir / "merged.h5")
+    assert [(r.rank, r.attempt, r.status) for r in merged.ranks] == [(0, 0, "ok"), (0, 1000, "ok")]
+    doc = ProvDocument.deserialize(str(prov_json), format="json")
+    processes = [_texts(a) for a in doc.get_records(ProvActivity)
+                 if any(t.localpart == "RankProcess" for t in a.get_asserted_types())]
+    assert sorted((p["attempt"], p["shard"], p["status"]) for p in processes) == [
+        ("0", "rank-00000.h5", "ok"), ("1000", "rank-00000.requeue-1.h5", "ok")], processes
+    (agent,) = [a for a in doc.get_records(ProvAgent) if PROV["SoftwareAgent"] in a.get_asserted_types()]
+    assert (_texts(agent)["restart_count"], _texts(agent)["requeue_count"]) == ("0", "1")
+
+
+def _texts(record) -> dict[str, str]:
+    """A PROV record's attributes by local name, as text (typed literals too)."""
+    return {k.localpart: str(getattr(v, "value", v)) for k, v in record.attributes}

@@ -24,6 +24,7 @@ from prov.model import Literal, ProvDocument, QualifiedName
 
 from ..merge.journal import dumps
 from ..merge.model import Artifact, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
+from ..shard import schema
 
 P4D_NAMESPACE = "https://prov4ml-dist.org/ns#"
 XSD_NAMESPACE = "http://www.w3.org/2001/XMLSchema#"
@@ -72,8 +73,8 @@ def timestamp(value: float | None) -> datetime | None:
 
 
 def attempt_name(rank: int, attempt: int) -> str:
-    """Mirrors the shard names: ``rank-00003``, ``rank-00003.restart-1``."""
-    return f"rank-{rank:05d}" if attempt <= 0 else f"rank-{rank:05d}.restart-{attempt}"
+    """Mirrors the shard names: ``rank-00003``, ``rank-00003.restart-1``, ``rank-00003.requeue-1``."""
+    return schema.attempt_stem(rank, max(attempt, 0))
 
 
 class _Builder:
@@ -161,7 +162,10 @@ class _Builder:
                      "job_id", "step_id", "elastic_run_id"):
             value = topology.get(name)
             yield name, value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-        yield "restart_count", max(a.attempt for a in attempts) if first.attempt >= 0 else None
+        if first.attempt >= 0:  # the most torchrun restarts within one run of the job, and Slurm requeues
+            requeues, restarts = zip(*(divmod(a.attempt, schema.RESTARTS_PER_REQUEUE) for a in attempts), strict=True)
+            yield "restart_count", max(restarts)
+            yield "requeue_count", max(requeues) or None
         for a in attempts:
             yield "pid", a.topology.get("pid") if isinstance(a.topology.get("pid"), int) else None
         for uuid in sorted({u for a in attempts for u in a.gpu_uuids}):
