@@ -741,3 +741,31 @@ def test_requeued_job_keeps_both_attempts(slurm_cluster, tmp_path):
         shards = sorted(_p4d(a)["shard"] for a in doc.get_records(ProvActivity)
                         if any(t.localpart == "RankProcess" for t in a.get_asserted_types()))
         assert shards == ["rank-00000.h5", "rank-00000.requeue-1.h5", "rank-00001.h5", "rank-00001.requeue-1.h5"]
+
+
+# -- mpiexec inside an allocation (not srun --mpi) -------------------------------------------------
+
+def test_mpiexec_in_an_allocation(slurm_cluster, tmp_path):
+    """MPICH's mpiexec (Hydra) in a batch script starts one proxy per node with srun, so every
+    rank inherits its proxy's SLURM_PROCID (the node's index) and step: before, ranks 0 and 1
+    were both "Slurm task 0 of 2" and collided on one shard. The library now takes Hydra's
+    PMI_RANK/PMI_SIZE/MPI_LOCALRANKID, and the job id (not the proxies' step) for the run id."""
+    script = tmp_path / "mpiexec.sh"
+    script.write_text(f'#!/bin/bash\nmpiexec -n 4 "$PYTHON" {TRAIN_SCRIPT} {TRAIN_ARGS} --experiment mpx\n')
+    job = slurm_cluster.submit(script, tmp_path, env={"PROV4ML_PROV_DIR": str(tmp_path / "prov")},
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"])
+    assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
+    rec = read_run(job, tmp_path / "prov" / "mpx" / f"slurm-{job.job_id}")
+    with explained(job):
+        check_ranks(rec, 4)
+        check_complete(rec)
+        names = check_two_nodes(rec, per_node=2)
+        for rank, agent in rec.agents.items():
+            env = rec.launcher_env(rank)
+            assert (agent["launcher"], agent["local_world_size"], "step_id" in agent) == ("mpich", 2, False)
+            assert (env["PMI_RANK"], env["PMI_SIZE"], env["MPI_LOCALRANKID"]) == (str(rank), "4", str(rank % 2))
+            # The proxy's Slurm numbering, which the library no longer takes for the rank's:
+            assert (env["SLURM_PROCID"], env["SLURM_NTASKS"], env["SLURM_STEP_ID"]) == (
+                str(agent["node_rank"]), "2", "0")
+            assert names[agent["node_rank"]] == rec.node_of(rank)
+        assert json.loads((rec.run_dir / "aggregate.json").read_text())["transport"] == "mpi"

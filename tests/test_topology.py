@@ -150,3 +150,71 @@ def test_a_requeued_job_keeps_both_attempts_and_the_merge_shows_them(tmp_path):
 def _texts(record) -> dict[str, str]:
     """A PROV record's attributes by local name, as text (typed literals too)."""
     return {k.localpart: str(getattr(v, "value", v)) for k, v in record.attributes}
+
+
+# -- every launcher combination: the rank is the launcher's that started the process -----------
+
+JOB = {"SLURM_JOB_ID": "42", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "2"}
+# The batch script's environment (no step): what mpirun's own node gives its ranks.
+BATCH = {**JOB, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "8"}
+
+
+def _step(procid: int, ntasks: int, node: int, step: str = "0") -> dict[str, str]:
+    """A task of a Slurm step: ``ntasks`` tasks, this one ``procid`` on node ``node``."""
+    return {**JOB, "SLURM_STEP_ID": step, "SLURM_PROCID": str(procid), "SLURM_NTASKS": str(ntasks),
+            "SLURM_NODEID": str(node), "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": f"{ntasks // 2}(x2)"}
+
+
+def _ompi(rank: int, local: int, node: int) -> dict[str, str]:
+    return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": str(local),
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_COMM_WORLD_NODE_RANK": str(node), "PMIX_RANK": str(rank)}
+
+
+def _hydra(rank: int, local: int) -> dict[str, str]:
+    return {"PMI_RANK": str(rank), "PMI_SIZE": "8", "MPI_LOCALRANKID": str(local), "MPI_LOCALNRANKS": "4",
+            "PMI_FD": "5"}
+
+
+# name -> (environment, (rank, world size, local rank, local world size, node rank, launcher, step))
+LAUNCHERS = {
+    "torchrun": (TORCHRUN, (5, 8, 1, 4, 1, "torchrun", None)),
+    "srun": ({**_step(6, 8, 1), "SLURM_LOCALID": "2"}, (6, 8, 2, 4, 1, "slurm", "0")),
+    "srun+torchrun": ({**_step(1, 2, 1), **TORCHRUN}, (5, 8, 1, 4, 1, "torchrun", "0")),
+    # Open MPI's mpirun in an allocation: orted started by `srun` on the other nodes (a step
+    # of 1 daemon there), ranks on mpirun's own node straight from the batch script.
+    "mpirun (Open MPI), other node": ({**_step(0, 1, 0), **_ompi(6, 2, 1)}, (6, 8, 2, 4, 1, "openmpi", None)),
+    "mpirun (Open MPI), mpirun's node": ({**BATCH, **_ompi(1, 1, 0)}, (1, 8, 1, 4, 0, "openmpi", None)),
+    # MPICH's Hydra: one hydra_pmi_proxy per node, all in one srun step of 2 tasks.
+    "mpiexec (Hydra) in allocation": ({**_step(1, 2, 1), **_hydra(6, 2)}, (6, 8, 2, 4, 1, "mpich", None)),
+    "mpiexec (Hydra), rank = proxy's procid": ({**_step(1, 2, 1), **_hydra(1, 1)}, (1, 8, 1, 4, 1, "mpich", None)),
+    "mpiexec, no Slurm": (_hydra(3, 3), (3, 8, 3, 4, 0, "mpich", None)),
+    # srun starts the MPI ranks itself: PMI's numbering is Slurm's; the step is the ranks'.
+    "srun --mpi=pmi2": ({**_step(6, 8, 1), "SLURM_LOCALID": "2", "PMI_RANK": "6", "PMI_SIZE": "8", "PMI_FD": "7"},
+                        (6, 8, 2, 4, 1, "slurm", "0")),
+    "srun --mpi=pmix": ({**_step(6, 8, 1), "SLURM_LOCALID": "2", "PMIX_RANK": "6"}, (6, 8, 2, 4, 1, "slurm", "0")),
+    # A script under mpirun that exports RANK/LOCAL_RANK itself for torch.distributed.
+    "mpirun + RANK set by the script": ({**_step(0, 1, 0), **_ompi(6, 2, 1), "RANK": "6", "LOCAL_RANK": "2",
+                                         "WORLD_SIZE": "8"}, (6, 8, 2, 4, 1, "env", None)),
+}
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_combination(name):
+    env, expected = LAUNCHERS[name]
+    t = detect(env)
+    assert (t.rank, t.world_size, t.local_rank, t.local_world_size, t.node_rank, t.launcher, t.step_id) == expected
+    assert t.job_id == (env.get("SLURM_JOB_ID"))
+
+
+@pytest.mark.parametrize("nodes", [
+    # Open MPI, 2 nodes x 4: ranks 0-3 forked by mpirun in the batch script, 4-7 by orted.
+    [{**BATCH, **_ompi(r, r, 0)} for r in range(4)] + [{**_step(0, 1, 0), **_ompi(r, r - 4, 1)} for r in range(4, 8)],
+    # Hydra, 2 nodes x 4: every rank under a proxy of the same step.
+    [{**_step(r // 4, 2, r // 4), **_hydra(r, r % 4)} for r in range(8)],
+], ids=["openmpi", "hydra"])
+def test_mpirun_in_an_allocation_gives_every_rank_its_own_shard_in_one_run(nodes):
+    """Before: Open MPI rank 6 of 8 was Slurm task 0 of 1; ranks on one node shared a shard
+    name, and the ranks on mpirun's node (no step) got another run id than the others."""
+    topologies = [detect(env) for env in nodes]
+    assert sorted((t.rank, t.node_rank, t.local_rank) for t in topologies) == [(r, r // 4, r % 4) for r in range(8)]
+    assert {(t.world_size, launcher_run_id(t)) for t in topologies} == {(8, "slurm-42")}
