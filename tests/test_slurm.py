@@ -468,6 +468,14 @@ def test_template_torchrun_multi_node(multi_node_run):
     # ... and the request in the PROV itself, on the run activity.
     assert (rec.run["slurm_job_nodelist"], rec.run["slurm_job_num_nodes"], rec.run["slurm_gpus_per_node"],
             rec.run["slurm_cpus_per_task"], rec.run["slurm_ntasks"]) == ("p4ml-n[1-2]", "2", "2", "2", "2")
+    # The rendezvous port (torchrun gives its workers a MASTER_PORT of its own).
+    check_picked_port(rec, int(re.search(r"rendezvous p4ml-n1:(\d+),", rec.job.stdout).group(1)))
+
+
+def check_picked_port(rec: RecordedRun, port: int) -> None:
+    """The template picked a free port below the ephemeral range, not torch's default, nor
+    the job-id formula that put jobs 20,000 apart on one port (and 36 % into that range)."""
+    assert 15000 <= port < 32768 and port not in (29500, 20000 + rec.job.job_id % 20000)
 
 
 def test_node_local_dirs_streamed_to_rank0(multi_node_run):
@@ -517,6 +525,8 @@ def test_template_srun_per_gpu(srun_run):
         assert (agent["launcher"], agent["step_id"], agent["local_world_size"]) == ("env", "0", 2)
         assert (env["SLURM_NTASKS"], env["SLURM_STEP_NUM_TASKS"], env["SLURM_TASKS_PER_NODE"],
                 env["SLURM_CPUS_PER_TASK"], env["SLURM_JOB_NODELIST"]) == ("4", "4", "2(x2)", "1", "p4ml-n[1-2]")
+    (port,) = {int(rec.launcher_env(r)["MASTER_PORT"]) for r in rec.agents}
+    check_picked_port(rec, port)
 
 
 # -- template 4: MPI (srun --mpi=pmi2, mpi4py) ----------------------------------------------------
@@ -644,7 +654,9 @@ def cancelled_run(slurm_cluster, tmp_path_factory):
     batch script, SIGKILL KillWait seconds later): a long training job is cancelled once
     both ranks are logging; the afterany job merges what the shards hold."""
     work = tmp_path_factory.mktemp("t5c")
-    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 512 --sample-interval 0.5",
+    # Epochs of a few seconds: each saves a model version, and thousands of files would make
+    # the stage-out slow on a loaded machine.
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 65536 --sample-interval 0.5",
            "PROV4ML_PROV_DIR": str(work / "prov"), "PROV4ML_EXPERIMENT": "exp5c",
            "MERGE_SBATCH_ARGS": f"--chdir={work} --output={work}/slurm-%j.out"}
     out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
@@ -769,3 +781,82 @@ def test_mpiexec_in_an_allocation(slurm_cluster, tmp_path):
                 str(agent["node_rank"]), "2", "0")
             assert names[agent["node_rank"]] == rec.node_of(rank)
         assert json.loads((rec.run_dir / "aggregate.json").read_text())["transport"] == "mpi"
+
+
+# -- the time limit: --signal ends training early enough for the stage-out -------------------------
+
+def _signal_option(template: str, seconds: int) -> str:
+    """The template's own ``#SBATCH --signal=...TERM@N``, with N = ``seconds`` (the tests' limit
+    is 3 minutes, the templates' warning 120 s)."""
+    match = re.search(r"^#SBATCH --signal=((?:B:)?TERM)@\d+$", (SLURM_DIR / template).read_text(), re.M)
+    assert match, f"{template} asks for no warning signal before its time limit"
+    return f"--signal={match.group(1)}@{seconds}"
+
+
+def _end_status(shard: Path) -> str | None:
+    with ShardReader(shard) as reader:
+        return next((r.get("status") for r in reader.records() if r["kind"] == "end"), None)
+
+
+@pytest.mark.parametrize(("template", "sbatch_args", "extra_env"), [
+    ("torchrun-single-node.sbatch", ["--gpus-per-node=1", "--cpus-per-task=1"], {"NPROC_PER_NODE": "2"}),
+    ("srun-per-gpu.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"], {}),
+], ids=["single-node", "srun"])
+def test_time_limit_leaves_closed_shards_staged_out(slurm_cluster, tmp_path, template, sbatch_args, extra_env):
+    """A job that trains past its 3-minute limit, shards on node-local directories: the
+    template's warning signal (Slurm sends it 100-130 s before the limit here) stops training
+    (every shard closed by its SIGTERM handler), and the batch script, still alive, copies the
+    shards into the shared run directory before the limit. Before: no --signal, the batch
+    script was killed with the training at the limit and the node-local shards never left."""
+    # Epochs of a few seconds: each saves a model version, and thousands of files would make
+    # the stage-out slow on a loaded machine.
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 65536 --sample-interval 0.5",
+           "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "limit",
+           "PROV4ML_LOCAL_DIR": str(tmp_path / "local-%N"), **extra_env}
+    job = slurm_cluster.submit(template, tmp_path, env=env, timeout=300,
+                               sbatch_args=[*sbatch_args, "--time=3", _signal_option(template, 100)])
+    run_dir = tmp_path / "prov" / "limit" / f"slurm-{job.job_id}"
+    with explained(job):
+        assert job.state != "TIMEOUT"  # it ended by itself, before the limit
+        assert "stage-out" not in job.stdout  # no copy failed
+        shards = sorted((run_dir / "shards").iterdir())
+        assert [p.name for p in shards] == ["rank-00000.h5", "rank-00001.h5"]
+        assert [_end_status(p) for p in shards] == ["killed-by-SIGTERM"] * 2
+        local = {p.name: p for p in tmp_path.glob("local-*/limit/*/shards/*.h5")}
+        assert sorted(local) == [p.name for p in shards]
+        assert all(local[p.name].read_bytes() == p.read_bytes() for p in shards)  # copied after closing
+        if template == "torchrun-single-node.sbatch":
+            assert "SIGTERM (time limit near?): stopping torchrun" in job.stdout
+
+
+# -- rendezvous on an address torch cannot match to the first node (the InfiniBand case) -------------
+
+def _other_interface_address() -> str | None:
+    """An IPv4 address of this machine that its hostname does not resolve to, like the
+    InfiniBand address of a node whose hostname names its Ethernet interface."""
+    import psutil
+
+    named = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    return next((a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET and not a.address.startswith("127.") and a.address not in named), None)
+
+
+def test_rendezvous_on_another_interfaces_address(slurm_cluster, tmp_path):
+    """MASTER_ADDR set to an address of another interface of the first node: torch's c10d
+    cannot tell it is that node's, so without ``--rdzv_conf=is_host`` no torchrun hosts the
+    store and the rendezvous times out; the template names the first node's torchrun host."""
+    address = _other_interface_address()
+    if address is None:
+        pytest.skip("this machine has no IPv4 address besides the one its hostname resolves to")
+    job = slurm_cluster.submit("torchrun-multi-node.sbatch", tmp_path, timeout=180,
+                               env={"TRAIN_SCRIPT": str(DIST_CHECK), "MASTER_ADDR": address,
+                                    "PROV4ML_PROV_DIR": str(tmp_path / "prov")},
+                               sbatch_args=["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"])
+    assert job.exit_code == 0, _describe(job)
+    recs = dist_lines(job.stdout)
+    assert [r["rank"] for r in recs] == [0, 1] and all(r["ok"] for r in recs), job.stdout
+    assert f"rendezvous {address}:" in job.stdout, job.stdout
+    # torch's own guess, which the template no longer relies on:
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    assert not _matches_machine_hostname(address)
