@@ -16,14 +16,17 @@ from dataclasses import asdict, dataclass, field
 
 from .shard.schema import attempt_number
 
-# Environment variables worth keeping as provenance of how the process was launched.
+# Environment variables worth keeping as provenance of how the process was launched: the
+# launchers', the container's (Apptainer/Singularity set APPTAINER_CONTAINER, _NAME, ... in
+# it) and the communication settings that change how training runs (NCCL_*, TORCH_NCCL_*).
 # (Not HOSTNAME: Slurm sets it to the batch node and srun copies it to every task.)
 LAUNCHER_ENV_PREFIXES = ("SLURM_", "SLURMD_", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "PMIX_RANK",
-                         "MPI_LOCALRANKID")
+                         "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "APPTAINER_", "SINGULARITY_", "NCCL_",
+                         "TORCH_NCCL_")
 LAUNCHER_ENV_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                      "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
-# Slurm variables that may hold secrets or are noise in provenance.
-LAUNCHER_ENV_SKIP = ("SLURM_JOB_PASSWORD",)
+                      "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "OMP_NUM_THREADS")
+# Variables that may hold secrets (SLURM_JOB_PASSWORD, APPTAINER_DOCKER_PASSWORD, ...).
+LAUNCHER_ENV_SECRET_WORDS = ("PASSWORD", "PASSPHRASE", "TOKEN", "SECRET", "CREDENTIAL")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Topology:
     hostname: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     job_id: str | None = None
+    array_id: str | None = None  # an array task as Slurm names it: <array job id>_<task id>
     step_id: str | None = None
     elastic_run_id: str | None = None
 
@@ -133,7 +137,9 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     place, under_mpirun = _placement(env)
     # Under mpirun the Slurm step is the daemons' (absent on mpirun's node): not the rank's step,
     # and it would give the ranks different run ids.
+    array = (env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID"))
     common = {"job_id": job_id, "step_id": _slurm_step(env) if job_id and not under_mpirun else None,
+              "array_id": f"{array[0]}_{array[1]}" if job_id and all(array) else None,
               "requeue_count": _int(env, "SLURM_RESTART_COUNT", 0) if job_id else 0}
     node_rank = place.node_rank if place is not None else 0
 
@@ -192,4 +198,5 @@ def launcher_environment(env: Mapping[str, str] | None = None) -> dict[str, str]
     """The launcher's variables, recorded as provenance of how the job was started."""
     env = os.environ if env is None else env
     return {k: v for k, v in sorted(env.items())
-            if (k.startswith(LAUNCHER_ENV_PREFIXES) or k in LAUNCHER_ENV_NAMES) and k not in LAUNCHER_ENV_SKIP}
+            if (k.startswith(LAUNCHER_ENV_PREFIXES) or k in LAUNCHER_ENV_NAMES)
+            and not any(word in k for word in LAUNCHER_ENV_SECRET_WORDS)}

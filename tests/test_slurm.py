@@ -393,6 +393,11 @@ def check_two_nodes(rec: RecordedRun, per_node: int) -> dict[int, str]:
     return names
 
 
+def default_run_id(template: str, job_id: int | str) -> str:
+    """The templates' run id: the srun templates add the step (the first, 0, here)."""
+    return f"slurm-{job_id}" if template == "torchrun-single-node.sbatch" else f"slurm-{job_id}.0"
+
+
 def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_args: list[str],
                  **env: str) -> RecordedRun:
     env.setdefault("TRAIN_SCRIPT", str(TRAIN_SCRIPT))
@@ -402,7 +407,7 @@ def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_arg
     job = cluster.submit(template, workdir, env=env, sbatch_args=sbatch_args)
     assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
     assert "stage-out" not in job.stdout, _describe(job)  # no failed copy from a node-local directory
-    run_dir = Path(env["PROV4ML_PROV_DIR"]) / env["PROV4ML_EXPERIMENT"] / f"slurm-{job.job_id}"
+    run_dir = Path(env["PROV4ML_PROV_DIR"]) / env["PROV4ML_EXPERIMENT"] / default_run_id(template, job.job_id)
     assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout, _describe(job)  # rank 0 merged online
     return read_run(job, run_dir)
 
@@ -453,14 +458,14 @@ def test_template_torchrun_multi_node(multi_node_run):
     check_complete(rec)
     check_two_nodes(rec, per_node=2)
     assert {(a["launcher"], a["step_id"], a["elastic_run_id"], a["local_world_size"])
-            for a in rec.agents.values()} == {("torchrun", "0", str(rec.job.job_id), 2)}
+            for a in rec.agents.values()} == {("torchrun", "0", f"{rec.job.job_id}.0", 2)}  # one rendezvous per step
     # srun numbers the torchruns, not the workers: SLURM_PROCID is 0 or 1, the ranks 0..3.
     procids = {r: rec.launcher_env(r)["SLURM_PROCID"] for r in rec.agents}
     assert sorted(procids.values()) == ["0", "0", "1", "1"]
     assert any(p != str(r) for r, p in procids.items())
     for rank in rec.agents:
         env = rec.launcher_env(rank)
-        assert (env["RANK"], env["WORLD_SIZE"], env["TORCHELASTIC_RUN_ID"]) == (str(rank), "4", str(rec.job.job_id))
+        assert (env["RANK"], env["WORLD_SIZE"], env["TORCHELASTIC_RUN_ID"]) == (str(rank), "4", f"{rec.job.job_id}.0")
         # The job's allocation as Slurm gave it, in every rank's record.
         assert (env["SLURM_STEP_ID"], env["SLURM_JOB_NODELIST"], env["SLURM_JOB_NUM_NODES"],
                 env["SLURM_GPUS_PER_NODE"], env["SLURM_CPUS_PER_TASK"], env["SLURM_JOB_PARTITION"]) == (
@@ -593,7 +598,7 @@ def test_template_merge_after_failed_job(slurm_cluster, tmp_path, node_local):
     assert train.state == "FAILED" and train.exit_code in (3, 143), _describe(train)
     assert "rank 1: exiting without end_run" in train.stdout
     assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
-    run_dir = tmp_path / "prov" / "exp5" / f"slurm-{train_id}"
+    run_dir = tmp_path / "prov" / "exp5" / f"slurm-{train_id}.0"
     with explained(train, merge):
         assert f"training job {train_id}: JobState=FAILED ExitCode={train.exit_code}:0" in merge.stdout
         assert f"merging {run_dir}" in merge.stdout
@@ -614,7 +619,7 @@ def test_template_merge_after_failed_job(slurm_cluster, tmp_path, node_local):
         if node_local:
             for node_rank, node in names.items():
                 rank = next(r for r, a in rec.agents.items() if a["node_rank"] == node_rank)
-                local = tmp_path / f"local-{node}" / "exp5" / f"slurm-{train_id}"
+                local = tmp_path / f"local-{node}" / "exp5" / f"slurm-{train_id}.0"
                 assert sorted(p.name for p in (local / "shards").iterdir()) == [f"rank-{rank:05d}.h5"]
                 name = f"shards/rank-{rank:05d}.h5"
                 assert (local / name).read_bytes() == (run_dir / name).read_bytes()  # copied by the stage-out
@@ -663,7 +668,7 @@ def cancelled_run(slurm_cluster, tmp_path_factory):
                              "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
                              f"--chdir={work}", f"--output={work}/slurm-%j.out"], env=env, cwd=work).stdout
     train_id, merge_id = (int(x) for x in out.split())
-    run_dir = work / "prov" / "exp5c" / f"slurm-{train_id}"
+    run_dir = work / "prov" / "exp5c" / f"slurm-{train_id}.0"
     try:
         wait_until_logging(slurm_cluster, train_id, run_dir, 2)
     finally:
@@ -723,7 +728,7 @@ def test_requeued_job_keeps_both_attempts(slurm_cluster, tmp_path):
            "PROV4ML_EXPERIMENT": "exprq"}
     job_id = slurm_cluster.sbatch("srun-per-gpu.sbatch", tmp_path, env=env, sbatch_args=[
         "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"])
-    run_dir = tmp_path / "prov" / "exprq" / f"slurm-{job_id}"
+    run_dir = tmp_path / "prov" / "exprq" / f"slurm-{job_id}.0"
     try:
         wait_until_logging(slurm_cluster, job_id, run_dir, 2)
         deadline = time.monotonic() + 60
@@ -815,7 +820,7 @@ def test_time_limit_leaves_closed_shards_staged_out(slurm_cluster, tmp_path, tem
            "PROV4ML_LOCAL_DIR": str(tmp_path / "local-%N"), **extra_env}
     job = slurm_cluster.submit(template, tmp_path, env=env, timeout=300,
                                sbatch_args=[*sbatch_args, "--time=3", _signal_option(template, 100)])
-    run_dir = tmp_path / "prov" / "limit" / f"slurm-{job.job_id}"
+    run_dir = tmp_path / "prov" / "limit" / default_run_id(template, job.job_id)
     with explained(job):
         assert job.state != "TIMEOUT"  # it ended by itself, before the limit
         assert "stage-out" not in job.stdout  # no copy failed
@@ -860,3 +865,31 @@ def test_rendezvous_on_another_interfaces_address(slurm_cluster, tmp_path):
     from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
 
     assert not _matches_machine_hostname(address)
+
+
+# -- a job array, merged by one merge-after job ---------------------------------------------------
+
+def test_array_tasks_have_runs_of_their_own_and_merge_after_merges_them_all(slurm_cluster, tmp_path):
+    """An array of 3: each task's run is slurm-<array id>_<task>.<step> (before: slurm-<its own
+    job id>, which merge-after, given the array's id, found for one task at most), and the
+    merge-after job that depends on the whole array merges every task's run."""
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": f"{TRAIN_ARGS} --exit-before-end-rank 0",
+           "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "arr",
+           "MERGE_SBATCH_ARGS": f"--chdir={tmp_path} --output={tmp_path}/slurm-%j.out"}
+    out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
+                             "--array=0-2", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
+                             "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%A_%a.out"],
+                            env=env, cwd=tmp_path).stdout
+    array_id, merge_id = (int(x) for x in out.split())
+    merge = slurm_cluster.collect(merge_id, tmp_path, *slurm_cluster.wait(merge_id, timeout=300))
+    assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
+    runs = [tmp_path / "prov" / "arr" / f"slurm-{array_id}_{task}.0" for task in range(3)]
+    with explained(merge):
+        for run_dir in runs:  # rank 0 left without end_run: only merge-after merged these
+            assert f"merging {run_dir}" in merge.stdout
+            rec = read_run(merge, run_dir)
+            (agent,) = rec.agents.values()
+            assert agent["array_id"] == run_dir.name[len("slurm-"):-len(".0")]
+            assert rec.launcher_env(0)["SLURM_ARRAY_JOB_ID"] == str(array_id)
+        job_ids = {read_run(merge, r).agents[0]["job_id"] for r in runs}
+        assert len(job_ids) == 3  # each task its own SLURM_JOB_ID

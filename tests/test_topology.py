@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 from prov.constants import PROV
 from prov.model import ProvActivity, ProvAgent, ProvDocument
 
-from prov4ml_dist import Context
+from prov4ml_dist import Context, environment
 from prov4ml_dist.errors import RunStateError
 from prov4ml_dist.merge import load_merged
 from prov4ml_dist.run import Run, RunConfig, launcher_run_id, resolve_run_id
@@ -77,6 +82,10 @@ def test_run_ids_every_rank_derives_alike():
     assert launcher_run_id(detect(TORCHRUN)) == "torchrun-abc"
     assert launcher_run_id(Topology(job_id="42", step_id="3")) == "slurm-42.3"
     assert launcher_run_id(Topology(job_id="42")) == "slurm-42"
+    # An array task: its array's name for it (its own SLURM_JOB_ID is another number), and the step.
+    array_task = detect({**SLURM_TASK, "SLURM_JOB_ID": "1236", "SLURM_ARRAY_JOB_ID": "1234",
+                         "SLURM_ARRAY_TASK_ID": "2"})
+    assert (array_task.job_id, array_task.array_id, launcher_run_id(array_task)) == ("1236", "1234_2", "slurm-1234_2.0")
     assert launcher_run_id(Topology(elastic_run_id="none")) is None  # torchrun's default is not unique
 
 
@@ -97,6 +106,15 @@ def test_srun_recipe_that_sets_rank_variables_keeps_slurms_tasks_per_node():
            "SLURM_PROCID": "3", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
     t = detect(env)
     assert (t.rank, t.local_world_size, t.node_rank, t.launcher) == (3, 2, 1, "env")
+
+
+def test_launcher_environment_keeps_the_container_and_communication_settings_but_no_secret():
+    env = {"APPTAINER_CONTAINER": "/images/train.sif", "APPTAINER_NAME": "train.sif", "SINGULARITY_NAME": "old.sif",
+           "NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "MPI_LOCALNRANKS": "4",
+           "APPTAINER_DOCKER_PASSWORD": "x", "SINGULARITY_DOCKER_PASSWORD": "x", "NCCL_TOKEN": "x",
+           "APPTAINERENV_API_KEY": "x", "PATH": "/usr/bin"}
+    assert launcher_environment(env) == {k: v for k, v in env.items() if v != "x" and k != "PATH"}
 
 
 def test_launcher_environment_keeps_slurmd_nodename_but_not_the_copied_hostname():
@@ -218,3 +236,29 @@ def test_mpirun_in_an_allocation_gives_every_rank_its_own_shard_in_one_run(nodes
     topologies = [detect(env) for env in nodes]
     assert sorted((t.rank, t.node_rank, t.local_rank) for t in topologies) == [(r, r // 4, r % 4) for r in range(8)]
     assert {(t.world_size, launcher_run_id(t)) for t in topologies} == {(8, "slurm-42")}
+
+
+# -- the code's git state: `git status` once per node ------------------------------------------
+
+def test_git_status_runs_on_local_rank_0_only(tmp_path, monkeypatch):
+    """`git status` stats every tracked file; at a thousand ranks on Lustre that was a metadata
+    storm. A logging `git` on PATH (which runs the real one) shows who calls what."""
+    repo, log, bin_dir = tmp_path / "repo", tmp_path / "git.log", tmp_path / "bin"
+    repo.mkdir()
+    bin_dir.mkdir()
+    real_git = shutil.which("git")
+    if real_git is None:
+        pytest.skip("no git")
+    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                                  "-m", "x"]):
+        subprocess.run([real_git, *args], cwd=repo, check=True)
+    (repo / "train.py").write_text("print()\n")
+    subprocess.run([real_git, "add", "train.py"], cwd=repo, check=True)  # staged: a dirty tree
+    (bin_dir / "git").write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec {real_git} "$@"\n')
+    (bin_dir / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "argv", [str(repo / "train.py")])
+    ranks = {local_rank: environment.capture(local_rank)["git"] for local_rank in (1, 0)}
+    assert log.read_text().split().count("status") == 1
+    assert (ranks[0]["dirty"], ranks[1]["dirty"], ranks[1]["dirty_checked_by"]) == (True, None, "local rank 0")
+    assert ranks[0]["commit"] == ranks[1]["commit"] and len(ranks[0]["commit"]) == 40

@@ -159,7 +159,7 @@ class _Builder:
         yield "status", "missing" if first.status == "missing" else (
             "complete" if all(a.complete for a in attempts) else "incomplete")
         for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
-                     "job_id", "step_id", "elastic_run_id"):
+                     "job_id", "array_id", "step_id", "elastic_run_id"):
             value = topology.get(name)
             yield name, value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         if first.attempt >= 0:  # the most torchrun restarts within one run of the job, and Slurm requeues
