@@ -254,9 +254,12 @@ def test_srun_torchrun_two_nodes_inline(slurm_cluster, tmp_path):
     script.write_text(
         "#!/bin/bash\n"
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)\n'
-        "PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
+        # As the template: a port free on the first node (another cluster on this machine may
+        # have a job of the same id), hosted by the first node's torchrun only.
+        "PORT=$($PYTHON -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')\n"
         "srun --ntasks-per-node=1 bash -c \"$PYTHON -m torch.distributed.run --nnodes=\\$SLURM_NNODES "
         "--node_rank=\\$SLURM_NODEID --nproc_per_node=2 --rdzv_backend=c10d "
+        "--rdzv_conf=is_host=\\$([ \\$SLURM_NODEID = 0 ] && echo true || echo false) "
         f"--rdzv_endpoint=$MASTER_ADDR:$PORT --rdzv_id=\\$SLURM_JOB_ID {worker}\"\n")
     job = slurm_cluster.submit(script, tmp_path, sbatch_args=["-N2", "--ntasks-per-node=1", "--cpus-per-task=2"])
     assert job.exit_code == 0, _describe(job)
@@ -276,6 +279,9 @@ def test_srun_torchrun_two_nodes_inline(slurm_cluster, tmp_path):
 # by the tests on it (module-scoped fixtures).
 
 TRAIN_SCRIPT = REPO / "examples" / "train_ddp.py"
+# LAUNCH_PREFIX of the template tests: several words (as "apptainer exec --nv img.sif" is;
+# there is no Apptainer here), setting what Apptainer sets in a container.
+CONTAINER = "env APPTAINER_CONTAINER=/images/train.sif APPTAINER_NAME=train.sif"
 TRAIN_ARGS = "--epochs 1 --samples 512 --sample-interval 0.5"
 NODES = ["p4ml-n1", "p4ml-n2"]  # the emulated nodes (PROV4ML_SLURM_NODE_PREFIX p4ml-n)
 
@@ -409,7 +415,11 @@ def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_arg
     assert "stage-out" not in job.stdout, _describe(job)  # no failed copy from a node-local directory
     run_dir = Path(env["PROV4ML_PROV_DIR"]) / env["PROV4ML_EXPERIMENT"] / default_run_id(template, job.job_id)
     assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout, _describe(job)  # rank 0 merged online
-    return read_run(job, run_dir)
+    rec = read_run(job, run_dir)
+    if "LAUNCH_PREFIX" in env:  # PYTHON ran under it, so every rank recorded its "container"
+        assert {(rec.launcher_env(r)["APPTAINER_CONTAINER"], rec.launcher_env(r)["APPTAINER_NAME"])
+                for r in rec.agents} == {("/images/train.sif", "train.sif")}, _describe(job)
+    return rec
 
 
 # -- template 1: one node, torchrun --standalone ---------------------------------------------
@@ -417,7 +427,7 @@ def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_arg
 @pytest.fixture(scope="module")
 def single_node_run(slurm_cluster, tmp_path_factory):
     return run_template(slurm_cluster, "torchrun-single-node.sbatch", tmp_path_factory.mktemp("t1"),
-                        ["--gpus-per-node=2", "--cpus-per-task=2"])
+                        ["--gpus-per-node=2", "--cpus-per-task=2"], LAUNCH_PREFIX=CONTAINER)
 
 
 def test_template_torchrun_single_node(single_node_run):
@@ -449,7 +459,7 @@ def multi_node_run(slurm_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("t2")
     return run_template(slurm_cluster, "torchrun-multi-node.sbatch", work,
                         ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2"],
-                        PROV4ML_LOCAL_DIR=str(work / "local-%N"))
+                        PROV4ML_LOCAL_DIR=str(work / "local-%N"), LAUNCH_PREFIX=CONTAINER)
 
 
 def test_template_torchrun_multi_node(multi_node_run):
@@ -512,7 +522,8 @@ def test_node_local_dirs_streamed_to_rank0(multi_node_run):
 @pytest.fixture(scope="module")
 def srun_run(slurm_cluster, tmp_path_factory):
     return run_template(slurm_cluster, "srun-per-gpu.sbatch", tmp_path_factory.mktemp("t3"),
-                        ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"])
+                        ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"],
+                        LAUNCH_PREFIX=CONTAINER)
 
 
 def test_template_srun_per_gpu(srun_run):
@@ -893,3 +904,17 @@ def test_array_tasks_have_runs_of_their_own_and_merge_after_merges_them_all(slur
             assert rec.launcher_env(0)["SLURM_ARRAY_JOB_ID"] == str(array_id)
         job_ids = {read_run(merge, r).agents[0]["job_id"] for r in runs}
         assert len(job_ids) == 3  # each task its own SLURM_JOB_ID
+
+
+def test_submit_with_merge_prints_the_training_job_when_the_merge_submission_fails(slurm_cluster, tmp_path):
+    """Before, `set -e` ended the script between the two submissions: the training job ran,
+    and nothing said which one it was."""
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsleep 1\n")
+    proc = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(script), f"--chdir={tmp_path}",
+                              f"--output={tmp_path}/slurm-%j.out"], cwd=tmp_path, check=False,
+                             env={"MERGE_TEMPLATE": str(tmp_path / "no-such-template.sbatch")})
+    assert proc.returncode == 1, proc
+    train_id = int(proc.stdout.split()[0])
+    assert f"training job {train_id} submitted, but not the merge job" in proc.stderr
+    assert slurm_cluster.wait(train_id)[0] == "COMPLETED"
