@@ -886,7 +886,8 @@ def test_array_tasks_have_runs_of_their_own_and_merge_after_merges_them_all(slur
     merge-after job that depends on the whole array merges every task's run."""
     env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": f"{TRAIN_ARGS} --exit-before-end-rank 0",
            "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "arr",
-           "MERGE_SBATCH_ARGS": f"--chdir={tmp_path} --output={tmp_path}/slurm-%j.out"}
+           "MERGE_SBATCH_ARGS": f"--chdir={tmp_path} --output={tmp_path}/slurm-%j.out",
+           "LAUNCH_PREFIX": CONTAINER}  # merge-after too: `$LAUNCH_PREFIX $PYTHON -m prov4ml_dist merge`
     out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
                              "--array=0-2", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
                              "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%A_%a.out"],
@@ -902,6 +903,7 @@ def test_array_tasks_have_runs_of_their_own_and_merge_after_merges_them_all(slur
             (agent,) = rec.agents.values()
             assert agent["array_id"] == run_dir.name[len("slurm-"):-len(".0")]
             assert rec.launcher_env(0)["SLURM_ARRAY_JOB_ID"] == str(array_id)
+            assert rec.launcher_env(0)["APPTAINER_NAME"] == "train.sif"
         job_ids = {read_run(merge, r).agents[0]["job_id"] for r in runs}
         assert len(job_ids) == 3  # each task its own SLURM_JOB_ID
 
