@@ -399,12 +399,12 @@ def check_two_nodes(rec: RecordedRun, per_node: int) -> dict[int, str]:
     return names
 
 
-def default_run_id(template: str, job_id: int | str) -> str:
+def default_run_id(template: str | Path, job_id: int | str) -> str:
     """The templates' run id: the srun templates add the step (the first, 0, here)."""
     return f"slurm-{job_id}" if template == "torchrun-single-node.sbatch" else f"slurm-{job_id}.0"
 
 
-def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_args: list[str],
+def run_template(cluster: SlurmCluster, template: str | Path, workdir: Path, sbatch_args: list[str],
                  **env: str) -> RecordedRun:
     env.setdefault("TRAIN_SCRIPT", str(TRAIN_SCRIPT))
     env.setdefault("TRAIN_ARGS", TRAIN_ARGS)
@@ -920,3 +920,22 @@ def test_submit_with_merge_prints_the_training_job_when_the_merge_submission_fai
     train_id = int(proc.stdout.split()[0])
     assert f"training job {train_id} submitted, but not the merge job" in proc.stderr
     assert slurm_cluster.wait(train_id)[0] == "COMPLETED"
+
+
+def test_a_second_training_step_gets_a_run_of_its_own(slurm_cluster, tmp_path):
+    """srun-per-gpu with its training step twice (as a job that trains, then fine-tunes, would
+    have it): each step's ranks derive their run id in the step, slurm-<job>.0 and .1, so the
+    second does not fail on the first's shards (before: both were slurm-<job>)."""
+    text = (SLURM_DIR / "srun-per-gpu.sbatch").read_text()
+    start = text.index("srun --kill-on-bad-exit=1 bash -c '")
+    end = text.index("srun-wrapper $TRAIN_ARGS\n", start) + len("srun-wrapper $TRAIN_ARGS\n")
+    script = tmp_path / "two-steps.sbatch"
+    script.write_text(text[:end] + text[start:end] + text[end:])
+    rec = run_template(slurm_cluster, script, tmp_path, ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
+                                                         "--cpus-per-task=1"])
+    check_ranks(rec, 2)
+    second = read_run(rec.job, rec.run_dir.with_name(f"slurm-{rec.job.job_id}.1"))
+    check_ranks(second, 2)
+    check_complete(second)
+    assert {a["step_id"] for a in rec.agents.values()} == {"0"}
+    assert {a["step_id"] for a in second.agents.values()} == {"1"}
