@@ -57,7 +57,8 @@ def setup_distributed() -> tuple[int, int, object | None]:
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # Modulo: with `srun --gpus-per-task=1` every task sees only its own GPU, as cuda:0.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend)
         return dist.get_rank(), dist.get_world_size(), None
     if "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:

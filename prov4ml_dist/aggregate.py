@@ -77,7 +77,7 @@ def finish_run(run: Any) -> Path | None:
     """Rank 0: the merged ``prov.json``, or None when the merge failed or was left to the
     offline CLI. Other ranks: None. Never raises."""
     topology = run.topology
-    namespace = f"finish/{run.run_id}/attempt-{topology.restart_count}"
+    namespace = f"finish/{run.run_id}/attempt-{topology.attempt}"
     try:
         with connect(topology, namespace, run.config.merge_timeout) as transport:
             if not transport.reaches_peers:

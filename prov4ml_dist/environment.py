@@ -49,18 +49,28 @@ def code_directory() -> Path:
     return Path.cwd()
 
 
-def git_state(directory: Path) -> dict[str, Any] | None:
-    """Commit, branch and whether tracked files differ from the commit; None outside git."""
+def git_state(directory: Path, check_dirty: bool = True) -> dict[str, Any] | None:
+    """Commit, branch and whether tracked files differ from the commit; None outside git.
+
+    ``git status`` stats every tracked file: on a parallel file system, a thousand ranks
+    doing it at once is a metadata storm, so only one rank per node does (``check_dirty``);
+    the others record ``dirty`` None and ``dirty_checked_by``."""
     commit = _git(["rev-parse", "HEAD"], directory)
     if commit is None:
         return None
+    state: dict[str, Any] = {"commit": commit, "branch": _git(["rev-parse", "--abbrev-ref", "HEAD"], directory),
+                             "dirty": None, "directory": str(directory)}
+    if not check_dirty:
+        state["dirty_checked_by"] = "local rank 0"
+        return state
     status = _git(["status", "--porcelain", "--untracked-files=no"], directory)
-    return {"commit": commit, "branch": _git(["rev-parse", "--abbrev-ref", "HEAD"], directory),
-            "dirty": bool(status) if status is not None else None, "directory": str(directory)}
+    state["dirty"] = bool(status) if status is not None else None
+    return state
 
 
-def capture() -> dict[str, Any]:
-    """The environment record. torch is described only if the user's script imported it."""
+def capture(local_rank: int = 0) -> dict[str, Any]:
+    """The environment record. torch is described only if the user's script imported it;
+    the working tree's state is checked by local rank 0 only (see ``git_state``)."""
     torch = sys.modules.get("torch")
     cuda = getattr(getattr(torch, "version", None), "cuda", None) if torch is not None else None
     return {
@@ -74,7 +84,7 @@ def capture() -> dict[str, Any]:
         "torch": getattr(torch, "__version__", None) if torch is not None else None,
         "cuda": cuda,
         "versions": {name: _version(name) for name in ("prov4ml-dist", "h5py", "numpy", "prov", "psutil")},
-        "git": git_state(code_directory()),
-        "software": software_stack(code_directory()),
+        "git": git_state(code_directory(), check_dirty=local_rank == 0),
+        "software": software_stack(code_directory(), local_rank),
         "launcher_env": launcher_environment(),
     }

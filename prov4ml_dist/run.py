@@ -88,9 +88,9 @@ def launcher_run_id(topology: Topology) -> str | None:
     """A run id every rank derives alike from its launcher, with no communication."""
     if topology.elastic_run_id and topology.elastic_run_id != "none":
         return f"torchrun-{topology.elastic_run_id}"
-    if topology.job_id:
+    if topology.job_id:  # an array task by its array name, so that all the array's runs go together
         step = f".{topology.step_id}" if topology.step_id not in (None, "") else ""
-        return f"slurm-{topology.job_id}{step}"
+        return f"slurm-{topology.array_id or topology.job_id}{step}"
     return None
 
 
@@ -210,7 +210,10 @@ class Run:
         base = Path(config.local_dir) if config.local_dir is not None else None
         self.rank_root = (base / config.experiment_name / self.run_id).absolute() if base else self.run_dir
         self.started = time.time()
-        rank, attempt = self.topology.rank, self.topology.restart_count
+        try:
+            rank, attempt = self.topology.rank, self.topology.attempt
+        except ValueError as exc:
+            raise RunStateError(f"cannot number this attempt of rank {self.topology.rank}: {exc}") from None
         shards = self.rank_root / schema.SHARDS_DIR
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +247,8 @@ class Run:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
         self.writer.record({"kind": "start", "time": self.started, "run_id": self.run_id,
                             "experiment_name": config.experiment_name, "user_namespace": config.user_namespace,
-                            "topology": self.topology.as_dict(), "environment": environment.capture(),
+                            "topology": self.topology.as_dict(),
+                            "environment": environment.capture(self.topology.local_rank),
                             "settings": settings, "shard": self.shard_path.name})
         self.writer.flush()  # the shard is identifiable from the first moment, even if killed at once
         if self.writer.failures:  # e.g. a full disk: a shard without its start record is of no use

@@ -70,10 +70,12 @@ def container() -> dict[str, str] | None:
     return None
 
 
-def software_stack(git_directory: Path | None = None) -> dict[str, Any]:
-    """The shard's ``environment.software`` record."""
+def software_stack(git_directory: Path | None = None, local_rank: int | None = None) -> dict[str, Any]:
+    """The shard's ``environment.software`` record; the script is hashed by local rank 0 only
+    (the topology's, else LOCAL_RANK): one read per node, not one per rank."""
     from .environment import _git  # the one git runner (timeout, no failure)
 
     remote = _git(["remote", "get-url", "origin"], git_directory) if git_directory is not None else None
-    return {"script": script_identity(), "git_remote": remote, "nccl": nccl_version(), "mpi": mpi_library(),
-            "container": container()}
+    hash_it = None if local_rank is None else local_rank == 0
+    return {"script": script_identity(hash_it=hash_it), "git_remote": remote, "nccl": nccl_version(),
+            "mpi": mpi_library(), "container": container()}

@@ -411,6 +411,23 @@ def test_energy_is_summed_per_rank_node_and_job(tmp_path: Path) -> None:
     assert (job["gpu_joules"], job["rapl_joules"], job["total_joules"]) == (46.0, 200.0, 246.0)
 
 
+def test_a_gpu_claimed_by_several_ranks_counts_once_per_node(tmp_path: Path) -> None:
+    """Ranks that all claimed GPU 0 of their node (current device 0, set_device never called)
+    report its energy each: the node and the job count it once (before: once per rank), each
+    rank still shows what it sampled."""
+    for r in range(4):  # node0: ranks 0, 1 both on GPU-a; node1: rank 2 on GPU-b, rank 3 on GPU-c
+        uuid = {0: "GPU-a", 1: "GPU-a", 2: "GPU-b", 3: "GPU-c"}[r]
+        w = open_shard(tmp_path, r, 4)
+        w.record({"kind": "energy", "time": T0, "rank": r, "gpu_joules": 10.0 + r, "rapl": [], "rapl_joules": 0.0,
+                  "gpus": [{"index": 0, "uuid": uuid, "joules": 10.0 + r, "method": "counter"}]})
+        w.close()
+    energy = {(e.scope, e.name): e.fields for e in load_merged(merge_run(tmp_path).merged_h5).energy}
+    assert energy[("rank", "0")]["gpu_joules"] == 10.0 and energy[("rank", "1")]["gpu_joules"] == 11.0
+    assert energy[("node", "node0")] == {"gpu.GPU-a.joules": 11.0, "gpu_joules": 11.0, "total_joules": 11.0}
+    assert energy[("node", "node1")]["gpu_joules"] == 25.0
+    assert energy[("job", "")]["gpu_joules"] == 36.0
+
+
 def test_progress_is_reported(tmp_path: Path) -> None:
     _write_run(tmp_path, 2)
     seen: list[tuple[str, int, int]] = []

@@ -55,6 +55,11 @@ def test_resolve_selectors_to_physical_gpus(selector, expected):
     ((4, 1, 1, None), (1,), "local rank 1"),  # local world size unknown, local rank known
     ((4, 5, 8, None), (), "shares visible GPU 1 with local rank 1"),
     ((3, 0, 1, None), (0, 1, 2), "sole process"),
+    # torch's default device 0 on local rank 1: .to(f"cuda:{local_rank}") without set_device.
+    ((4, 1, 4, 0), (1,), "set_device was not called"),
+    ((4, 0, 4, 0), (0,), "torch.cuda.current_device() = 0"),
+    ((4, 1, 4, 3), (3,), "torch.cuda.current_device() = 3"),  # set on purpose: kept
+    ((1, 1, 4, 0), (0,), "torch.cuda.current_device() = 0"),  # --gpus-per-task=1: its GPU is cuda:0
 ])
 def test_owned_positions(args, positions, rule):
     ownership = owned_positions(*args)
@@ -79,6 +84,7 @@ class FakeGpu:
     power_mw: int = 250_000
     energy_mj: int | None = 1_000_000  # None: no counter (before Volta)
     lost: bool = False
+    forbidden: bool = False  # outside the job's cgroup devices: NVML counts it, opening it fails
 
 
 class FakeNvml:
@@ -122,6 +128,8 @@ class FakeNvml:
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, i):
+        if self.gpus[i].forbidden:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
         return self._live(self.gpus[i])
 
     def nvmlDeviceGetHandleByUUID(self, uuid):
@@ -209,6 +217,30 @@ def test_torch_device_picks_among_the_visible_gpus(monkeypatch):
     sensors = gpu_sensors(Topology(local_rank=0, local_world_size=2), 1, {"CUDA_VISIBLE_DEVICES": "2,3"})
     assert owned(sensors) == [3] and "current_device" in sensors[0].info["selection"]
     close_all(sensors)
+
+
+@pytest.mark.parametrize("failure", ["lost", "forbidden"])
+def test_a_lost_or_forbidden_gpu_does_not_stop_the_others(tmp_path, monkeypatch, failure):
+    """Before, one GPU that NVML counts but cannot open failed the whole enumeration: no GPU
+    of the rank was sampled. Now that GPU alone is recorded unavailable."""
+    gpus = [FakeGpu(u) for u in UUIDS[:3]]
+    setattr(gpus[1], failure, True)
+    fake = FakeNvml(gpus).install(monkeypatch)
+    by_uuid = gpu_sensors(Topology(local_rank=1, local_world_size=2), None, {"CUDA_VISIBLE_DEVICES": f"1,{UUIDS[2]}"})
+    assert owned(by_uuid) == [2]  # visible GPU 1 of this rank is the third one, named by its UUID
+    close_all(by_uuid)
+    writer = new_writer(tmp_path)
+    sampler = sampler_for(writer, lambda: gpu_sensors(Topology(), None, {}))
+    sampler.sample_now()
+    sampler.stop()
+    shard = close_and_read(writer)
+    assert {"gpu_power_0", "gpu_power_2", "gpu_energy_0", "gpu_energy_2"} <= set(shard.series)
+    assert not any(key.endswith("_1") for key in shard.series)
+    record = shard.sensor("gpu1")
+    assert not record["available"]
+    assert ("GPU is lost" if failure == "lost" else "Insufficient Permissions") in record["reason"]
+    assert shard.sensor("gpu0")["available"] and shard.sensor("gpu2")["available"]
+    assert fake.refs == 0
 
 
 def test_no_nvml_library_means_no_gpu():

@@ -127,16 +127,21 @@ class SlurmCluster:
         self.run(["scancel", str(job_id)], check=False)
         raise AssertionError(f"job {job_id} still {info.get('JobState')} after {timeout} s: {info}")
 
-    def submit(self, template: str | Path, workdir: Path, *, env: dict[str, str] | None = None,
-               sbatch_args: list[str] | tuple[str, ...] = (), timeout: float = 240) -> SlurmJob:
-        """sbatch a script (a path, or a name in slurm/), run in ``workdir``; wait for the end."""
+    def sbatch(self, template: str | Path, workdir: Path, *, env: dict[str, str] | None = None,
+               sbatch_args: list[str] | tuple[str, ...] = ()) -> int:
+        """sbatch a script (a path, or a name in slurm/), run in ``workdir``; its job id."""
         script = Path(template)
         if not script.is_absolute() and not script.exists():
             script = SLURM_DIR / script
         workdir.mkdir(parents=True, exist_ok=True)
         out = self.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/slurm-%j.out",
                         *sbatch_args, str(script)], env=env, cwd=workdir).stdout
-        job_id = int(out.strip().split(";")[0])
+        return int(out.strip().split(";")[0])
+
+    def submit(self, template: str | Path, workdir: Path, *, env: dict[str, str] | None = None,
+               sbatch_args: list[str] | tuple[str, ...] = (), timeout: float = 240) -> SlurmJob:
+        """``sbatch``, then wait for the end."""
+        job_id = self.sbatch(template, workdir, env=env, sbatch_args=sbatch_args)
         state, code = self.wait(job_id, timeout)
         return self.collect(job_id, workdir, state, code)
 
@@ -249,9 +254,12 @@ def test_srun_torchrun_two_nodes_inline(slurm_cluster, tmp_path):
     script.write_text(
         "#!/bin/bash\n"
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)\n'
-        "PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
+        # As the template: a port free on the first node (another cluster on this machine may
+        # have a job of the same id), hosted by the first node's torchrun only.
+        "PORT=$($PYTHON -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')\n"
         "srun --ntasks-per-node=1 bash -c \"$PYTHON -m torch.distributed.run --nnodes=\\$SLURM_NNODES "
         "--node_rank=\\$SLURM_NODEID --nproc_per_node=2 --rdzv_backend=c10d "
+        "--rdzv_conf=is_host=\\$([ \\$SLURM_NODEID = 0 ] && echo true || echo false) "
         f"--rdzv_endpoint=$MASTER_ADDR:$PORT --rdzv_id=\\$SLURM_JOB_ID {worker}\"\n")
     job = slurm_cluster.submit(script, tmp_path, sbatch_args=["-N2", "--ntasks-per-node=1", "--cpus-per-task=2"])
     assert job.exit_code == 0, _describe(job)
@@ -271,6 +279,9 @@ def test_srun_torchrun_two_nodes_inline(slurm_cluster, tmp_path):
 # by the tests on it (module-scoped fixtures).
 
 TRAIN_SCRIPT = REPO / "examples" / "train_ddp.py"
+# LAUNCH_PREFIX of the template tests: several words (as "apptainer exec --nv img.sif" is;
+# there is no Apptainer here), setting what Apptainer sets in a container.
+CONTAINER = "env APPTAINER_CONTAINER=/images/train.sif APPTAINER_NAME=train.sif"
 TRAIN_ARGS = "--epochs 1 --samples 512 --sample-interval 0.5"
 NODES = ["p4ml-n1", "p4ml-n2"]  # the emulated nodes (PROV4ML_SLURM_NODE_PREFIX p4ml-n)
 
@@ -397,7 +408,12 @@ def check_two_nodes(rec: RecordedRun, per_node: int) -> dict[int, str]:
     return names
 
 
-def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_args: list[str],
+def default_run_id(template: str | Path, job_id: int | str) -> str:
+    """The templates' run id: the srun templates add the step (the first, 0, here)."""
+    return f"slurm-{job_id}" if template == "torchrun-single-node.sbatch" else f"slurm-{job_id}.0"
+
+
+def run_template(cluster: SlurmCluster, template: str | Path, workdir: Path, sbatch_args: list[str],
                  **env: str) -> RecordedRun:
     env.setdefault("TRAIN_SCRIPT", str(TRAIN_SCRIPT))
     env.setdefault("TRAIN_ARGS", TRAIN_ARGS)
@@ -406,9 +422,13 @@ def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_arg
     job = cluster.submit(template, workdir, env=env, sbatch_args=sbatch_args)
     assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
     assert "stage-out" not in job.stdout, _describe(job)  # no failed copy from a node-local directory
-    run_dir = Path(env["PROV4ML_PROV_DIR"]) / env["PROV4ML_EXPERIMENT"] / f"slurm-{job.job_id}"
+    run_dir = Path(env["PROV4ML_PROV_DIR"]) / env["PROV4ML_EXPERIMENT"] / default_run_id(template, job.job_id)
     assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout, _describe(job)  # rank 0 merged online
-    return read_run(job, run_dir)
+    rec = read_run(job, run_dir)
+    if "LAUNCH_PREFIX" in env:  # PYTHON ran under it, so every rank recorded its "container"
+        assert {(rec.launcher_env(r)["APPTAINER_CONTAINER"], rec.launcher_env(r)["APPTAINER_NAME"])
+                for r in rec.agents} == {("/images/train.sif", "train.sif")}, _describe(job)
+    return rec
 
 
 # -- template 1: one node, torchrun --standalone ---------------------------------------------
@@ -416,7 +436,7 @@ def run_template(cluster: SlurmCluster, template: str, workdir: Path, sbatch_arg
 @pytest.fixture(scope="module")
 def single_node_run(slurm_cluster, tmp_path_factory):
     return run_template(slurm_cluster, "torchrun-single-node.sbatch", tmp_path_factory.mktemp("t1"),
-                        ["--gpus-per-node=2", "--cpus-per-task=2"])
+                        ["--gpus-per-node=2", "--cpus-per-task=2"], LAUNCH_PREFIX=CONTAINER)
 
 
 def test_template_torchrun_single_node(single_node_run):
@@ -448,7 +468,7 @@ def multi_node_run(slurm_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("t2")
     return run_template(slurm_cluster, "torchrun-multi-node.sbatch", work,
                         ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2"],
-                        PROV4ML_LOCAL_DIR=str(work / "local-%N"))
+                        PROV4ML_LOCAL_DIR=str(work / "local-%N"), LAUNCH_PREFIX=CONTAINER)
 
 
 def test_template_torchrun_multi_node(multi_node_run):
@@ -457,14 +477,14 @@ def test_template_torchrun_multi_node(multi_node_run):
     check_complete(rec)
     check_two_nodes(rec, per_node=2)
     assert {(a["launcher"], a["step_id"], a["elastic_run_id"], a["local_world_size"])
-            for a in rec.agents.values()} == {("torchrun", "0", str(rec.job.job_id), 2)}
+            for a in rec.agents.values()} == {("torchrun", "0", f"{rec.job.job_id}.0", 2)}  # one rendezvous per step
     # srun numbers the torchruns, not the workers: SLURM_PROCID is 0 or 1, the ranks 0..3.
     procids = {r: rec.launcher_env(r)["SLURM_PROCID"] for r in rec.agents}
     assert sorted(procids.values()) == ["0", "0", "1", "1"]
     assert any(p != str(r) for r, p in procids.items())
     for rank in rec.agents:
         env = rec.launcher_env(rank)
-        assert (env["RANK"], env["WORLD_SIZE"], env["TORCHELASTIC_RUN_ID"]) == (str(rank), "4", str(rec.job.job_id))
+        assert (env["RANK"], env["WORLD_SIZE"], env["TORCHELASTIC_RUN_ID"]) == (str(rank), "4", f"{rec.job.job_id}.0")
         # The job's allocation as Slurm gave it, in every rank's record.
         assert (env["SLURM_STEP_ID"], env["SLURM_JOB_NODELIST"], env["SLURM_JOB_NUM_NODES"],
                 env["SLURM_GPUS_PER_NODE"], env["SLURM_CPUS_PER_TASK"], env["SLURM_JOB_PARTITION"]) == (
@@ -472,6 +492,14 @@ def test_template_torchrun_multi_node(multi_node_run):
     # ... and the request in the PROV itself, on the run activity.
     assert (rec.run["slurm_job_nodelist"], rec.run["slurm_job_num_nodes"], rec.run["slurm_gpus_per_node"],
             rec.run["slurm_cpus_per_task"], rec.run["slurm_ntasks"]) == ("p4ml-n[1-2]", "2", "2", "2", "2")
+    # The rendezvous port (torchrun gives its workers a MASTER_PORT of its own).
+    check_picked_port(rec, int(re.search(r"rendezvous p4ml-n1:(\d+),", rec.job.stdout).group(1)))
+
+
+def check_picked_port(rec: RecordedRun, port: int) -> None:
+    """The template picked a free port below the ephemeral range, not torch's default, nor
+    the job-id formula that put jobs 20,000 apart on one port (and 36 % into that range)."""
+    assert 15000 <= port < 32768 and port not in (29500, 20000 + rec.job.job_id % 20000)
 
 
 def test_node_local_dirs_streamed_to_rank0(multi_node_run):
@@ -503,7 +531,8 @@ def test_node_local_dirs_streamed_to_rank0(multi_node_run):
 @pytest.fixture(scope="module")
 def srun_run(slurm_cluster, tmp_path_factory):
     return run_template(slurm_cluster, "srun-per-gpu.sbatch", tmp_path_factory.mktemp("t3"),
-                        ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"])
+                        ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"],
+                        LAUNCH_PREFIX=CONTAINER)
 
 
 def test_template_srun_per_gpu(srun_run):
@@ -521,6 +550,8 @@ def test_template_srun_per_gpu(srun_run):
         assert (agent["launcher"], agent["step_id"], agent["local_world_size"]) == ("env", "0", 2)
         assert (env["SLURM_NTASKS"], env["SLURM_STEP_NUM_TASKS"], env["SLURM_TASKS_PER_NODE"],
                 env["SLURM_CPUS_PER_TASK"], env["SLURM_JOB_NODELIST"]) == ("4", "4", "2(x2)", "1", "p4ml-n[1-2]")
+    (port,) = {int(rec.launcher_env(r)["MASTER_PORT"]) for r in rec.agents}
+    check_picked_port(rec, port)
 
 
 # -- template 4: MPI (srun --mpi=pmi2, mpi4py) ----------------------------------------------------
@@ -587,7 +618,7 @@ def test_template_merge_after_failed_job(slurm_cluster, tmp_path, node_local):
     assert train.state == "FAILED" and train.exit_code in (3, 143), _describe(train)
     assert "rank 1: exiting without end_run" in train.stdout
     assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
-    run_dir = tmp_path / "prov" / "exp5" / f"slurm-{train_id}"
+    run_dir = tmp_path / "prov" / "exp5" / f"slurm-{train_id}.0"
     with explained(train, merge):
         assert f"training job {train_id}: JobState=FAILED ExitCode={train.exit_code}:0" in merge.stdout
         assert f"merging {run_dir}" in merge.stdout
@@ -608,7 +639,7 @@ def test_template_merge_after_failed_job(slurm_cluster, tmp_path, node_local):
         if node_local:
             for node_rank, node in names.items():
                 rank = next(r for r, a in rec.agents.items() if a["node_rank"] == node_rank)
-                local = tmp_path / f"local-{node}" / "exp5" / f"slurm-{train_id}"
+                local = tmp_path / f"local-{node}" / "exp5" / f"slurm-{train_id}.0"
                 assert sorted(p.name for p in (local / "shards").iterdir()) == [f"rank-{rank:05d}.h5"]
                 name = f"shards/rank-{rank:05d}.h5"
                 assert (local / name).read_bytes() == (run_dir / name).read_bytes()  # copied by the stage-out
@@ -632,27 +663,34 @@ def _metric_rows(shard: Path) -> int:
         return 0
 
 
+def wait_until_logging(cluster: SlurmCluster, job_id: int, run_dir: Path, world_size: int,
+                       timeout: float = 120) -> None:
+    """Until every rank has flushed metric points (so start_run, with its exit hooks, is done)."""
+    deadline = time.monotonic() + timeout
+    while not all(_metric_rows(run_dir / "shards" / f"rank-{r:05d}.h5") for r in range(world_size)):
+        state = cluster.job_info(job_id).get("JobState", "")
+        assert state not in FINISHED and time.monotonic() < deadline, f"job {job_id}: {state}"
+        time.sleep(0.25)
+
+
 @pytest.fixture(scope="module")
 def cancelled_run(slurm_cluster, tmp_path_factory):
     """Template 5 after `scancel` (what a time limit does too: SIGTERM to every step and the
     batch script, SIGKILL KillWait seconds later): a long training job is cancelled once
     both ranks are logging; the afterany job merges what the shards hold."""
     work = tmp_path_factory.mktemp("t5c")
-    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 512 --sample-interval 0.5",
+    # Epochs of a few seconds: each saves a model version, and thousands of files would make
+    # the stage-out slow on a loaded machine.
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 65536 --sample-interval 0.5",
            "PROV4ML_PROV_DIR": str(work / "prov"), "PROV4ML_EXPERIMENT": "exp5c",
            "MERGE_SBATCH_ARGS": f"--chdir={work} --output={work}/slurm-%j.out"}
     out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
                              "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
                              f"--chdir={work}", f"--output={work}/slurm-%j.out"], env=env, cwd=work).stdout
     train_id, merge_id = (int(x) for x in out.split())
-    run_dir = work / "prov" / "exp5c" / f"slurm-{train_id}"
+    run_dir = work / "prov" / "exp5c" / f"slurm-{train_id}.0"
     try:
-        deadline = time.monotonic() + 120
-        # Until both ranks have flushed metric points (so start_run, with its exit hooks, is done).
-        while not all(_metric_rows(run_dir / "shards" / f"rank-{r:05d}.h5") for r in (0, 1)):
-            state = slurm_cluster.job_info(train_id).get("JobState", "")
-            assert state not in FINISHED and time.monotonic() < deadline, f"training job {train_id}: {state}"
-            time.sleep(0.25)
+        wait_until_logging(slurm_cluster, train_id, run_dir, 2)
     finally:
         slurm_cluster.run(["scancel", str(train_id)], check=False)
     merge = slurm_cluster.collect(merge_id, work, *slurm_cluster.wait(merge_id))
@@ -679,3 +717,234 @@ def test_template_merge_after_cancelled_job(cancelled_run):
     assert "merged provenance:" not in rec.job.stdout
     with h5py.File(rec.run_dir / "merged.h5", "r") as merged:
         assert len(merged["metrics/rows"]) > 0
+
+
+# -- a requeued job (scontrol requeue; preemption and node failures requeue too) ------------------
+
+# The training script of the requeue test: the job's first run trains until it is requeued, the
+# second (SLURM_RESTART_COUNT=1) one epoch; everything else is examples/train_ddp.py.
+REQUEUE_TRAIN = f"""import os, runpy, sys
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    sys.argv += ["--epochs", "100000"]
+sys.argv[0] = {str(TRAIN_SCRIPT)!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _merged_attempts(run_dir: Path) -> list[tuple[int, int, str]]:
+    with h5py.File(run_dir / "merged.h5", "r") as merged:
+        return sorted((int(r["rank"]), int(r["attempt"]), r["status"].decode()) for r in merged["ranks"][:])
+
+
+def test_requeued_job_keeps_both_attempts(slurm_cluster, tmp_path):
+    """`scontrol requeue` ends the running job (SIGTERM to its steps and batch script) and runs
+    the batch script again with the same SLURM_JOB_ID, so the same run id, and
+    SLURM_RESTART_COUNT=1. Each rank of the second run writes a shard of its own next to the
+    first run's (before: RunStateError "rank-00000.h5 already exists" on every rank), and rank
+    0's online merge holds both attempts of every rank, as for a torchrun restart."""
+    train = tmp_path / "train_until_requeued.py"
+    train.write_text(REQUEUE_TRAIN)
+    env = {"TRAIN_SCRIPT": str(train), "TRAIN_ARGS": TRAIN_ARGS, "PROV4ML_PROV_DIR": str(tmp_path / "prov"),
+           "PROV4ML_EXPERIMENT": "exprq"}
+    job_id = slurm_cluster.sbatch("srun-per-gpu.sbatch", tmp_path, env=env, sbatch_args=[
+        "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"])
+    run_dir = tmp_path / "prov" / "exprq" / f"slurm-{job_id}.0"
+    try:
+        wait_until_logging(slurm_cluster, job_id, run_dir, 2)
+        deadline = time.monotonic() + 60
+        slurm_cluster.run(["scontrol", "requeue", str(job_id)])
+        # Slurm holds a requeued job back for two minutes (Reason=BeginTime): release it now.
+        while (info := slurm_cluster.job_info(job_id)).get("JobState") != "PENDING":
+            assert info.get("JobState") not in FINISHED and time.monotonic() < deadline, info
+            time.sleep(0.25)
+        slurm_cluster.run(["scontrol", "update", f"job={job_id}", "StartTime=now"])
+        job = slurm_cluster.collect(job_id, tmp_path, *slurm_cluster.wait(job_id))
+    finally:
+        slurm_cluster.run(["scancel", str(job_id)], check=False)
+    assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
+    with explained(job):
+        assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout
+        assert sorted(p.name for p in (run_dir / "shards").iterdir()) == [
+            "rank-00000.h5", "rank-00000.requeue-1.h5", "rank-00001.h5", "rank-00001.requeue-1.h5"]
+        assert _merged_attempts(run_dir) == [(0, 0, "killed-by-SIGTERM"), (0, 1000, "ok"),
+                                             (1, 0, "killed-by-SIGTERM"), (1, 1000, "ok")]
+        rec = read_run(job, run_dir)
+        assert sorted(rec.agents) == [0, 1] and rec.run["world_size"] == 2
+        for rank, agent in rec.agents.items():
+            assert (agent["job_id"], agent["requeue_count"], agent["restart_count"]) == (str(job_id), 1, 0)
+            assert rec.ranks[rank]["start"]["topology"]["requeue_count"] == 1  # the last row: the second run
+            assert rec.launcher_env(rank)["SLURM_RESTART_COUNT"] == "1"
+        doc = ProvDocument.deserialize(str(run_dir / "prov.json"), format="json")
+        shards = sorted(_p4d(a)["shard"] for a in doc.get_records(ProvActivity)
+                        if any(t.localpart == "RankProcess" for t in a.get_asserted_types()))
+        assert shards == ["rank-00000.h5", "rank-00000.requeue-1.h5", "rank-00001.h5", "rank-00001.requeue-1.h5"]
+
+
+# -- mpiexec inside an allocation (not srun --mpi) -------------------------------------------------
+
+def test_mpiexec_in_an_allocation(slurm_cluster, tmp_path):
+    """MPICH's mpiexec (Hydra) in a batch script starts one proxy per node with srun, so every
+    rank inherits its proxy's SLURM_PROCID (the node's index) and step: before, ranks 0 and 1
+    were both "Slurm task 0 of 2" and collided on one shard. The library now takes Hydra's
+    PMI_RANK/PMI_SIZE/MPI_LOCALRANKID, and the job id (not the proxies' step) for the run id."""
+    script = tmp_path / "mpiexec.sh"
+    script.write_text(f'#!/bin/bash\nmpiexec -n 4 "$PYTHON" {TRAIN_SCRIPT} {TRAIN_ARGS} --experiment mpx\n')
+    job = slurm_cluster.submit(script, tmp_path, env={"PROV4ML_PROV_DIR": str(tmp_path / "prov")},
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"])
+    assert job.state == "COMPLETED" and job.exit_code == 0, _describe(job)
+    rec = read_run(job, tmp_path / "prov" / "mpx" / f"slurm-{job.job_id}")
+    with explained(job):
+        check_ranks(rec, 4)
+        check_complete(rec)
+        names = check_two_nodes(rec, per_node=2)
+        for rank, agent in rec.agents.items():
+            env = rec.launcher_env(rank)
+            assert (agent["launcher"], agent["local_world_size"], "step_id" in agent) == ("mpich", 2, False)
+            assert (env["PMI_RANK"], env["PMI_SIZE"], env["MPI_LOCALRANKID"]) == (str(rank), "4", str(rank % 2))
+            # The proxy's Slurm numbering, which the library no longer takes for the rank's:
+            assert (env["SLURM_PROCID"], env["SLURM_NTASKS"], env["SLURM_STEP_ID"]) == (
+                str(agent["node_rank"]), "2", "0")
+            assert names[agent["node_rank"]] == rec.node_of(rank)
+        assert json.loads((rec.run_dir / "aggregate.json").read_text())["transport"] == "mpi"
+
+
+# -- the time limit: --signal ends training early enough for the stage-out -------------------------
+
+def _signal_option(template: str, seconds: int) -> str:
+    """The template's own ``#SBATCH --signal=...TERM@N``, with N = ``seconds`` (the tests' limit
+    is 3 minutes, the templates' warning 120 s)."""
+    match = re.search(r"^#SBATCH --signal=((?:B:)?TERM)@\d+$", (SLURM_DIR / template).read_text(), re.M)
+    assert match, f"{template} asks for no warning signal before its time limit"
+    return f"--signal={match.group(1)}@{seconds}"
+
+
+def _end_status(shard: Path) -> str | None:
+    with ShardReader(shard) as reader:
+        return next((r.get("status") for r in reader.records() if r["kind"] == "end"), None)
+
+
+@pytest.mark.parametrize(("template", "sbatch_args", "extra_env"), [
+    ("torchrun-single-node.sbatch", ["--gpus-per-node=1", "--cpus-per-task=1"], {"NPROC_PER_NODE": "2"}),
+    ("srun-per-gpu.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"], {}),
+], ids=["single-node", "srun"])
+def test_time_limit_leaves_closed_shards_staged_out(slurm_cluster, tmp_path, template, sbatch_args, extra_env):
+    """A job that trains past its 3-minute limit, shards on node-local directories: the
+    template's warning signal (Slurm sends it 100-130 s before the limit here) stops training
+    (every shard closed by its SIGTERM handler), and the batch script, still alive, copies the
+    shards into the shared run directory before the limit. Before: no --signal, the batch
+    script was killed with the training at the limit and the node-local shards never left."""
+    # Epochs of a few seconds: each saves a model version, and thousands of files would make
+    # the stage-out slow on a loaded machine.
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 65536 --sample-interval 0.5",
+           "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "limit",
+           "PROV4ML_LOCAL_DIR": str(tmp_path / "local-%N"), **extra_env}
+    job = slurm_cluster.submit(template, tmp_path, env=env, timeout=300,
+                               sbatch_args=[*sbatch_args, "--time=3", _signal_option(template, 100)])
+    run_dir = tmp_path / "prov" / "limit" / default_run_id(template, job.job_id)
+    with explained(job):
+        assert job.state != "TIMEOUT"  # it ended by itself, before the limit
+        assert "stage-out" not in job.stdout  # no copy failed
+        shards = sorted((run_dir / "shards").iterdir())
+        assert [p.name for p in shards] == ["rank-00000.h5", "rank-00001.h5"]
+        assert [_end_status(p) for p in shards] == ["killed-by-SIGTERM"] * 2
+        local = {p.name: p for p in tmp_path.glob("local-*/limit/*/shards/*.h5")}
+        assert sorted(local) == [p.name for p in shards]
+        assert all(local[p.name].read_bytes() == p.read_bytes() for p in shards)  # copied after closing
+        if template == "torchrun-single-node.sbatch":
+            assert "SIGTERM (time limit near?): stopping torchrun" in job.stdout
+
+
+# -- rendezvous on an address torch cannot match to the first node (the InfiniBand case) -------------
+
+def _other_interface_address() -> str | None:
+    """An IPv4 address of this machine that its hostname does not resolve to, like the
+    InfiniBand address of a node whose hostname names its Ethernet interface."""
+    import psutil
+
+    named = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    return next((a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET and not a.address.startswith("127.") and a.address not in named), None)
+
+
+def test_rendezvous_on_another_interfaces_address(slurm_cluster, tmp_path):
+    """MASTER_ADDR set to an address of another interface of the first node: torch's c10d
+    cannot tell it is that node's, so without ``--rdzv_conf=is_host`` no torchrun hosts the
+    store and the rendezvous times out; the template names the first node's torchrun host."""
+    address = _other_interface_address()
+    if address is None:
+        pytest.skip("this machine has no IPv4 address besides the one its hostname resolves to")
+    job = slurm_cluster.submit("torchrun-multi-node.sbatch", tmp_path, timeout=180,
+                               env={"TRAIN_SCRIPT": str(DIST_CHECK), "MASTER_ADDR": address,
+                                    "PROV4ML_PROV_DIR": str(tmp_path / "prov")},
+                               sbatch_args=["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"])
+    assert job.exit_code == 0, _describe(job)
+    recs = dist_lines(job.stdout)
+    assert [r["rank"] for r in recs] == [0, 1] and all(r["ok"] for r in recs), job.stdout
+    assert f"rendezvous {address}:" in job.stdout, job.stdout
+    # torch's own guess, which the template no longer relies on:
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    assert not _matches_machine_hostname(address)
+
+
+# -- a job array, merged by one merge-after job ---------------------------------------------------
+
+def test_array_tasks_have_runs_of_their_own_and_merge_after_merges_them_all(slurm_cluster, tmp_path):
+    """An array of 3: each task's run is slurm-<array id>_<task>.<step> (before: slurm-<its own
+    job id>, which merge-after, given the array's id, found for one task at most), and the
+    merge-after job that depends on the whole array merges every task's run."""
+    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": f"{TRAIN_ARGS} --exit-before-end-rank 0",
+           "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "arr",
+           "MERGE_SBATCH_ARGS": f"--chdir={tmp_path} --output={tmp_path}/slurm-%j.out",
+           "LAUNCH_PREFIX": CONTAINER}  # merge-after too: `$LAUNCH_PREFIX $PYTHON -m prov4ml_dist merge`
+    out = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(SLURM_DIR / "srun-per-gpu.sbatch"),
+                             "--array=0-2", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
+                             "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%A_%a.out"],
+                            env=env, cwd=tmp_path).stdout
+    array_id, merge_id = (int(x) for x in out.split())
+    merge = slurm_cluster.collect(merge_id, tmp_path, *slurm_cluster.wait(merge_id, timeout=300))
+    assert merge.state == "COMPLETED" and merge.exit_code == 0, _describe(merge)
+    runs = [tmp_path / "prov" / "arr" / f"slurm-{array_id}_{task}.0" for task in range(3)]
+    with explained(merge):
+        for run_dir in runs:  # rank 0 left without end_run: only merge-after merged these
+            assert f"merging {run_dir}" in merge.stdout
+            rec = read_run(merge, run_dir)
+            (agent,) = rec.agents.values()
+            assert agent["array_id"] == run_dir.name[len("slurm-"):-len(".0")]
+            assert rec.launcher_env(0)["SLURM_ARRAY_JOB_ID"] == str(array_id)
+            assert rec.launcher_env(0)["APPTAINER_NAME"] == "train.sif"
+        job_ids = {read_run(merge, r).agents[0]["job_id"] for r in runs}
+        assert len(job_ids) == 3  # each task its own SLURM_JOB_ID
+
+
+def test_submit_with_merge_prints_the_training_job_when_the_merge_submission_fails(slurm_cluster, tmp_path):
+    """Before, `set -e` ended the script between the two submissions: the training job ran,
+    and nothing said which one it was."""
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsleep 1\n")
+    proc = slurm_cluster.run([str(SLURM_DIR / "submit-with-merge.sh"), str(script), f"--chdir={tmp_path}",
+                              f"--output={tmp_path}/slurm-%j.out"], cwd=tmp_path, check=False,
+                             env={"MERGE_TEMPLATE": str(tmp_path / "no-such-template.sbatch")})
+    assert proc.returncode == 1, proc
+    train_id = int(proc.stdout.split()[0])
+    assert f"training job {train_id} submitted, but not the merge job" in proc.stderr
+    assert slurm_cluster.wait(train_id)[0] == "COMPLETED"
+
+
+def test_a_second_training_step_gets_a_run_of_its_own(slurm_cluster, tmp_path):
+    """srun-per-gpu with its training step twice (as a job that trains, then fine-tunes, would
+    have it): each step's ranks derive their run id in the step, slurm-<job>.0 and .1, so the
+    second does not fail on the first's shards (before: both were slurm-<job>)."""
+    text = (SLURM_DIR / "srun-per-gpu.sbatch").read_text()
+    start = text.index("srun --kill-on-bad-exit=1 bash -c '")
+    end = text.index("srun-wrapper $TRAIN_ARGS\n", start) + len("srun-wrapper $TRAIN_ARGS\n")
+    script = tmp_path / "two-steps.sbatch"
+    script.write_text(text[:end] + text[start:end] + text[end:])
+    rec = run_template(slurm_cluster, script, tmp_path, ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
+                                                         "--cpus-per-task=1"])
+    check_ranks(rec, 2)
+    second = read_run(rec.job, rec.run_dir.with_name(f"slurm-{rec.job.job_id}.1"))
+    check_ranks(second, 2)
+    check_complete(second)
+    assert {a["step_id"] for a in rec.agents.values()} == {"0"}
+    assert {a["step_id"] for a in second.agents.values()} == {"1"}

@@ -2,11 +2,13 @@
 content-addressed, energy summed per rank, node and job.
 
 Energy records (``kind: energy``, written by the sampler at stop; see shard/schema.py) give
-per rank ``gpu_joules`` and per GPU ``gpus[].joules`` (each GPU is sampled only by the rank
-that owns it), and, from the rank that sampled its node's RAPL counters, ``rapl_joules`` and
-``rapl[].joules`` per domain. RAPL measures the whole node: it counts once per node (the
-largest total among ranks that report it, should several), never per rank. ``total_joules``
-of a node or the job is its GPU plus its RAPL (package + DRAM) energy.
+per rank ``gpu_joules`` and per GPU ``gpus[].joules`` (each GPU is meant to be sampled only by
+the rank that owns it), and, from the rank that sampled its node's RAPL counters,
+``rapl_joules`` and ``rapl[].joules`` per domain. A GPU (by UUID) and RAPL measure one device
+of one node: each counts once per node (the largest total among the ranks that report it,
+should several: ranks that all claimed GPU 0), never per rank; a node's ``gpu_joules`` is the
+sum over its GPUs. ``total_joules`` of a node or the job is its GPU plus its RAPL (package +
+DRAM) energy.
 """
 
 from __future__ import annotations
@@ -75,10 +77,8 @@ class Journal:
         self.contents: dict[str, _Content] = {}
         self.rank_energy: dict[int, Counter] = defaultdict(Counter)
         self.node_rank_energy: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
-        self.rank_node: dict[int, str] = {}
 
     def add(self, shard: ShardInfo) -> None:
-        self.rank_node.setdefault(shard.rank, hostname(shard))
         for record in shard.records:
             when = record.get("time")
             when = float(when) if isinstance(when, (int, float)) and not isinstance(when, bool) else math.nan
@@ -125,12 +125,14 @@ class Journal:
 
     def _energy(self, shard: ShardInfo, record: dict[str, Any]) -> None:
         rank = self.rank_energy[shard.rank]
+        node = self.node_rank_energy[hostname(shard)][shard.rank]
         for gpu in _dicts(record.get("gpus")):
             joules = _finite(gpu.get("joules"))
             if joules is not None:
-                rank[f"gpu.{as_text(gpu.get('uuid')) or gpu.get('index')}.joules"] += joules
+                name = f"gpu.{as_text(gpu.get('uuid')) or gpu.get('index')}.joules"
+                rank[name] += joules
                 rank["gpu_joules"] += joules
-        node = self.node_rank_energy[hostname(shard)][shard.rank]
+                node[name] += joules
         for zone in _dicts(record.get("rapl")):
             joules = _finite(zone.get("joules"))
             if joules is not None:
@@ -162,11 +164,13 @@ class Journal:
     def _energy_rows(self) -> Iterator[tuple]:
         nodes: dict[str, Counter] = defaultdict(Counter)
         for rank in sorted(self.rank_energy):
-            nodes[self.rank_node[rank]].update(self.rank_energy[rank])
             yield from (("rank", str(rank), f, v) for f, v in sorted(self.rank_energy[rank].items()))
         for host, reporters in self.node_rank_energy.items():
             for name in {f for fields in reporters.values() for f in fields}:
                 nodes[host][name] += max(fields.get(name, 0.0) for fields in reporters.values())
+            gpus = [v for f, v in nodes[host].items() if f.startswith("gpu.")]
+            if gpus:
+                nodes[host]["gpu_joules"] = sum(gpus)
         job: Counter = Counter()
         for host in sorted(nodes):
             nodes[host]["total_joules"] = nodes[host]["gpu_joules"] + nodes[host]["rapl_joules"]

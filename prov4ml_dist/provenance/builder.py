@@ -33,6 +33,7 @@ from prov.model import ProvDocument
 
 from ..merge.journal import dumps
 from ..merge.model import Artifact, Generation, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
+from ..shard import schema
 from .document import ProvJson, qname
 
 P4D_NAMESPACE = "https://prov4ml-dist.org/ns#"
@@ -90,8 +91,8 @@ def timestamp(value: float | None) -> datetime | None:
 
 
 def attempt_name(rank: int, attempt: int) -> str:
-    """Mirrors the shard names: ``rank-00003``, ``rank-00003.restart-1``."""
-    return f"rank-{rank:05d}" if attempt <= 0 else f"rank-{rank:05d}.restart-{attempt}"
+    """Mirrors the shard names: ``rank-00003``, ``rank-00003.restart-1``, ``rank-00003.requeue-1``."""
+    return schema.attempt_stem(rank, max(attempt, 0))
 
 
 def flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -573,10 +574,13 @@ def _agent_attrs(attempts: list[RankAttempt]) -> Iterator[tuple[str, Any]]:
     yield "status", "missing" if first.status == "missing" else (
         "complete" if all(a.complete for a in attempts) else "incomplete")
     for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
-                 "job_id", "step_id", "elastic_run_id"):
+                 "job_id", "array_id", "step_id", "elastic_run_id"):
         value = topology.get(name)
         yield name, value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    yield "restart_count", max(a.attempt for a in attempts) if first.attempt >= 0 else None
+    if first.attempt >= 0:  # the most torchrun restarts within one run of the job, and Slurm requeues
+        requeues, restarts = zip(*(divmod(a.attempt, schema.RESTARTS_PER_REQUEUE) for a in attempts), strict=True)
+        yield "restart_count", max(restarts)
+        yield "requeue_count", max(requeues) or None
     yield "pid", [a.topology["pid"] for a in attempts if isinstance(a.topology.get("pid"), int)]
     yield "gpu_uuid", sorted({u for a in attempts for u in a.gpu_uuids})
 

@@ -4,7 +4,10 @@ A rank samples only the GPUs it owns, so that no GPU is counted twice on a node:
 
 1. the visible GPUs are ``CUDA_VISIBLE_DEVICES`` read as CUDA reads it (indices, ``GPU-``
    UUIDs or prefixes of them, MIG UUIDs; parsing stops at the first invalid entry), or all;
-2. torch's current device, when torch is imported and has a CUDA context;
+2. torch's current device, when torch is imported and has a CUDA context, except device 0
+   for a local rank >= 1 that can see its own GPU: that is torch's default, left by a script
+   that moves its model with ``.to(f"cuda:{local_rank}")`` without ``set_device`` (the rank
+   would claim its node's first GPU, as every other rank does); the local rank wins then;
 3. else the only visible GPU;
 4. else, with several ranks on the node, visible GPU ``local_rank``; a rank beyond the
    visible count shares a GPU with a lower local rank, which samples it;
@@ -38,10 +41,13 @@ def visible_devices(value: str | None) -> list[Selector] | None:
     return selectors
 
 
-def resolve(selector: Selector, uuids: Sequence[str], mig_parent: Callable[[str], str | None]) -> int | None:
+def resolve(selector: Selector, uuids: Sequence[str | None],
+            mig_parent: Callable[[str], str | None]) -> int | None:
     """The NVML index of the physical GPU a selector names, or None when it names none.
 
     A MIG instance resolves to its parent GPU: power and energy exist only per physical GPU.
+    ``uuids`` has None for a GPU whose UUID could not be read (lost, forbidden); an index still
+    names it.
     ``MIG-GPU-<uuid>/<gi>/<ci>`` (drivers before R470) names the parent itself; ``MIG-<uuid>``
     needs NVML (``mig_parent``).
     """
@@ -54,7 +60,7 @@ def resolve(selector: Selector, uuids: Sequence[str], mig_parent: Callable[[str]
         if parent is None:
             return None
         selector = parent
-    matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(selector)]
+    matches = [i for i, uuid in enumerate(uuids) if uuid is not None and uuid.startswith(selector)]
     return matches[0] if len(matches) == 1 else None
 
 
@@ -71,6 +77,9 @@ def owned_positions(n_visible: int, local_rank: int, local_world_size: int,
     """Rules 2-5 of the module docstring."""
     if n_visible == 0:
         return Ownership((), "no GPU is visible to this process")
+    if torch_device == 0 and 0 < local_rank < n_visible:
+        return Ownership((local_rank,), f"local rank {local_rank} of {n_visible} visible GPUs (torch's current "
+                                        "device is its default 0: set_device was not called before start_run)")
     if torch_device is not None:
         if 0 <= torch_device < n_visible:
             return Ownership((torch_device,), f"torch.cuda.current_device() = {torch_device}")

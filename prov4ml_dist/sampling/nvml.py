@@ -34,8 +34,7 @@ def gpu_sensors(topology: Topology, torch_device: int | None,
         return [UnavailableSensor("nvml", "gpu", f"NVML unavailable: {describe(exc)}")]
     cuda_visible = env.get("CUDA_VISIBLE_DEVICES")
     try:
-        uuids = [_text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
-                 for i in range(pynvml.nvmlDeviceGetCount())]
+        uuids = [_uuid(i) for i in range(pynvml.nvmlDeviceGetCount())]
         physical = _visible(uuids, cuda_visible)
     except pynvml.NVMLError as exc:
         _shutdown()
@@ -55,7 +54,16 @@ def gpu_sensors(topology: Topology, torch_device: int | None,
             for index, selector in owned.items()]
 
 
-def _visible(uuids: list[str], cuda_visible: str | None) -> list[tuple[int, Selector]]:
+def _uuid(index: int) -> str | None:
+    """The GPU's UUID; None for a GPU this process may not open (lost, or outside its cgroup's
+    devices: NVML still counts it) — it must not hide the others."""
+    try:
+        return _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index)))
+    except pynvml.NVMLError:
+        return None
+
+
+def _visible(uuids: list[str | None], cuda_visible: str | None) -> list[tuple[int, Selector]]:
     """(NVML index, the selector naming it) of each visible GPU, in CUDA's order."""
     selectors = visible_devices(cuda_visible)
     if selectors is None:

@@ -5,7 +5,7 @@ any moment leaves a file that opens (with ``swmr=True``) and holds everything fl
 SWMR forbids creating objects once writing starts, so the layout is fixed:
 
 - file attributes (written before SWMR starts): ``format``, ``schema_version``, ``run_id``,
-  ``experiment_name``, ``rank``, ``attempt`` (torchrun restart count; both in [0, 2**20)),
+  ``experiment_name``, ``rank``, ``attempt`` (see ``attempt_number``; both in [0, 2**20)),
   ``created`` (unix s);
 - ``/metrics`` and ``/system``: append-only tables of ``ROW_DTYPE`` rows; ``series`` is an id
   declared by a ``series`` record in the journal before its first row is flushed;
@@ -55,9 +55,41 @@ SHARDS_DIR = "shards"
 ARTIFACTS_DIR = "artifacts"
 
 
+# A rank runs again after a torchrun restart (TORCHELASTIC_RESTART_COUNT) and after Slurm
+# requeues the job (SLURM_RESTART_COUNT: same job id, hence same run id), and torchrun counts
+# from 0 again in each requeued run. One number names the attempt, so that the merge keeps its
+# (rank, attempt) key: requeue * RESTARTS_PER_REQUEUE + restart, chronological, and readable
+# in decimal (1002 = requeue 1, restart 2).
+RESTARTS_PER_REQUEUE = 1000
+MAX_ATTEMPT = 1 << 20  # the reader refuses attempts from here on
+
+
+def attempt_number(restart_count: int, requeue_count: int = 0) -> int:
+    """The shard's ``attempt`` for a torchrun restart count within a Slurm requeue count."""
+    if not 0 <= restart_count < RESTARTS_PER_REQUEUE:
+        raise ValueError(f"torchrun restart count {restart_count} outside [0, {RESTARTS_PER_REQUEUE})")
+    attempt = requeue_count * RESTARTS_PER_REQUEUE + restart_count
+    if not 0 <= attempt < MAX_ATTEMPT:
+        raise ValueError(f"Slurm requeue count {requeue_count} outside [0, {MAX_ATTEMPT // RESTARTS_PER_REQUEUE})")
+    return attempt
+
+
+def attempt_label(attempt: int) -> str:
+    """``""`` for the first attempt, else ``restart-2``, ``requeue-1`` or ``requeue-1.restart-2``."""
+    requeue, restart = divmod(attempt, RESTARTS_PER_REQUEUE) if attempt > 0 else (0, 0)
+    return ".".join([f"requeue-{requeue}"] * bool(requeue) + [f"restart-{restart}"] * bool(restart))
+
+
+def attempt_stem(rank: int, attempt: int = 0) -> str:
+    """``rank-00003``, ``rank-00003.restart-1``, ``rank-00003.requeue-1``: the shard's name
+    without ``.h5``, also the name of the rank attempt in PROV."""
+    label = attempt_label(attempt)
+    return f"rank-{rank:05d}.{label}" if label else f"rank-{rank:05d}"
+
+
 def shard_name(rank: int, attempt: int = 0) -> str:
-    """``rank-00003.h5``; a torchrun restart gets its own file: ``rank-00003.restart-1.h5``."""
-    return f"rank-{rank:05d}.h5" if attempt == 0 else f"rank-{rank:05d}.restart-{attempt}.h5"
+    """``rank-00003.h5``; every further attempt its own file (``attempt_stem``)."""
+    return f"{attempt_stem(rank, attempt)}.h5"
 
 
 def rank_artifacts_dir(rank: int) -> str:

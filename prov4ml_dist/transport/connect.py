@@ -113,7 +113,7 @@ def agree_run_id(topology: Topology, proposal: str, timeout: float) -> str | Non
     Raises ``TransportError`` (a ``TransportTimeout`` after ``timeout``) when a way exists but
     rank 0's proposal does not arrive.
     """
-    namespace = f"run-id/attempt-{topology.restart_count}"
+    namespace = f"run-id/attempt-{topology.attempt}"
     with connect(topology, namespace, timeout, init_mpi=True) as transport:
         if not transport.reaches_peers:
             return None
