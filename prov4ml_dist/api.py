@@ -243,9 +243,11 @@ def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: A
                  step: Any = None, timestamp: Any = None,
                  log_copy_in_prov_directory: bool = True, *, source: Any = None,
                  log_copy_subdirectory: str | None = None, is_model: bool = False,
-                 is_input: bool = False, other_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 is_input: bool = False, other_attrs: dict[str, Any] | None = None,
+                 text: str | None = None) -> dict[str, Any]:
     """Record a file, directory or value under the name ``artifact_path``; without a context
-    (optional in 3.x) the artifact has none.
+    (optional in 3.x) the artifact has none. A ``str`` or path ``value`` is always a file or
+    directory to copy; text to store as the artifact's content goes in ``text=`` (UTF-8).
 
     yProv4ML 2.x's ``log_artifact(path, context, step)`` works too: the file is ``artifact_path``.
     3.x's ``log_artifact(name, path, context, source, step)`` is recognised (a string where the
@@ -254,6 +256,12 @@ def log_artifact(artifact_path: str | os.PathLike, value: Any = None, context: A
     ``other_attrs`` is recorded with it; ``source`` and ``is_model`` are accepted.
     """
     step, timestamp, source = yprov4ml_args.artifact_3x(step, timestamp, source)
+    if text is not None:
+        if not isinstance(text, str):
+            raise InvalidInputError(f"log_artifact(text=...) takes a str, got {type(text).__name__}")
+        if value is not None:
+            raise InvalidInputError("log_artifact: pass the content either as value or as text=, not both")
+        value = text.encode("utf-8")
     if not isinstance(artifact_path, (str, os.PathLike)):
         raise ArtifactError(f"artifact_path must be a name or a path, got {type(artifact_path).__name__}")
     if isinstance(value, Enum) and (context is None or isinstance(context, int)):

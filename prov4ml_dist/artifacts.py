@@ -74,7 +74,8 @@ class ArtifactStore:
         try:
             st = os.lstat(src)
         except FileNotFoundError:
-            raise ArtifactError(f"artifact {str(src)!r} does not exist") from None
+            raise ArtifactError(f"artifact {str(src)!r:.200} does not exist (a str value is a path: to store text "
+                                "as the artifact, pass text=...)") from None
         except OSError as exc:
             raise ArtifactError(f"artifact {str(src)!r} cannot be read: {exc.strerror}") from None
         if stat.S_ISLNK(st.st_mode):

@@ -230,3 +230,17 @@ def test_a_second_end_run_returns_what_the_first_returned_with_a_warning(tmp_pat
     with caplog.at_level("WARNING"):
         assert prov4ml.end_run() == first
     assert "has already ended" in caplog.text and str(first.parent) in caplog.text
+
+
+def test_text_goes_in_text_and_a_string_value_is_always_a_path(run_dir):
+    record = prov4ml.log_artifact("notes.txt", text="loss went NaN at step 7\n", context=prov4ml.Context.TRAINING)
+    stored = run_dir / record["path"]
+    assert stored.read_text(encoding="utf-8") == "loss went NaN at step 7\n"
+    assert record["size"] == len(b"loss went NaN at step 7\n") and record["name"] == "notes.txt"
+    with pytest.raises(prov4ml.ArtifactError, match="a str value is a path: to store text as the artifact, pass text="):
+        prov4ml.log_artifact("notes2.txt", "loss went NaN at step 7", prov4ml.Context.TRAINING)
+    with pytest.raises(prov4ml.InvalidInputError, match="either as value or as text="):
+        prov4ml.log_artifact("n.txt", b"x", text="y")
+    with pytest.raises(prov4ml.InvalidInputError, match="takes a str"):
+        prov4ml.log_artifact("n.txt", text=b"bytes")
+    assert not (run_dir / "artifacts" / "rank-00000" / "notes2.txt").exists()
