@@ -254,13 +254,14 @@ STALL_S = 2 * STALL_MERGE_TIMEOUT_S + 3.0
 
 
 def _stall_when_receiving(save: Path, proc: subprocess.Popen, name: str, seconds: float) -> None:
-    """Once rank 0 is writing ``name`` (its partial file ``.NAME.part-PID`` appears under the
-    run directory), freeze rank 0 with SIGSTOP for ``seconds``, as a node that stops serving."""
+    """Once rank 0 is writing ``name`` (its temporary ``.NAME.tmp-HOST-PID-N`` appears under the
+    run directory, see paths.temporary_path), freeze rank 0 with SIGSTOP for ``seconds``, as a
+    node that stops serving."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        parts = list(save.glob(f"e2e/*/artifacts/*/.{name}.part-*"))
+        parts = list(save.glob(f"e2e/*/artifacts/*/.{name}.tmp-*"))
         if parts:
-            pid = int(parts[0].name.rsplit("-", 1)[1])
+            pid = int(parts[0].name.rsplit("-", 2)[1])
             os.kill(pid, signal.SIGSTOP)
             try:
                 time.sleep(seconds)
