@@ -17,7 +17,17 @@ from . import yprov4ml_args
 from .context import Context
 from .errors import ArtifactError, InvalidInputError, RunStateError
 from .process_hooks import ExitHooks
-from .run import INT64_MAX, Run, RunConfig, as_metric_value, as_step, automatic_step_overflow, check_param
+from .run import (
+    INT64_MAX,
+    Run,
+    RunConfig,
+    as_metric_value,
+    as_step,
+    automatic_step_overflow,
+    check_param,
+    export_run,
+    unexport_run,
+)
 from .topology import detect
 
 log = logging.getLogger(__name__)
@@ -142,6 +152,7 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
             log.warning("start_run(rank=%s) ignored: the launcher (%s) says rank %s",
                         rank, topology.launcher, topology.rank)
     run = Run(config, topology)
+    export_run(config, run.run_id)
     _active, _forked_from = run, None
     _hooks = ExitHooks(run.close_unfinished, run.writer.defer)
     return run.run_dir
@@ -157,6 +168,7 @@ def _abandon(stale: Run) -> None:
     if _hooks is not None:
         _hooks.remove()
         _hooks = None
+    unexport_run(stale.run_id)
     stale.close("abandoned")
 
 
@@ -182,6 +194,7 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
     if _hooks is not None:
         _hooks.remove()
         _hooks = None
+    unexport_run(run.run_id)
     prov_json = run.end(create_graph=create_graph, create_svg=create_svg)
     if prov_json is not None and (create_card or crate_ro_crate):
         from .compat.outputs import write_outputs

@@ -1,0 +1,68 @@
+"""Late and spawned ranks: a framework that starts the other processes, or initialises
+torch.distributed, after the script's start_run still gives one run per job."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from .frameworks_support import SCRIPTS, assert_one_run, needs, run_job, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def test_start_run_before_init_process_group_under_torchrun_gives_one_run(tmp_path):
+    """Logged before init_process_group, the point is kept; both ranks are one run."""
+    run_job([*torchrun(2), str(SCRIPTS / "start_then_init.py"), str(tmp_path / "prov")], tmp_path)
+    run_dir = assert_one_run(tmp_path / "prov", "late", 2, ("loss", "before_init"))
+    assert run_dir.name.startswith("torchrun-")
+
+
+def test_lightning_own_launcher_without_our_logger_gives_one_run_of_two_ranks(tmp_path):
+    """`python train.py` with devices=2, strategy="ddp": Lightning starts rank 1 after rank 0's
+    start_run; rank 1 joins rank 0's run (it inherits the run id), and rank 0 learns the world
+    size at end_run. Old code: two runs, each "rank 0 of 1"."""
+    needs("lightning")
+    run_job([sys.executable, str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), "ddp", "2", "none"],
+            tmp_path)
+    assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss",))
+
+
+def test_a_process_a_framework_started_on_one_node_knows_its_rank_from_local_rank():
+    """Lightning's subprocess launcher exports NODE_RANK, LOCAL_RANK and WORLD_SIZE, not RANK."""
+    from prov4ml_dist.topology import detect
+
+    child = detect({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "NODE_RANK": "0", "MASTER_PORT": "1234"})
+    assert (child.rank, child.world_size, child.local_rank, child.launcher) == (1, 2, 1, "framework")
+    # On another node the node's process count is unknown: no guess (settled at end_run).
+    assert detect({"LOCAL_RANK": "1", "WORLD_SIZE": "4", "NODE_RANK": "1"}).launcher == "single"
+
+
+def test_the_inherited_run_is_joined_by_a_framework_child_not_by_a_plain_subprocess(tmp_path, monkeypatch):
+    """A script that runs another script with `subprocess` must not have it write into its run."""
+    import prov4ml_dist as prov4ml
+
+    monkeypatch.setenv("PROV4ML_DIST_RUN_ID", "parents-run")
+    plain = prov4ml.start_run("e", provenance_save_dir=tmp_path, sample_interval=None)
+    assert plain.name != "parents-run"
+    prov4ml.api.get_active_run().close("test")
+    monkeypatch.setenv("PROV4ML_DIST_RUN_ID", "parents-run")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    child = prov4ml.start_run("e", provenance_save_dir=tmp_path, sample_interval=None)
+    assert child.name == "parents-run" and (child / "shards" / "rank-00001.h5").exists()
+    import os
+
+    assert os.environ["PROV4ML_DIST_RUN_ID"] == "parents-run"  # and passes it on to its own children
+
+
+def test_a_rank_that_changes_after_start_run_is_a_clear_error_not_a_wrong_shard(tmp_path, monkeypatch):
+    import prov4ml_dist as prov4ml
+    from prov4ml_dist.errors import RunStateError
+
+    prov4ml.start_run("e", provenance_save_dir=tmp_path, sample_interval=None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunStateError, match="rank 0 of 1, but is rank 1 of 2"):
+        prov4ml.api.get_active_run().settle_topology()
