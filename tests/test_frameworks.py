@@ -66,3 +66,63 @@ def test_a_rank_that_changes_after_start_run_is_a_clear_error_not_a_wrong_shard(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunStateError, match="rank 0 of 1, but is rank 1 of 2"):
         prov4ml.api.get_active_run().settle_topology()
+
+
+def _revisions(run_dir) -> int:
+    """Model-version lineage in prov.json: wasDerivedFrom typed prov:Revision."""
+    import json
+
+    derived = json.loads((run_dir / "prov.json").read_text()).get("wasDerivedFrom", {})
+    return sum(1 for d in derived.values() if (d.get("prov:type") or {}).get("$") == "prov:Revision")
+
+
+def _lightning_params(run_dir) -> dict:
+    from prov4ml_dist.merge.load import load_merged
+
+    return {p.key: p.value for p in load_merged(run_dir / "merged.h5").params if p.majority}
+
+
+def test_provml_logger_with_csv_logger_records_every_rank_hparams_setup_and_checkpoints(tmp_path):
+    """`logger=[ProvMLLogger(), CSVLogger(...)]` under Lightning's own launcher: every rank's
+    self.log values (rank 1's marker is 1: its own values, not rank 0's), the module's
+    hyperparameters, the Trainer's set-up, each ModelCheckpoint file a model version derived
+    from the previous one; the CSVLogger still writes its file."""
+    needs("lightning")
+    run_job([sys.executable, str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), "ddp", "2", "csv+prov"],
+            tmp_path)
+    run_dir = assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss", "rank_marker"), model_versions=2)
+    from prov4ml_dist.merge.load import load_merged
+
+    markers = {s.rank: s.last for s in load_merged(run_dir / "merged.h5").series if s.key == "rank_marker"}
+    assert markers == {0: 0.0, 1: 1.0}
+    params = _lightning_params(run_dir)
+    assert params["lr"] == 0.05 and params["hidden"] == 4 and params["script_param"] == 7
+    assert params["trainer/strategy"] == "DDPStrategy" and params["trainer/devices"] == 2
+    assert params["trainer/num_nodes"] == 1 and params["trainer/precision"] == "32-true"
+    assert _revisions(run_dir) >= 1
+    assert list((tmp_path / "prov" / "csv").rglob("metrics.csv"))
+
+
+def test_provml_logger_under_torchrun(tmp_path):
+    needs("lightning")
+    run_job([*torchrun(2), str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), "ddp", "2", "prov"],
+            tmp_path)
+    run_dir = assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss", "rank_marker"), model_versions=2)
+    assert run_dir.name.startswith("torchrun-")
+    assert _lightning_params(run_dir)["trainer/strategy_launcher"] == "_SubprocessScriptLauncher"
+
+
+def test_provml_logger_is_lazy_and_has_yprov4mls_module_path():
+    """`import prov4ml_dist` imports no framework; the logger is found under both names."""
+    import subprocess
+
+    from .frameworks_support import framework_env
+
+    code = ("import sys, prov4ml_dist; assert 'lightning' not in sys.modules and 'transformers' not in sys.modules; "
+            "from prov4ml_dist.loggers.prov4ml_lightning_logger import ProvMLLogger as A; "
+            "assert prov4ml_dist.ProvMLLogger is A; from lightning.pytorch.loggers import Logger; "
+            "assert issubclass(A, Logger)")
+    needs("lightning")
+    proc = subprocess.run([sys.executable, "-c", code], env=framework_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
