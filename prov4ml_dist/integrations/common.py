@@ -102,11 +102,13 @@ def as_number(value: Any) -> float | None:
 
 
 def context_of(key: str) -> Any:
-    """The context a framework's metric name implies, as yProv4ML's Lightning logger reads it:
-    validation and test/evaluation names, else training."""
+    """The context a framework's metric name implies: test, evaluation (Hugging Face's
+    ``eval_*``), validation (Lightning's ``val_*``) names, else training."""
     lowered = key.lower()
+    if "test" in lowered:
+        return Context.TESTING
+    if "eval" in lowered:
+        return Context.EVALUATION
     if "val" in lowered:
         return Context.VALIDATION
-    if "test" in lowered or "eval" in lowered:
-        return Context.TESTING
     return Context.TRAINING
