@@ -438,6 +438,11 @@ class Run:
         self._artifact_records.append(record)
         return record
 
+    def replay_artifact(self, record: dict[str, Any]) -> None:
+        """An artifact record of this rank's launcher (``handover``): its file is already under
+        this rank's artifacts directory, at the recorded path."""
+        self._add_artifact(dict(record))
+
     def record_written_file(self, dest: Path, fields: dict[str, Any]) -> dict[str, Any]:
         """Record a file written in place at ``dest`` (from ``artifacts.reserve``), e.g. by a
         wrapper's writer thread; ``fields`` name it (name, context, item, ...)."""

@@ -126,3 +126,45 @@ def test_provml_logger_is_lazy_and_has_yprov4mls_module_path():
     proc = subprocess.run([sys.executable, "-c", code], env=framework_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_lightning_ddp_spawn_hands_the_scripts_run_over_to_the_spawned_ranks(tmp_path):
+    """ddp_spawn: the script's process (start_run, a param and a point logged) spawns two ranks
+    that do not run the script. One run of 2 ranks; the script's records are rank 0's (taken
+    in from the handed-over shard, which is then gone); the script's end_run returns prov.json."""
+    needs("lightning")
+    proc = run_job([sys.executable, str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), "ddp_spawn", "2",
+                    "prov"], tmp_path)
+    run_dir = assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss", "rank_marker"), model_versions=2)
+    from prov4ml_dist.merge.load import load_merged
+
+    merged = load_merged(run_dir / "merged.h5")
+    assert [(s.rank, s.last) for s in merged.series if s.key == "before_fit"] == [(0, 1.5)]
+    assert [(p.value, p.ranks) for p in merged.params if p.key == "script_param"] == [(7, (0,))]
+    assert _lightning_params(run_dir)["trainer/strategy_launcher"] == "_MultiProcessingLauncher"
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["rank-00000.h5", "rank-00001.h5"]
+    assert f"END_RUN {run_dir / 'prov.json'}" in proc.stdout
+
+
+def test_a_handed_over_shard_is_taken_in_by_the_new_process_of_its_rank(tmp_path, monkeypatch):
+    """In one process, for speed: the launcher's shard leaves the merge's sight at once
+    (not rank-*.h5), and the new rank 0 of the run replays its param and points, then deletes it."""
+    import prov4ml_dist as prov4ml
+    from prov4ml_dist import api
+    from prov4ml_dist.shard import ShardReader
+
+    run_dir = prov4ml.start_run("e", provenance_save_dir=tmp_path, sample_interval=None)
+    prov4ml.log_param("p", 3)
+    for step in range(5):
+        prov4ml.log_metric("m", float(step), prov4ml.Context.TRAINING, step=step)
+    handed = api.hand_over_to_spawned_ranks()
+    assert handed is not None and handed.name.startswith("handover-")
+    assert not list((run_dir / "shards").glob("rank-*.h5"))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as a spawned rank 0 of 2 would be
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert prov4ml.start_run("e", provenance_save_dir=tmp_path, sample_interval=None) == run_dir
+    assert not handed.exists()
+    api.get_active_run().close("test")
+    with ShardReader(run_dir / "shards" / "rank-00000.h5") as reader:
+        assert [r["value"] for r in reader.records("param")] == [3]
+        assert reader.read_table("metrics")["value"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]

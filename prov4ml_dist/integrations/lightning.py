@@ -94,7 +94,13 @@ class ProvMLLogger(Logger):
         self._handle.finish()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Sent to ddp_spawn's workers: each records into its own run, never the parent's."""
+        """Pickled for ddp_spawn's workers (Lightning sends them the Trainer and its loggers):
+        the script's process is their launcher, not a rank, so its run is handed over to the
+        new rank 0 (prov4ml_dist/handover.py); each worker records into its own shard."""
+        from .. import api
+
+        if self._handle.started_here is None:
+            api.hand_over_to_spawned_ranks()
         state = self.__dict__.copy()
         state["_trainer"] = None
         state["_handle"] = RunHandle(self._handle.experiment_name, self._handle.provenance_save_dir,

@@ -36,6 +36,7 @@ def main() -> None:
     which = sys.argv[4] if len(sys.argv) > 4 else "prov"
     prov4ml.start_run("lightning", provenance_save_dir=save_dir, sample_interval=None, merge_timeout=60)
     prov4ml.log_param("script_param", 7)  # logged before the framework set the job up
+    prov4ml.log_metric("before_fit", 1.5, prov4ml.Context.TRAINING, step=0)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
     loggers = {"prov": lambda: [prov4ml.ProvMLLogger()], "none": lambda: False,
@@ -44,7 +45,8 @@ def main() -> None:
                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[ModelCheckpoint(dirpath=save_dir + "/ckpt", every_n_train_steps=2, save_top_k=-1)])
     trainer.fit(Tiny(), DataLoader(data, batch_size=4))
-    prov4ml.end_run()
+    prov_json = prov4ml.end_run()
+    print("END_RUN", prov_json if trainer.is_global_zero else "-")
 
 
 if __name__ == "__main__":
