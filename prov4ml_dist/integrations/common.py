@@ -30,6 +30,7 @@ class RunHandle:
         self.start_options = dict(start_options or {})
         self.started_here: Run | None = None
         self._checkpoints: set[tuple[str, int, int]] = set()
+        self._contexts: dict[Any, Any] = {}  # a metric name's context, read once
 
     def ensure(self) -> Run:
         run = api.get_active_run()
@@ -63,7 +64,13 @@ class RunHandle:
             number = as_number(value)
             if number is None:
                 continue
-            run.log_metric(str(key), number, context if context is not None else context_of(str(key)), step)
+            if context is None:
+                ctx = self._contexts.get(key)
+                if ctx is None:
+                    ctx = self._contexts[key] = context_of(str(key))
+            else:
+                ctx = context
+            run.log_metric(str(key), number, ctx, step)
             recorded += 1
         return recorded
 
