@@ -485,13 +485,16 @@ class Run:
         self.writer.close(status)
 
     def settle_topology(self) -> Topology:
-        """Detect this process's place again: a framework may have started the other ranks, or
-        initialised torch.distributed, after ``start_run`` (README, "Which rank am I"). A new
-        world size or launcher is recorded in the shard (the merge reads it); the rank cannot
-        change, as the shard and artifacts are named by it: a RunStateError says what to do."""
-        if self._closed:
+        """Detect this process's place again when ``start_run`` found it alone: a framework may
+        have started the other ranks, or initialised torch.distributed, since (README, "Which
+        rank am I"). The world size and launcher learnt are recorded in the shard (the merge
+        reads them); the rank cannot change, as the shard and artifacts are named by it: a
+        RunStateError says what to do. A topology a launcher gave is kept as it is."""
+        if self._closed or self.topology.world_size > 1:  # a launcher's numbering: nothing to learn
             return self.topology
         now = detect()
+        if now.world_size <= 1:  # still alone (or a process group already destroyed): as it was
+            return self.topology
         if now.rank != self.topology.rank:
             raise RunStateError(
                 f"this process started its run {self.run_id} as rank {self.topology.rank} of "
