@@ -57,6 +57,7 @@ _LAZY = {
     "WeightDistributionTrackedModel": "prov4ml_dist.wrappers.tracked_layers",
     "IndexedDatasetWrapper": "prov4ml_dist.wrappers.indexed_dataset",
     "ProvMLItwinAILogger": "prov4ml_dist.loggers.prov4ml_itwinai_logger",
+    "ProvMLLogger": "prov4ml_dist.integrations.lightning",  # imports lightning: not in __all__
 }
 
 

@@ -16,8 +16,19 @@ from typing import Any
 from . import yprov4ml_args
 from .context import Context
 from .errors import ArtifactError, InvalidInputError, RunStateError
+from .handover import hand_over, take_over
 from .process_hooks import ExitHooks
-from .run import INT64_MAX, Run, RunConfig, as_metric_value, as_step, automatic_step_overflow, check_param
+from .run import (
+    INT64_MAX,
+    Run,
+    RunConfig,
+    as_metric_value,
+    as_step,
+    automatic_step_overflow,
+    check_param,
+    export_run,
+    unexport_run,
+)
 from .topology import detect
 
 log = logging.getLogger(__name__)
@@ -26,6 +37,7 @@ _active: Run | None = None
 _hooks: ExitHooks | None = None
 _forked_from: Run | None = None  # in a forked child: the parent's run, never to be written
 _refused = 0  # calls refused in this forked child
+_handed_over: Run | None = None  # this process's run, handed over to spawned ranks (handover.py)
 _ended: tuple[Run, Path | None] | None = None  # the last run ended here and what end_run returned: a second
 # end_run (a framework's hook and the script both call it) returns the same
 
@@ -142,9 +154,29 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
             log.warning("start_run(rank=%s) ignored: the launcher (%s) says rank %s",
                         rank, topology.launcher, topology.rank)
     run = Run(config, topology)
+    export_run(config, run.run_id)
     _active, _forked_from = run, None
     _hooks = ExitHooks(run.close_unfinished, run.writer.defer)
+    take_over(run)
     return run.run_dir
+
+
+def hand_over_to_spawned_ranks() -> Path | None:
+    """Called in the script's process when a framework is about to start the job's ranks as new
+    processes that do not run the script (ddp_spawn): this process is their launcher, not a
+    rank; its shard is taken in by the new rank of the same number (handover.py). Returns the
+    handed-over file, or None when there is nothing to hand over (no run, or already a rank of
+    a multi-process job)."""
+    global _active, _hooks, _handed_over
+    run = _active
+    if run is None or run.topology.world_size > 1:
+        return None
+    _active = None
+    if _hooks is not None:
+        _hooks.remove()
+        _hooks = None
+    _handed_over = run
+    return hand_over(run)
 
 
 def _abandon(stale: Run) -> None:
@@ -157,6 +189,7 @@ def _abandon(stale: Run) -> None:
     if _hooks is not None:
         _hooks.remove()
         _hooks = None
+    unexport_run(stale.run_id)
     stale.close("abandoned")
 
 
@@ -166,12 +199,18 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
     (and None when the merge is left to ``prov4ml-dist merge``, or when no run is active: as in
     yProv4ML, with a warning). On rank 0, ``create_card`` writes a model card and
     ``crate_ro_crate`` an RO-Crate of the run directory (see compat/card.py, compat/crate.py)."""
-    global _active, _hooks, _ended
+    global _active, _hooks, _ended, _handed_over
     run = _active
     if run is None:
         if _forked_from is not None:
             _refuse()  # a forked child: the run is its parent's to end
             return None
+        if _handed_over is not None:  # its ranks ended it; rank 0 wrote prov.json
+            handed, _handed_over = _handed_over, None
+            unexport_run(handed.run_id)
+            prov_json = handed.run_dir / "prov.json"
+            _ended = (handed, prov_json if prov_json.is_file() else None)
+            return _ended[1]
         if _ended is not None:
             log.warning("end_run: the run %s has already ended; returning what its end_run returned",
                         _ended[0].run_dir)
@@ -182,6 +221,7 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
     if _hooks is not None:
         _hooks.remove()
         _hooks = None
+    unexport_run(run.run_id)
     prov_json = run.end(create_graph=create_graph, create_svg=create_svg)
     if prov_json is not None and (create_card or crate_ro_crate):
         from .compat.outputs import write_outputs

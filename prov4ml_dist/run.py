@@ -11,11 +11,12 @@ import math
 import numbers
 import operator
 import os
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,39 @@ def check_seconds(value: object, what: str, optional: bool = False) -> None:
         raise InvalidInputError(f"{what} must be a positive, finite number of seconds, got {value!r:.40}")
 
 
+# What start_run exports to the processes a framework starts after it (Lightning's subprocess
+# launcher and ddp_spawn, Accelerate's launchers): they inherit the run, not only the script.
+INHERITED_RUN_ID = "PROV4ML_DIST_RUN_ID"
+INHERITED_SAVE_DIR = "PROV4ML_DIST_SAVE_DIR"
+INHERITED_EXPERIMENT = "PROV4ML_DIST_EXPERIMENT"
+# Launchers whose processes take the inherited run: a framework's (see topology), or one that
+# only initialised torch.distributed; torchrun and Slurm name the run themselves.
+INHERITING_LAUNCHERS = ("framework", "torch.distributed", "env")
+
+
+def export_run(config: RunConfig, run_id: str) -> None:
+    """Let the processes a framework starts later join this run (README, "Which rank am I")."""
+    os.environ[INHERITED_RUN_ID] = run_id
+    os.environ[INHERITED_SAVE_DIR] = str(Path(config.provenance_save_dir).absolute())
+    os.environ[INHERITED_EXPERIMENT] = config.experiment_name
+
+
+def unexport_run(run_id: str) -> None:
+    """The run has ended: processes started from now on (another script) do not join it."""
+    if os.environ.get(INHERITED_RUN_ID) == run_id:
+        for name in (INHERITED_RUN_ID, INHERITED_SAVE_DIR, INHERITED_EXPERIMENT):
+            os.environ.pop(name, None)
+
+
+def inherited_run_id(topology: Topology) -> str | None:
+    """The run a parent process exported, for a process of a multi-process job that has no
+    launcher's run id: a plain single process (a script run by ``subprocess``) starts its own."""
+    inherited = os.environ.get(INHERITED_RUN_ID)
+    if not inherited or topology.world_size <= 1 or topology.launcher not in INHERITING_LAUNCHERS:
+        return None
+    return inherited
+
+
 def new_run_id() -> str:
     """Sortable and unique: UTC time plus random bits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
@@ -98,9 +132,9 @@ def resolve_run_id(config: RunConfig, topology: Topology) -> str:
     """Explicit id, else the launcher's, else rank 0's broadcast; never a directory scan."""
     if config.run_id is not None:
         return check_component(config.run_id, "run_id")
-    from_launcher = launcher_run_id(topology)
+    from_launcher = launcher_run_id(topology) or inherited_run_id(topology)
     if from_launcher is not None:
-        return from_launcher
+        return check_component(from_launcher, "run_id")
     if topology.world_size == 1:
         return new_run_id()
     from .transport import TransportError, agree_run_id
@@ -348,12 +382,28 @@ class Run:
     def save_model_version(self, model: Any, model_name: str, context: Any, step: Any = None,
                            timestamp: Any = None, other_attrs: dict | None = None) -> dict[str, Any]:
         """A new version of ``model_name`` (0, 1, 2, ... per rank) under models/<name>/."""
+        return self._model_version(lambda dest: models.save_model(model, dest), model_name, context, step,
+                                   timestamp, other_attrs)
+
+    def save_model_version_file(self, path: str | os.PathLike, model_name: str, context: Any = None,
+                                step: Any = None, other_attrs: dict | None = None) -> dict[str, Any]:
+        """A file a framework saved (a Lightning or Hugging Face checkpoint) as the next version
+        of ``model_name``: copied, so that later saves over the same name keep each version."""
+        source = Path(os.fspath(path))
+        if not source.is_file():
+            raise InvalidInputError(f"checkpoint {str(source)!r:.200} is not a file")
+        return self._model_version(lambda dest: shutil.copyfile(source, dest), model_name, context, step, None,
+                                   {"source_path": str(source.absolute()), **(other_attrs or {})})
+
+    def _model_version(self, write: Any, model_name: str, context: Any, step: Any, timestamp: Any,
+                       other_attrs: dict | None) -> dict[str, Any]:
+        """Write (``write(dest)``) and record version 0, 1, 2, ... of ``model_name`` on this rank."""
         check_name(model_name, "model_name")
         ctx = context_name(context) if context is not None else None
         step = as_step(step) if step is not None else None
         version = self._model_versions.get(model_name, -1) + 1
         dest = self.artifacts.reserve(f"models/{model_name}/{model_name}_v{version:04d}.pt")
-        models.save_model(model, dest)
+        write(dest)
         self._model_versions[model_name] = version
         return self._add_artifact({"name": f"{model_name}_v{version:04d}.pt", "context": ctx, "step": step,
                                    "timestamp": timestamp, "item": "model_version", "model_name": model_name,
@@ -387,6 +437,11 @@ class Run:
         self.writer.record(record)
         self._artifact_records.append(record)
         return record
+
+    def replay_artifact(self, record: dict[str, Any]) -> None:
+        """An artifact record of this rank's launcher (``handover``): its file is already under
+        this rank's artifacts directory, at the recorded path."""
+        self._add_artifact(dict(record))
 
     def record_written_file(self, dest: Path, fields: dict[str, Any]) -> dict[str, Any]:
         """Record a file written in place at ``dest`` (from ``artifacts.reserve``), e.g. by a
@@ -429,6 +484,30 @@ class Run:
             self.sampler.stop()  # before the writer closes: its energy record must reach the shard
         self.writer.close(status)
 
+    def settle_topology(self) -> Topology:
+        """Detect this process's place again when ``start_run`` found it alone: a framework may
+        have started the other ranks, or initialised torch.distributed, since (README, "Which
+        rank am I"). The world size and launcher learnt are recorded in the shard (the merge
+        reads them); the rank cannot change, as the shard and artifacts are named by it: a
+        RunStateError says what to do. A topology a launcher gave is kept as it is."""
+        if self._closed or self.topology.world_size > 1:  # a launcher's numbering: nothing to learn
+            return self.topology
+        now = detect()
+        if now.world_size <= 1:  # still alone (or a process group already destroyed): as it was
+            return self.topology
+        if now.rank != self.topology.rank:
+            raise RunStateError(
+                f"this process started its run {self.run_id} as rank {self.topology.rank} of "
+                f"{self.topology.world_size}, but is rank {now.rank} of {now.world_size} ({now.launcher}): call "
+                "start_run after init_process_group, or launch with torchrun/srun/mpirun, or pass the same "
+                "start_run(run_id=...) and rank=... on every process")
+        if (now.world_size, now.launcher, now.local_rank, now.node_rank) != (
+                self.topology.world_size, self.topology.launcher, self.topology.local_rank, self.topology.node_rank):
+            self.topology = replace(now, job_id=self.topology.job_id, step_id=self.topology.step_id,
+                                    array_id=self.topology.array_id, elastic_run_id=self.topology.elastic_run_id)
+            self.writer.record({"kind": "topology", "time": time.time(), "topology": self.topology.as_dict()})
+        return self.topology
+
     def local_roots(self) -> list[Path]:
         """This rank's node-local directory, when it used one (``--local-dirs`` of the offline merge)."""
         return [self.rank_root] if self.rank_root != self.run_dir else []
@@ -447,7 +526,14 @@ class Run:
 
     def end(self, create_graph: bool = False, create_svg: bool = False) -> Path | None:
         """Close the shard, then take part in the merge. Rank 0 gets prov.json; others None."""
+        settle_error = None
+        try:
+            self.settle_topology()  # before the gather: it needs the world size known now
+        except RunStateError as exc:
+            settle_error = exc
         self.close("ok")
+        if settle_error is not None:
+            raise settle_error
         from .aggregate import finish_run
 
         prov_json = finish_run(self)

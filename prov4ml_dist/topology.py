@@ -3,7 +3,13 @@
 Order: torchrun (its variables describe the worker, even under ``srun torchrun`` where
 SLURM_PROCID is only the node's launcher index), an initialised torch.distributed, then the
 launcher's numbering: an MPI launcher's (Open MPI, MPICH/Hydra PMI) when it disagrees with
-Slurm's (mpirun/mpiexec inside an allocation), else a Slurm step's, else a single process.
+Slurm's (mpirun/mpiexec inside an allocation), else a Slurm step's, else a framework's child
+on one node (Lightning's subprocess launcher: LOCAL_RANK and WORLD_SIZE without RANK), else a
+single process.
+
+A process may learn its place late (a framework starts the other processes, or initialises
+torch.distributed, after the script's ``start_run``): ``Run.settle_topology`` detects again
+when the rank is needed (``end_run``, a framework integration's set-up hook).
 """
 
 from __future__ import annotations
@@ -165,7 +171,22 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
                         local_world_size=place.local_world_size, node_rank=place.node_rank,
                         launcher=place.launcher, **common)
 
+    framework = _framework_child(env)
+    if framework is not None:
+        return Topology(**framework, **common)
     return Topology(**common)
+
+
+def _framework_child(env: Mapping[str, str]) -> dict | None:
+    """A process a framework started on one node before torch.distributed (Lightning's
+    subprocess launcher exports NODE_RANK, LOCAL_RANK and WORLD_SIZE, never RANK): its rank is
+    its local rank. On another node (NODE_RANK > 0) the node's process count is not known
+    here: None, and the rank is settled once torch.distributed is initialised."""
+    local, world = _int(env, "LOCAL_RANK"), _int(env, "WORLD_SIZE")
+    if local is None or world is None or world <= 1 or not 0 <= local < world or _int(env, "NODE_RANK", 0) != 0:
+        return None
+    return {"rank": local, "world_size": world, "local_rank": local,
+            "local_world_size": _int(env, "LOCAL_WORLD_SIZE", world), "launcher": "framework"}
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:

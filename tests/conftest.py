@@ -33,8 +33,8 @@ def no_active_run():
 def clean_launcher_env(monkeypatch):
     """Tests decide their own topology: drop launcher variables inherited from the shell."""
     for name in list(os.environ):
-        if name.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", "PMIX_")) or name in (
-                "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MPI_LOCALRANKID"):
+        if name.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", "PMIX_", "PROV4ML_DIST_")) or name in (
+                "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MPI_LOCALRANKID", "NODE_RANK"):
             monkeypatch.delenv(name, raising=False)
 
 

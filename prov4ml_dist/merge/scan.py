@@ -123,6 +123,8 @@ def _read_shard(path: Path) -> ShardInfo:
                 end = record
             elif kind == "series":
                 _declare(decls, record)
+            elif kind == "topology" and start is not None and isinstance(record.get("topology"), dict):
+                start = {**start, "topology": record["topology"]}  # settled late (Run.settle_topology)
             else:
                 records.append(record)
         if start is None:
