@@ -209,7 +209,7 @@ def _shard_problems(shard: ShardInfo) -> list[str]:
     found += [f"{who}: {problem}" for problem in shard.problems]
     if shard.end is None:
         found.append(f"{who}: incomplete (no end record: it crashed or is still running); "
-                     "merged up to its last flush")
+                     "merged up to its last flush, and what its crash ring kept")
     elif shard.end.get("status") != "ok":
         found.append(f"{who}: incomplete (it closed its shard without end_run: {str(shard.end.get('status'))[:80]})")
     if shard.end is not None:

@@ -12,6 +12,9 @@ SWMR forbids creating objects once writing starts, so the layout is fixed:
 - ``/journal``: append-only UTF-8 JSON Lines as ``uint8``; every record is a JSON object with
   ``kind`` and ``time`` (unix seconds). A torn last line (crash mid-write) is ignored.
 
+Beside the shard while it is open (removed at a clean close): ``<shard>.ring`` and
+``<shard>.wal``, the crash ring and journal WAL that hold what is not flushed yet (``ring.py``).
+
 Journal record kinds and their fields (besides ``kind`` and ``time``):
 
 - ``start``: ``run_id``, ``experiment_name``, ``user_namespace``, ``topology`` (dict),
