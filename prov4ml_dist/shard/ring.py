@@ -85,7 +85,7 @@ class Ring:
     """One table's ring in the shared mapping: the hot path writes slots, the flusher drains."""
 
     __slots__ = ("mm", "base", "mask", "capacity", "limit", "drained", "next_slot", "abandoned", "unstorable",
-                 "given_up", "_delta_at", "_view", "_hole")
+                 "given_up", "waits", "_delta_at", "_view", "_hole")
 
     def __init__(self, mm: mmap.mmap, base: int, capacity: int, delta_at: int) -> None:
         self.mm = mm
@@ -98,6 +98,7 @@ class Ring:
         self.abandoned: set[int] = set()  # slots taken by a call that raised before committing
         self.unstorable = 0  # rows refused by the packer (values the API never lets through)
         self.given_up = 0  # slots skipped after HOLE_TIMEOUT_S unwritten
+        self.waits = 0  # logging calls that found the ring full and waited for the flusher
         self._hole: tuple[int, float] = (-1, 0.0)  # (slot, since) of an unwritten slot blocking the drain
         self._delta_at = delta_at
         self._view = np.frombuffer(mm, dtype=RING_DTYPE, count=capacity, offset=base)
@@ -125,6 +126,7 @@ class Ring:
     def wait_for(self, slot: int) -> None:
         """Back-pressure: the ring is full (the flusher is ``capacity`` rows behind); wait until
         it drained enough for ``slot`` (never overwrite a row that is not in HDF5 yet)."""
+        self.waits += 1
         while slot >= self.limit:
             time.sleep(BACKPRESSURE_SLEEP_S)
 

@@ -393,7 +393,8 @@ class ShardWriter:
                          "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
                          "failures": self.failures, "failure_count": self.failure_count,
                          "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
-                         "lost_journal_bytes": self.lost_journal_bytes})
+                         "lost_journal_bytes": self.lost_journal_bytes,
+                         "ring_waits": {n: t.ring.waits for n, t in self.tables.items()}})
             self.flush()
             try:
                 self._file.close()
