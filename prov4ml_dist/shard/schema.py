@@ -52,8 +52,10 @@ JOURNAL = "journal"
 
 ROW_DTYPE = np.dtype([("series", "<i4"), ("step", "<i8"), ("value", "<f8"), ("time", "<f8")])
 
-TABLE_CHUNK_ROWS = 16384
-JOURNAL_CHUNK_BYTES = 65536
+# Small chunks: a chunk is allocated whole, so a 200-point run's shard is tens of KB, not a
+# 16,384-row chunk (458 KB); the flusher's batches still span whole chunks at 10⁶ points.
+TABLE_CHUNK_ROWS = 1024
+JOURNAL_CHUNK_BYTES = 4096
 
 SHARDS_DIR = "shards"
 ARTIFACTS_DIR = "artifacts"
