@@ -28,9 +28,8 @@ from .describe import describe, has_address
 from .errors import InvalidInputError, MergeError, RunStateError
 from .sampling import Sampler
 from .shard import ShardWriter, schema
-from .shard.ring import DATA_OFFSET, ROW_BYTES
-from .shard.ring import PACK_ROW as _pack_row
-from .shard.ring import PACK_SEQ as _pack_seq
+from .shard.ring import PACK as _pack
+from .shard.ring import ROW_BYTES
 from .shard.writer import to_json_line
 from .topology import Topology, detect
 
@@ -287,9 +286,8 @@ class Run:
         try:  # free unless it raises
             if slot >= ring.limit:  # the flusher is a whole ring behind: wait for it, never overwrite
                 ring.wait_for(slot)
-            mm, off = ring.mm, ring.base + (slot & ring.mask) * ROW_BYTES
-            _pack_row(mm, off + DATA_OFFSET, series[0], step, value, _now())
-            _pack_seq(mm, off, slot + 1)  # the commit mark, last: a row killed half-written is never read
+            # The commit mark (slot + 1) is packed last: a row killed half-written is never read.
+            _pack(ring.mm, ring.base + (slot & ring.mask) * ROW_BYTES, series[0], step, value, _now(), slot + 1)
         except BaseException:  # KeyboardInterrupt mid-write: the flusher must not wait for this slot
             ring.abandon(slot)
             raise

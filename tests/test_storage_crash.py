@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -97,11 +98,11 @@ def _die_after(tmp_path: Path, write) -> Path:  # noqa: ANN001 - a callable taki
 
 
 def _torn_row(writer: ShardWriter, sid: int, step: int) -> None:
-    """What a process killed between the two stores of ``Ring.write`` leaves: the row's data
-    in its slot, without the commit mark."""
+    """What a process killed inside ``Ring.write``'s ``pack_into`` leaves: the row's data in its
+    slot, without the commit mark (its last field)."""
     r = writer.metrics.ring
     slot = next(r.next_slot)
-    ring.PACK_ROW(r.mm, r.base + (slot & r.mask) * ring.ROW_BYTES + ring.DATA_OFFSET, sid, step, 666.0, 1.0)
+    struct.pack_into("<iqdd", r.mm, r.base + (slot & r.mask) * ring.ROW_BYTES, sid, step, 666.0, 1.0)
 
 
 def test_a_torn_last_row_is_ignored_not_misread(tmp_path):

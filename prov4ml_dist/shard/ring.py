@@ -10,12 +10,15 @@ flush interval.
 Ring file layout (little-endian): a ``HEADER_BYTES`` header — ``MAGIC``, then per table of
 ``schema.TABLES`` its capacity (u8, a power of two) and ``delta`` (i8) — then each table's ring
 of ``capacity`` rows of ``RING_DTYPE``. Slot ``s`` (a per-table counter) lives at row
-``s % capacity``; its ``seq`` is written last, as ``s + 1``, so a row whose ``seq`` is not the
-one its slot expects is torn or stale and never read. HDF5 row ``r`` of a table holds slot
-``r + delta`` for every row the flusher wrote since it last changed ``delta`` (it changes it,
-before writing, when a failed flush dropped rows), so the rows to recover after a crash are the
-committed slots from ``readable HDF5 rows + delta`` on. The journal works the same way with
-record numbers: ``JOURNAL_DELTA`` in the header, HDF5 journal lines against WAL records.
+``s % capacity``; its ``seq`` (``s + 1``) is its last field, and one ``struct.pack_into`` stores
+the fields in order (CPython packs field by field, straight into the mapping), so a process
+killed mid-row leaves a prefix of it: a row whose ``seq`` is not the one its slot expects is
+torn or stale and never read. (Threads see whole rows: ``pack_into`` holds the GIL.) HDF5 row
+``r`` of a table holds slot ``r + delta`` for every row the flusher wrote since it last changed
+``delta`` (it changes it, before writing, when a failed flush dropped rows), so the rows to
+recover after a crash are the committed slots from ``readable HDF5 rows + delta`` on. The
+journal works the same way with record numbers: ``JOURNAL_DELTA`` in the header, HDF5 journal
+lines against WAL records.
 
 WAL record: ``<II`` (length, crc32) then the JSON line; a torn or corrupt record ends the read.
 """
@@ -40,12 +43,10 @@ from . import schema
 MAGIC = b"P4DRING1"
 HEADER_BYTES = 4096
 ROW_BYTES = 40
-DATA_OFFSET = 8  # the row's data after its seq
-RING_DTYPE = np.dtype({"names": ["seq", "series", "step", "value", "time"],
-                       "formats": ["<u8", "<i4", "<i8", "<f8", "<f8"],
-                       "offsets": [0, 8, 12, 20, 28], "itemsize": ROW_BYTES})
-PACK_ROW = struct.Struct("<iqdd").pack_into  # series, step, value, time at DATA_OFFSET
-PACK_SEQ = struct.Struct("<Q").pack_into  # the commit mark, written after the data
+RING_DTYPE = np.dtype({"names": ["series", "step", "value", "time", "seq"],
+                       "formats": ["<i4", "<i8", "<f8", "<f8", "<u8"],
+                       "offsets": [0, 4, 12, 20, 28], "itemsize": ROW_BYTES})
+PACK = struct.Struct("<iqddQ").pack_into  # series, step, value, time, then the commit mark
 _U8 = struct.Struct("<q")
 # Rows per ring: 2.5 MiB and 160 KiB of file, allocated at start (a page written into a hole of
 # a full disk would be SIGBUS) and removed at a clean close. Halved while the disk refuses them.
@@ -109,9 +110,7 @@ class Ring:
         try:
             if slot >= self.limit:
                 self.wait_for(slot)
-            mm, off = self.mm, self.base + (slot & self.mask) * ROW_BYTES
-            PACK_ROW(mm, off + DATA_OFFSET, sid, step, value, t)
-            PACK_SEQ(mm, off, slot + 1)
+            PACK(self.mm, self.base + (slot & self.mask) * ROW_BYTES, sid, step, value, t, slot + 1)
         except (struct.error, TypeError, OverflowError):
             self.abandon(slot)
             self.unstorable += 1
