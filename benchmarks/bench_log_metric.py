@@ -5,7 +5,8 @@
 Every figure is measured in this one run beside a no-op function of the same signature (the
 floor of a Python call here) and beside yProv4ML when it is installed. Per-call percentiles
 come from timing batches of 16 calls with perf_counter_ns (one call is below the timer's
-resolution); the mean comes from timing the whole loop.
+resolution); the mean comes from timing the whole loop. ``waits``: logging calls that found the
+crash ring full and waited for the flusher (back-pressure; -1 where not recorded).
 """
 
 from __future__ import annotations
@@ -63,10 +64,21 @@ def bench_prov4ml_dist(n: int, root: Path) -> dict[str, float]:
     result = time_calls(prov4ml.log_metric, contexts, n)
     rss1 = rss_mb()
     t0 = time.perf_counter()
+    shard = prov4ml.api.get_active_run().shard_path
     prov4ml.end_run()
     result.update(start_ms=started * 1000, end_s=time.perf_counter() - t0, rss_growth_mb=rss1 - rss0,
-                  disk_mb=sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file()) / 2**20)
+                  disk_mb=sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file()) / 2**20,
+                  waits=ring_waits(shard))
     return result
+
+
+def ring_waits(shard: Path) -> int:
+    """Logging calls that found the crash ring full and waited for the flusher (back-pressure)."""
+    from prov4ml_dist.shard import ShardReader
+
+    with ShardReader(shard) as reader:
+        end = reader.end_record() or {}
+    return int((end.get("ring_waits") or {}).get("metrics", -1))
 
 
 def bench_yprov4ml(n: int, root: Path) -> dict[str, float] | None:
@@ -113,7 +125,7 @@ def main() -> None:
     parser.add_argument("--rss-points", type=float, default=1e7, help="0 to skip the RSS test")
     args = parser.parse_args()
     header = f"{'tool':<14}{'points':>10}{'mean µs':>9}{'median':>8}{'p99':>8}{'max':>9}" \
-             f"{'start ms':>10}{'end s':>8}{'ΔRSS MB':>9}{'disk MB':>9}"
+             f"{'start ms':>10}{'end s':>8}{'ΔRSS MB':>9}{'disk MB':>9}{'waits':>7}"
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +141,8 @@ def main() -> None:
                     print(f"{name:<14}{n:>10}   (not installed)")
                     continue
                 print(f"{name:<14}{n:>10}{r['mean']:>9.3f}{r['median']:>8.3f}{r['p99']:>8.3f}{r['max']:>9.1f}"
-                      f"{r['start_ms']:>10.1f}{r['end_s']:>8.3f}{r['rss_growth_mb']:>9.1f}{r['disk_mb']:>9.1f}")
+                      f"{r['start_ms']:>10.1f}{r['end_s']:>8.3f}{r['rss_growth_mb']:>9.1f}{r['disk_mb']:>9.1f}"
+                      f"{r.get('waits', -1):>7}")
         if args.rss_points:
             n = int(args.rss_points)
             print(f"\nRSS growth over {n:.0e} points (after a 1e5 warm-up): {rss_growth(n, Path(tmp) / 'rss'):.1f} MB")

@@ -275,3 +275,14 @@ def genuine_runs(save_dir: Path, run_id: str, world_size: int = 2, points: int =
             run.log_metric("loss", float(step), "TRAINING", step)
         run.log_artifact("note.txt", b"hello", "TRAINING")
     return runs
+
+
+def signal_trials(tmp_path: Path, trials: int, seed: int, signal_name: str = "SIGTERM",
+                  flush_every: int = 64) -> tuple[list[dict], str]:
+    """``scripts/sigterm_trials.py``: ``trials`` ranks, 4 at a time, each sent ``signal_name``
+    at a random moment while it logs; one outcome per trial (see the script) and its stderr."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "sigterm_trials.py"), str(tmp_path / "prov"), str(trials),
+                           "4", str(seed), signal_name, str(flush_every)],
+                          capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from .conftest import BIN, child_env
-from .faultkit import merged_counts, read_shard
+from .faultkit import merged_counts, read_shard, signal_trials
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -75,19 +75,12 @@ def test_forked_helpers_that_exit_or_are_terminated_do_not_close_the_parents_sha
 SIGTERM_TRIALS = 200
 
 
-def sigterm_trials(tmp_path: Path, trials: int, seed: int) -> tuple[list[dict], str]:
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "sigterm_trials.py"), str(tmp_path / "prov"), str(trials),
-                           "4", str(seed)], capture_output=True, text=True, timeout=900, env=child_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
-
-
 def test_sigterm_during_the_logging_threads_own_flushes_never_hangs_or_loses_what_was_due(tmp_path):
     """200 SIGTERMs at random moments into ranks whose logging thread flushes itself every 64
     points while the flusher competes for the lock. The handler used to close the shard from
     inside that flush and join the flusher, which waited on that flush: a hang until SIGKILL.
     Now every rank dies of the signal within the bound, its shard closed, every point there."""
-    outcomes, stderr = sigterm_trials(tmp_path, SIGTERM_TRIALS, seed=18)
+    outcomes, stderr = signal_trials(tmp_path, SIGTERM_TRIALS, seed=18)
     assert len(outcomes) == SIGTERM_TRIALS
     assert [o["trial"] for o in outcomes if o["hung"]] == []
     assert {o["code"] for o in outcomes} == {-15}

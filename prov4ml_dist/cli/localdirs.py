@@ -6,7 +6,8 @@ A job run with ``local_dir`` leaves each rank's shard and artifacts under
 ``--local-dirs``. Everything read here is untrusted: a shard of another run is refused, an
 artifact is copied only if it matches the sha256 its shard recorded, paths may only name the
 rank's own artifact directory, and an existing different file is never overwritten. Files
-already in place are left alone, so importing twice changes nothing.
+already in place are left alone, so importing twice changes nothing. A shard's crash ring and
+WAL (``shard/ring.py``) come with it: a killed rank's last points are there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from ..artifacts import directory_entries, sha256_file
 from ..merge.scan import BAD_SHARD
 from ..paths import relative_inside
-from ..shard import ShardReader, schema
+from ..shard import ShardReader, ring, schema
 from ..transport import FileSpec, read_chunks, write_files
 from .content import content_sha256
 from .output import CliError
@@ -75,6 +76,9 @@ def _import_shard(run_dir: Path, root: Path, shard: Path, run_id: str, report: I
     target = run_dir / schema.SHARDS_DIR / shard.name
     if _bring(shard, target, None, report):
         report.shards.append(shard.name)
+        for crash_file in (ring.ring_path(shard), ring.wal_path(shard)):  # what a killed rank had not flushed
+            if crash_file.is_file():
+                _bring(crash_file, target.with_name(crash_file.name), None, report)
     for record in artifacts:
         _import_artifact(run_dir, root, rank, record, report)
 

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..merge import load_merged, merge_run
+from ..merge.prune import remove_merged_shards
 from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
 from .localdirs import import_local_dirs
@@ -34,6 +35,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--local-dirs", type=Path, nargs="+", default=[], metavar="DIR",
                    help="directories copied back from node-local disks, holding <experiment>/<run_id>/shards "
                         "and artifacts of some ranks: their files are verified and copied into RUN_DIR first")
+    p.add_argument("--remove-shards", action="store_true",
+                   help="after the merge, remove each shard whose sha256 merged.h5 records (the file merged "
+                        "is the file removed); shards with a crash ring beside them are kept")
     p.set_defaults(func=run)
 
 
@@ -72,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
           + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")" if states else "")
           + f", {sum(s.count for s in merged.series)} points in {duration(time.monotonic() - started)}: "
           f"{result.merged_h5} and {result.prov_json.name}")
+    if args.remove_shards:
+        removed, kept = remove_merged_shards(run_dir, result.merged_h5)
+        warn_all(kept)
+        print(f"--remove-shards: {len(removed)} shard(s) removed, {len(kept)} kept")
     return EXIT_PROBLEMS if skipped or refused else EXIT_OK
 
 

@@ -199,9 +199,9 @@ class _Cursor:
 class CrossRank:
     """Writes ``crossrank`` and ``slowest`` of one table and fills the groups' report columns."""
 
-    def __init__(self, parent: h5py.Group, index: SeriesIndex) -> None:
+    def __init__(self, parent: h5py.Group, index: SeriesIndex, rows: h5py.Dataset) -> None:
         self.index = index
-        self.rows = parent[layout.ROWS]
+        self.rows = rows  # the table's merged rows (staged uncompressed: see compress.py)
         self.stats = Appender(parent, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
         self.slowest = Appender(parent, layout.SLOWEST, layout.SLOWEST_DTYPE)
         self.group_of = index.series["group"]

@@ -24,7 +24,8 @@ two merges of the same shards; equality checks ignore it.
 - ``/energy`` (``ENERGY_DTYPE``): energy fields summed per rank, per node and for the job.
 - ``/metrics`` and ``/system``, one group per shard table, each with:
   - ``rows`` (``ROW_DTYPE``): every point of every rank, ordered by cross-rank group, then
-    rank and attempt; each series is one contiguous row range, in logging order;
+    rank and attempt; each series is one contiguous row range, in logging order; stored with
+    shuffle + deflate (``compress.write_compressed``), which every HDF5 reader has;
   - ``series`` (``SERIES_DTYPE``): one row per (key, context, source, rank, attempt); its
     index is the ``series`` column of ``rows``; ``row_start``/``row_stop`` point into ``rows``;
     ``first_step``/``last_step`` are the first and last point's steps in logging order (not
@@ -120,6 +121,8 @@ CROSSRANK_DTYPE = np.dtype([
 SLOWEST_DTYPE = np.dtype([("group", "<i4"), ("rank", "<i4"), ("steps", "<i8")])
 
 TABLE_CHUNK_ROWS = 16384
+ROWS_CHUNK_ROWS = 65536  # 2 MiB chunks of ``rows`` (fewer for a smaller table: chunks sized to the data)
+ROWS_DEFLATE_LEVEL = 1  # most of deflate's gain on these rows (6 B/point against 32), in the least time
 
 
 def table_path(table: str, name: str) -> str:

@@ -26,7 +26,7 @@ from ..errors import MergeError
 from ..paths import atomic_target, remove_stale_temporaries
 from ..shard import ShardReader, schema
 from ..shard.reader import MAX_RANK
-from . import layout
+from . import compress, layout
 from .crossrank import CrossRank
 from .journal import Journal, dumps, hostname, node_rank, rank_number
 from .load import load_merged
@@ -145,14 +145,17 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
         problems.extend(_shard_problems(shard))
     journal.write(out)
 
-    indexes = _copy_all(out, shards, problems, report)
-    for done, index in enumerate(indexes):
-        report("crossrank", done, len(indexes))
-        group = out[index.table]
-        CrossRank(group, index).run()
-        write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
-        write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-    report("crossrank", len(indexes), len(indexes))
+    with compress.staging(run_dir) as stage:  # the rows, uncompressed until complete
+        indexes = _copy_all(stage, shards, problems, report)
+        for done, index in enumerate(indexes):
+            report("crossrank", done, len(indexes))
+            group = out.create_group(index.table)
+            rows = stage[index.table][layout.ROWS]
+            CrossRank(group, index, rows).run()
+            write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
+            write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
+            compress.write_compressed(group, layout.ROWS, rows)
+        report("crossrank", len(indexes), len(indexes))
 
 
 def _write_ranks(out: h5py.File, shards: list[ShardInfo], missing: dict[int, str], problems: list[str]) -> None:
@@ -209,7 +212,7 @@ def _shard_problems(shard: ShardInfo) -> list[str]:
     found += [f"{who}: {problem}" for problem in shard.problems]
     if shard.end is None:
         found.append(f"{who}: incomplete (no end record: it crashed or is still running); "
-                     "merged up to its last flush")
+                     "merged up to its last flush, and what its crash ring kept")
     elif shard.end.get("status") != "ok":
         found.append(f"{who}: incomplete (it closed its shard without end_run: {str(shard.end.get('status'))[:80]})")
     if shard.end is not None:

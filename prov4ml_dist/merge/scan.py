@@ -130,11 +130,14 @@ def _read_shard(path: Path) -> ShardInfo:
         if start is None:
             raise ShardError(f"{path}: no start record (killed before its first flush?)")
         tables = {name: _count(reader, name, decls[name], end) for name in schema.TABLES}
-        corrupt = reader.corrupt_records
+        corrupt, ring_rows, ring_records = reader.corrupt_records, sum(reader.ring_rows.values()), reader.ring_records
+    problems = [f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else []
+    if ring_rows or ring_records:  # the count the merge reports of what only the crash ring held
+        problems.append(f"{path.name}: {ring_rows} points and {ring_records} journal records recovered from "
+                        "its crash ring (accepted before it died, not yet flushed)")
     return ShardInfo(path, rank, attempt, start, end, records, tables,
                      last_time=last_time if last_time > -math.inf else math.nan,
-                     problems=[f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else [],
-                     run_id=run_id)
+                     problems=problems, run_id=run_id)
 
 
 class ShardHasher:

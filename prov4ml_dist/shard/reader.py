@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from ..errors import ShardError
-from . import schema
+from . import ring, schema
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,26 @@ class ShardReader:
     Use as a context manager. Raises ``ShardError`` for anything that is not a readable shard.
     ``recovered`` is true for a shard that needed recovery to open: its writer never closed it
     (SIGKILL, node failure) or the file was cut short; only rows backed by real bytes are read.
+    The rows and journal records its writer accepted but had not flushed are read from the
+    crash ring and WAL next to it (``ring.py``), after the HDF5 ones; ``ring_rows`` and
+    ``ring_records`` count them. Read a shard whose writer is still alive only for a glance: its
+    ring is drained while it is read.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.recovered = False
         self.corrupt_records = 0
+        self.ring_records = 0
         self._file = self._open()
         try:
             self.attrs = self._check_attrs()
             self._datasets = self._check_layout()
             self._limits = {name: self._readable_length(ds) for name, ds in self._datasets.items()}
+            self._ring = {name: ring.recover_rows(self.path, name, self._limits[name]) for name in schema.TABLES}
+        except ValueError as exc:
+            self._file.close()
+            raise ShardError(str(exc)) from None
         except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some damaged indexes
             self._file.close()
             raise ShardError(f"{self.path}: damaged HDF5 metadata ({_first_line(exc)})") from None
@@ -143,9 +152,14 @@ class ShardReader:
     def attempt(self) -> int:
         return self.attrs["attempt"]
 
+    @property
+    def ring_rows(self) -> dict[str, int]:
+        """Rows per table recovered from the crash ring (not in HDF5)."""
+        return {name: len(rows) for name, rows in self._ring.items()}
+
     def rows(self, table: str) -> int:
-        """Number of rows flushed to ``table``."""
-        return self._limits[table]
+        """Number of rows of ``table``: flushed to HDF5, and recovered from the crash ring."""
+        return self._limits[table] + len(self._ring[table])
 
     def iter_rows(self, table: str, rows_per_read: int = DEFAULT_ROWS_PER_READ) -> Iterator[np.ndarray]:
         """The table's rows in bounded slices (structured arrays of ``schema.ROW_DTYPE``)."""
@@ -159,6 +173,8 @@ class ShardReader:
             except OSError as exc:
                 raise ShardError(f"{self.path}: table {table!r} unreadable at row {start} "
                                  f"({_first_line(exc)})") from None
+        if len(self._ring[table]):
+            yield self._ring[table]
 
     def read_table(self, table: str) -> np.ndarray:
         """All rows of a table at once; prefer ``iter_rows`` for large shards."""
@@ -169,10 +185,10 @@ class ShardReader:
         """Journal records in order. A torn last line is skipped; a corrupt one (bit flip) is
         skipped and counted in ``corrupt_records``, so one bad record does not cost the rank's
         points. NUL characters (which HDF5 strings cannot hold) are replaced by U+FFFD."""
-        self.corrupt_records = 0
+        self.corrupt_records = self.ring_records = 0
         ds = self._datasets[schema.JOURNAL]
         n = self._limits[schema.JOURNAL]
-        pending = b""
+        pending, lines_read = b"", 0
         for start in range(0, n, JOURNAL_READ_BYTES):
             try:
                 pending += read_slice(ds, start, min(n, start + JOURNAL_READ_BYTES), np.dtype(np.uint8)).tobytes()
@@ -181,12 +197,19 @@ class ShardReader:
             *lines, pending = pending.split(b"\n")
             if len(pending) > MAX_RECORD_BYTES:
                 raise ShardError(f"{self.path}: journal record over {MAX_RECORD_BYTES} bytes")
-            for line in lines:
-                record = self._parse(line)
-                if record is None:
-                    self.corrupt_records += 1
-                elif kind is None or record["kind"] == kind:
-                    yield record
+            lines_read += len(lines)
+            yield from self._parsed(lines, kind)
+        recovered = [line.rstrip(b"\n") for line in ring.recover_records(self.path, lines_read)]
+        self.ring_records = len(recovered)
+        yield from self._parsed(recovered, kind)
+
+    def _parsed(self, lines: list[bytes], kind: str | None) -> Iterator[dict[str, Any]]:
+        for line in lines:
+            record = self._parse(line)
+            if record is None:
+                self.corrupt_records += 1
+            elif kind is None or record["kind"] == kind:
+                yield record
 
     @staticmethod
     def _parse(line: bytes) -> dict[str, Any] | None:

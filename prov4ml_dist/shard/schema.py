@@ -12,6 +12,9 @@ SWMR forbids creating objects once writing starts, so the layout is fixed:
 - ``/journal``: append-only UTF-8 JSON Lines as ``uint8``; every record is a JSON object with
   ``kind`` and ``time`` (unix seconds). A torn last line (crash mid-write) is ignored.
 
+Beside the shard while it is open (removed at a clean close): ``<shard>.ring`` and
+``<shard>.wal``, the crash ring and journal WAL that hold what is not flushed yet (``ring.py``).
+
 Journal record kinds and their fields (besides ``kind`` and ``time``):
 
 - ``start``: ``run_id``, ``experiment_name``, ``user_namespace``, ``topology`` (dict),
@@ -32,7 +35,8 @@ Journal record kinds and their fields (besides ``kind`` and ``time``):
 - ``end``: ``status``, ``rows`` (dict table → rows written), ``series_rows`` (dict table → list
   of rows written per series id, so the merge need not count them), ``failures`` (the first
   messages of failed flushes), ``failure_count``, ``lost_rows`` (dict table → rows dropped by failed
-  flushes) and ``lost_journal_bytes``; present only after a clean close. Every point logged
+  flushes), ``lost_journal_bytes`` and ``ring_waits`` (dict table → logging calls that found the
+  crash ring full and waited for the flusher); present only after a clean close. Every point logged
   before the close is in ``rows`` or in ``lost_rows``.
 """
 
@@ -48,8 +52,10 @@ JOURNAL = "journal"
 
 ROW_DTYPE = np.dtype([("series", "<i4"), ("step", "<i8"), ("value", "<f8"), ("time", "<f8")])
 
-TABLE_CHUNK_ROWS = 16384
-JOURNAL_CHUNK_BYTES = 65536
+# Small chunks: a chunk is allocated whole, so a 200-point run's shard is tens of KB, not a
+# 16,384-row chunk (458 KB); the flusher's batches still span whole chunks at 10⁶ points.
+TABLE_CHUNK_ROWS = 1024
+JOURNAL_CHUNK_BYTES = 4096
 
 SHARDS_DIR = "shards"
 ARTIFACTS_DIR = "artifacts"

@@ -1,10 +1,12 @@
 """Buffered, crash-safe writing of one rank's shard.
 
-The hot path (``SeriesTable.push``) appends one tuple to a ``collections.deque``, which is
-thread-safe without a lock (measured here: ~110 ns, against ~380 ns for four ``array``
-appends under a lock). A flusher thread turns the rows into a structured array with
-``np.fromiter`` and appends them to the SWMR file every ``flush_interval`` seconds, or sooner
-when a buffer reaches ``max_buffer_rows``, so memory stays flat however fast the user logs.
+The hot path writes each row into the table's crash ring (``ring.py``: a file-backed shared
+mapping that survives the process's death), so a point is safe once the logging call returns.
+A flusher thread copies the committed rows into the SWMR file every ``flush_interval`` seconds,
+or sooner when ``max_buffer_rows`` wait, and frees their slots. No logging call does I/O: a
+ring that is full (the flusher ``ring.CAPACITY`` rows behind) makes the logging call wait for
+the flusher (back-pressure, never an overwrite). Journal records also go to the shard's WAL
+(one ``os.write``) before they are buffered.
 
 A flush is all or nothing. When a write fails (disk full, quota), the tables and the journal
 are cut back to their last flushed length (a longer extent would read back as rows of zeros),
@@ -21,8 +23,7 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,11 @@ import numpy as np
 
 from ..artifacts import drop_world_write
 from . import schema
+from .ring import CrashLog, Ring
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BUFFER_ROWS = 16384
-HARD_LIMIT_FACTOR = 4  # buffer rows past max_buffer_rows × this: the logging thread flushes
 BUFFER_POLL_S = 0.05
 MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
 MAX_REQUEUE_BYTES = 4 << 20  # journal bytes kept for the next flush while flushing fails
@@ -54,25 +55,22 @@ def to_json_line(record: dict[str, Any]) -> bytes:
 class SeriesTable:
     """An append-only table of (series, step, value, time) rows with a series registry.
 
-    The table is the one owner of its row buffer (a deque): rows go in through ``push`` (its
-    bare ``append``, for the logging hot path: one ``(series, step, value, time)`` tuple) or
-    ``append``, and out through ``take``, ``requeue`` and ``discard`` only. ``queued`` is the
-    same deque typed read-only, for its length: a logger that outruns a GIL-starved flusher
-    checks ``len(queued)`` against ``ShardWriter.hard_limit_rows`` and flushes itself (see
-    ``Run.log_metric``; ``len`` is ~60 ns cheaper there than a bound ``__len__``).
+    Rows go into the table's crash ring (``ring.Ring``: a shared file mapping that outlives the
+    process) through ``append`` or, on the logging hot path, the ring's slots directly (see
+    ``Run.log_metric``); the flusher reads them with ``take`` and frees their slots once they
+    are in HDF5 or counted lost (``written``, ``lost``). A flush that is abandoned releases nothing: the rows stay.
     """
 
-    def __init__(self, name: str, journal: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, name: str, journal: Callable[[dict[str, Any]], None], ring: Ring) -> None:
         self.name = name
         self._journal = journal
         self._lock = threading.RLock()
         self._ids: dict[tuple, int] = {}
-        self._rows: deque[tuple[int, int, float, float]] = deque()
-        self.push = self._rows.append
-        self.queued: Sized = self._rows
+        self.ring = ring
+        self.push = ring.write
         self.rows_written = 0
         self.series_rows = np.zeros(0, dtype=np.int64)  # rows written per series id
-        self.dropped = 0  # rows that could not be stored (see take)
+        self.dropped = 0  # rows that could not be stored (refused by the ring, or their slot given up)
 
     def register(self, key: str, context: str, source: str, **extra: Any) -> int:
         """The id of a series, declaring it in the journal the first time it is seen."""
@@ -86,15 +84,16 @@ class SeriesTable:
         return sid
 
     def append(self, sid: int, step: int, value: float, t: float) -> None:
-        """Buffer one row."""
-        self.push((sid, step, value, t))
+        """Store one row in the ring."""
+        self.ring.write(sid, step, value, t)
 
-    def pending(self) -> int:
-        """Rows buffered and not yet flushed."""
-        return len(self._rows)
+    def pending(self, at_least: int = 1) -> bool:
+        """Whether ``at_least`` rows wait for the flusher."""
+        return self.ring.committed(at_least)
 
     def written(self, rows: np.ndarray) -> None:
-        """Count rows that reached the file (the end record's per-series counts)."""
+        """Count rows that reached the file (the end record's per-series counts) and free their slots."""
+        self.ring.release(len(rows))
         self.rows_written += len(rows)
         counts = np.bincount(rows["series"])
         if len(counts) > len(self.series_rows):
@@ -102,37 +101,23 @@ class SeriesTable:
         self.series_rows[:len(counts)] += counts
 
     def take(self) -> np.ndarray:
-        """Remove the buffered rows and return them as a structured array. A row that cannot be
-        stored (the API lets none through) is dropped and counted, never the whole batch."""
-        pop = self._rows.popleft
-        rows = [pop() for _ in range(len(self._rows))]  # a list first (no slower): kept if conversion fails
-        try:
-            return np.fromiter(rows, dtype=schema.ROW_DTYPE, count=len(rows))
-        except (TypeError, ValueError, OverflowError) as exc:
-            kept = [row for row in rows if _storable(row)]
-            self.dropped += len(rows) - len(kept)
-            message = (f"{len(rows) - len(kept)} rows of {self.name!r} could not be stored ({exc}); "
-                       "dropped and counted in the end record's lost_rows")
+        """The rows waiting in the ring, as a structured array; they stay there until released.
+        Rows the ring refused since the last call (the API lets none through) are counted and
+        reported, once per flush."""
+        refused, self.ring.unstorable = self.ring.unstorable, 0
+        self.dropped += self.ring.given_up
+        self.ring.given_up = 0
+        if refused:
+            self.dropped += refused
+            message = (f"{refused} rows of {self.name!r} could not be stored (values out of the row type's "
+                       "range); dropped and counted in the end record's lost_rows")
             log.warning("prov4ml_dist: %s", message)
             self._journal({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
-            return np.fromiter(kept, dtype=schema.ROW_DTYPE, count=len(kept))
+        return self.ring.pending()
 
-    def requeue(self, rows: np.ndarray) -> None:
-        """Put the rows of an abandoned flush back in front, in their order (rows pushed since
-        stay after them)."""
-        self._rows.extendleft(reversed(rows.tolist()))
-
-    def discard(self) -> None:
-        """Drop every buffered row (a forked child's, which can go nowhere)."""
-        self._rows.clear()
-
-
-def _storable(row: tuple) -> bool:
-    try:
-        np.array([row], dtype=schema.ROW_DTYPE)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return True
+    def lost(self, rows: np.ndarray) -> None:
+        """Free the slots of rows a failed flush dropped (counted by the writer)."""
+        self.ring.release(len(rows))
 
 
 class ShardWriter:
@@ -158,8 +143,17 @@ class ShardWriter:
         self._inflight: tuple[list[bytes], dict[str, np.ndarray]] | None = None
         self._failing = False
         self._max_rows = max_buffer_rows
-        self.hard_limit_rows = max_buffer_rows * HARD_LIMIT_FACTOR
-        self.tables = {name: SeriesTable(name, self.record) for name in schema.TABLES}
+        try:
+            self.crash = CrashLog(self.path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self.path.unlink(missing_ok=True)
+            raise
+        self._wal_noted = False
+        self._journal_drained = 0  # WAL records in the HDF5 journal or counted lost
+        self._journal_lines = 0  # lines in the HDF5 journal
+        self.tables = {name: SeriesTable(name, self.record, self.crash.rings[name]) for name in schema.TABLES}
         self.metrics = self.tables["metrics"]
         self.system = self.tables["system"]
         self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
@@ -198,8 +192,15 @@ class ShardWriter:
     def record(self, record: dict[str, Any]) -> None:
         """Buffer one journal record; it reaches the file at the next flush."""
         line = to_json_line(record)
+        if self._owner_pid != os.getpid():
+            return  # a forked child: nothing reaches the parent's files
         with self._journal_lock:
+            self.crash.append_record(line)
             self._journal_buf.append(line)
+        if self.crash.wal_error is not None and not self._wal_noted:
+            self._wal_noted = True
+            self._note(f"journal WAL stopped ({self.crash.wal_error}): records from here on survive a crash "
+                       "only once flushed")
         if self._deferred:
             self._run_deferred()
 
@@ -245,8 +246,6 @@ class ShardWriter:
 
     def _drop_in_child(self) -> None:
         """A flush asked for in a forked child: nothing may reach the parent's file; drop."""
-        for table in self.tables.values():
-            table.discard()
         self._journal_buf = []
 
     def _run(self) -> None:
@@ -256,7 +255,7 @@ class ShardWriter:
         due = time.monotonic() + self.flush_interval
         while not self._stop.wait(max(0.0, min(BUFFER_POLL_S, due - time.monotonic()))):
             now = time.monotonic()
-            if now >= due or any(t.pending() >= self._max_rows for t in self.tables.values()):
+            if now >= due or any(t.pending(self._max_rows) for t in self.tables.values()):
                 due = now + self.flush_interval
                 self.flush()
 
@@ -271,7 +270,8 @@ class ShardWriter:
             if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
                 self._abandon(keep_rows=True)
             try:
-                self._flush_locked()
+                while self._flush_locked():  # a slot was skipped: the rows behind it are due too
+                    pass
             except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
                 self._abandon(keep_rows=False)
                 self._failed(exc)
@@ -281,13 +281,16 @@ class ShardWriter:
         if self._deferred:
             self._run_deferred()
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self) -> bool:
+        """One batch: the journal, then each table's committed rows; says whether an unwritten
+        slot was skipped afterwards (more rows may be due)."""
         # Journal first: series records must land before the rows that use their ids.
         with self._journal_lock:
             lines, self._journal_buf = self._journal_buf, []
             self._inflight = (lines, {})
         rows = {name: table.take() for name, table in self.tables.items()}
         self._inflight = (lines, rows)
+        self._set_deltas()
         data = {schema.JOURNAL: np.frombuffer(b"".join(lines), dtype="u1"), **rows}
         for name, values in data.items():
             if len(values):
@@ -296,12 +299,16 @@ class ShardWriter:
         self._inflight = None
         for name, values in data.items():
             self._flushed[name] += len(values)
+        self._journal_lines += len(lines)
+        self._journal_drained += len(lines)
         for name, values in rows.items():
             self.tables[name].written(values)
+        now = time.monotonic()
         if self._failing:
             self._failing = False
             self._note(f"flushing {self.path} works again after {self.failure_count} failed flushes; "
                        f"rows lost: {self.lost_rows}")
+        return sum(table.ring.skip_hole(self._flushed[name], now) for name, table in self.tables.items()) > 0
 
     def _append(self, name: str, values: np.ndarray) -> None:
         """Write ``values`` after the last flushed row (over whatever a failed flush left).
@@ -329,11 +336,20 @@ class ShardWriter:
                 self._journal_buf[:0] = lines
             else:
                 self.lost_journal_bytes += sum(map(len, lines))
-        for name, data in rows.items():
-            if keep_rows:
-                self.tables[name].requeue(data)
-            else:
+                self._journal_drained += len(lines)
+        if not keep_rows:  # the rows stay in their rings (keep_rows) or are dropped and counted
+            for name, data in rows.items():
                 self.lost_rows[name] += len(data)
+            self._set_deltas(dropped={name: len(data) for name, data in rows.items()})
+            for name, data in rows.items():
+                self.tables[name].lost(data)
+
+    def _set_deltas(self, dropped: dict[str, int] | None = None) -> None:
+        """Tell a crash reader which ring slot / WAL record the next HDF5 row / journal line
+        holds; written before the slots are freed, so that no recovery ever misses or repeats one."""
+        for name, table in self.tables.items():
+            table.ring.set_delta(table.ring.drained + (dropped or {}).get(name, 0) - self._flushed[name])
+        self.crash.set_journal_delta(self._journal_drained - self._journal_lines)
 
     def _failed(self, exc: Exception) -> None:
         """Count a failed flush; warn (log and journal) at the first of a series of failures."""
@@ -377,13 +393,17 @@ class ShardWriter:
                          "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
                          "failures": self.failures, "failure_count": self.failure_count,
                          "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
-                         "lost_journal_bytes": self.lost_journal_bytes})
+                         "lost_journal_bytes": self.lost_journal_bytes,
+                         "ring_waits": {n: t.ring.waits for n, t in self.tables.items()}})
             self.flush()
             try:
                 self._file.close()
+                complete = not any(t.pending() for t in self.tables.values())
             except Exception as exc:  # noqa: BLE001
                 log.warning("closing %s failed: %s", self.path, exc)
+                complete = False
             self._file = None
+            self.crash.close(remove=complete)  # kept for the reader when the shard lacks something
         finally:
             self._flush_lock.release()
         if self._deferred:  # a signal that arrived during this close acts now
@@ -395,6 +415,7 @@ def _disown_inherited_writers() -> None:
     for writer in list(_live_writers):
         if writer._file is not None and writer.inherited():
             writer._disown()
+            writer.crash.forget_in_child()
 
 
 os.register_at_fork(after_in_child=_disown_inherited_writers)

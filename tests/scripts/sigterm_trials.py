@@ -1,12 +1,15 @@
-"""Many SIGTERMs at random moments into ranks that flush in their own thread all the time.
+"""Many signals at random moments into ranks that log (and flush) all the time.
 
-    python sigterm_trials.py SAVE_DIR TRIALS PARALLEL SEED
+    python sigterm_trials.py SAVE_DIR TRIALS PARALLEL SEED [SIGNAL [FLUSH_EVERY]]
+
+SIGNAL defaults to SIGTERM, FLUSH_EVERY (rows between the logging thread's own flushes; 0 for
+none) to 64.
 
 Imports once, then forks PARALLEL children at a time (no import cost per trial). Each child
-starts a run with a 0.05 s flush interval and a buffer hard limit of 64 rows, so its logging
-thread flushes itself every 64 points while the flusher thread keeps competing for the flush
+starts a run with a 0.05 s flush interval and flushes in its logging thread every FLUSH_EVERY
+points (as ``end_run`` or a user's flush would) while the flusher thread keeps competing for the flush
 lock, and logs a counter (step = value = 0, 1, 2, ...) in a tight loop, publishing each
-accepted step in shared memory. The driver sends it SIGTERM at a random moment and waits at
+accepted step in shared memory. The driver sends it SIGNAL at a random moment and waits at
 most HANG_S for it to die; one that does not is a hang, SIGKILLed. Prints one JSON line per
 trial: exit status, hung, the moment the signal was sent, how many points the child had
 logged by then, and the shard's path.
@@ -27,18 +30,19 @@ import prov4ml_dist as prov4ml
 from prov4ml_dist import api
 
 HANG_S = 20.0
-HARD_LIMIT_ROWS = 64
 FLUSH_S = 0.05
 
 
-def child(save_dir: str, run_id: str, ready_fd: int, logged: Any) -> None:
+def child(save_dir: str, run_id: str, ready_fd: int, logged: Any, flush_every: int) -> None:
     prov4ml.start_run(experiment_name="sigterm", provenance_save_dir=save_dir, run_id=run_id,
                       flush_interval=FLUSH_S, sample_interval=None)
-    api.get_active_run()._hard_limit = HARD_LIMIT_ROWS  # the logging thread flushes every 64 points
+    writer = api.get_active_run().writer
     step = 0
     while True:
         prov4ml.log_metric("n", float(step), prov4ml.Context.TRAINING, step=step)
         step += 1
+        if flush_every and step % flush_every == 0:  # the logging thread's own flush: a signal may land inside it
+            writer.flush()
         logged.value = step
         if step == 1000:
             os.write(ready_fd, b"r")
@@ -58,6 +62,8 @@ def wait_dead(pid: int, deadline: float) -> int | None:
 
 def main() -> None:
     save_dir, trials, parallel, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    signum = signal.Signals[sys.argv[5]] if len(sys.argv) > 5 else signal.SIGTERM
+    flush_every = int(sys.argv[6]) if len(sys.argv) > 6 else 64
     rng = random.Random(seed)
     for first in range(0, trials, parallel):
         batch = []
@@ -68,7 +74,7 @@ def main() -> None:
             if pid == 0:
                 os.close(read_fd)
                 try:
-                    child(save_dir, f"t{trial:04d}", write_fd, logged)
+                    child(save_dir, f"t{trial:04d}", write_fd, logged, flush_every)
                 finally:
                     os._exit(3)
             os.close(write_fd)
@@ -78,12 +84,13 @@ def main() -> None:
             os.close(read_fd)
             time.sleep(rng.uniform(0.0, 0.1))
             sent, logged_before = time.time(), logged.value
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
             code = wait_dead(pid, time.monotonic() + HANG_S)
-            if code is None:
+            hung = code is None
+            if hung:
                 os.kill(pid, signal.SIGKILL)
                 code = wait_dead(pid, time.monotonic() + HANG_S)
-            print(json.dumps({"trial": trial, "code": code, "hung": code == -signal.SIGKILL, "sent": sent,
+            print(json.dumps({"trial": trial, "code": code, "hung": hung, "sent": sent,
                               "logged_before": logged_before,
                               "shard": f"{save_dir}/sigterm/t{trial:04d}/shards/rank-00000.h5"}), flush=True)
 

@@ -1,0 +1,318 @@
+"""Crash rings: what a rank logged survives its process's death (any signal, ``os._exit``).
+
+A point is written, on the logging call, into a file-backed shared mapping next to the shard
+(``rank-00000.h5.ring``); the kernel's page cache keeps those bytes after the process dies, so
+the shard reader recovers the rows the flusher had not yet put into HDF5. A journal record is
+appended to ``rank-00000.h5.wal`` with one ``os.write`` (no fsync: the same guarantee). After a
+clean close both files are removed; after a node crash (kernel gone) the loss bound stays the
+flush interval.
+
+Ring file layout (little-endian): a ``HEADER_BYTES`` header — ``MAGIC``, then per table of
+``schema.TABLES`` its capacity (u8, a power of two) and ``delta`` (i8) — then each table's ring
+of ``capacity`` rows of ``RING_DTYPE``. Slot ``s`` (a per-table counter) lives at row
+``s % capacity``; its ``seq`` (``s + 1``) is its last field, and one ``struct.pack_into`` stores
+the fields in order (CPython packs field by field, straight into the mapping), so a process
+killed mid-row leaves a prefix of it: a row whose ``seq`` is not the one its slot expects is
+torn or stale and never read. (Threads see whole rows: ``pack_into`` holds the GIL.) HDF5 row
+``r`` of a table holds slot ``r + delta`` for every row the flusher wrote since it last changed
+``delta`` (it changes it, before writing, when a failed flush dropped rows), so the rows to
+recover after a crash are the committed slots from ``readable HDF5 rows + delta`` on. The
+journal works the same way with record numbers: ``JOURNAL_DELTA`` in the header, HDF5 journal
+lines against WAL records.
+
+WAL record: ``<II`` (length, crc32) then the JSON line; a torn or corrupt record ends the read.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import mmap
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import schema
+
+MAGIC = b"P4DRING1"
+HEADER_BYTES = 4096
+ROW_BYTES = 40
+RING_DTYPE = np.dtype({"names": ["series", "step", "value", "time", "seq"],
+                       "formats": ["<i4", "<i8", "<f8", "<f8", "<u8"],
+                       "offsets": [0, 4, 12, 20, 28], "itemsize": ROW_BYTES})
+PACK = struct.Struct("<iqddQ").pack_into  # series, step, value, time, then the commit mark
+_U8 = struct.Struct("<q")
+# Rows per ring: 2.5 MiB and 160 KiB of file, allocated at start (a page written into a hole of
+# a full disk would be SIGBUS) and removed at a clean close. Halved while the disk refuses them.
+CAPACITY = {"metrics": 1 << 16, "system": 1 << 12}
+MIN_CAPACITY_SHIFT = 6  # at most 1/64 of CAPACITY, before giving up
+JOURNAL_DELTA = len(schema.TABLES)  # header field index of the journal's delta
+WAL_FRAME = struct.Struct("<II")
+MAX_WAL_RECORD = 16 << 20
+BACKPRESSURE_SLEEP_S = 0.0005
+SCAN_BLOCK = 1 << 14
+HOLE_TIMEOUT_S = 5.0  # an issued slot unwritten this long is given up (a logging thread never came back)
+
+
+def ring_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".ring")
+
+
+def wal_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".wal")
+
+
+def _field_offset(index: int) -> int:
+    """Header offset of field ``index``: table i's capacity at 2i, its delta at 2i+1; the
+    journal's delta after the tables."""
+    return len(MAGIC) + 8 * index
+
+
+def _table_layout(caps: list[int]) -> list[int]:
+    offsets, at = [], HEADER_BYTES
+    for cap in caps:
+        offsets.append(at)
+        at += cap * ROW_BYTES
+    return offsets
+
+
+class Ring:
+    """One table's ring in the shared mapping: the hot path writes slots, the flusher drains."""
+
+    __slots__ = ("mm", "base", "mask", "capacity", "limit", "drained", "next_slot", "abandoned", "unstorable",
+                 "given_up", "waits", "_delta_at", "_view", "_hole")
+
+    def __init__(self, mm: mmap.mmap, base: int, capacity: int, delta_at: int) -> None:
+        self.mm = mm
+        self.base = base
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.drained = 0  # slots before this are in HDF5 (or counted lost)
+        self.limit = capacity  # the hot path may write slots below this without overwriting any
+        self.next_slot = itertools.count()
+        self.abandoned: set[int] = set()  # slots taken by a call that raised before committing
+        self.unstorable = 0  # rows refused by the packer (values the API never lets through)
+        self.given_up = 0  # slots skipped after HOLE_TIMEOUT_S unwritten
+        self.waits = 0  # logging calls that found the ring full and waited for the flusher
+        self._hole: tuple[int, float] = (-1, 0.0)  # (slot, since) of an unwritten slot blocking the drain
+        self._delta_at = delta_at
+        self._view = np.frombuffer(mm, dtype=RING_DTYPE, count=capacity, offset=base)
+
+    def write(self, sid: int, step: int, value: float, t: float) -> None:
+        """Store one row (thread-safe: the slot counter is atomic under the GIL)."""
+        slot = next(self.next_slot)
+        try:
+            if slot >= self.limit:
+                self.wait_for(slot)
+            PACK(self.mm, self.base + (slot & self.mask) * ROW_BYTES, sid, step, value, t, slot + 1)
+        except (struct.error, TypeError, OverflowError):
+            self.abandon(slot)
+            self.unstorable += 1
+        except BaseException:  # KeyboardInterrupt mid-write: the slot must not block the drain
+            self.abandon(slot)
+            raise
+
+    def abandon(self, slot: int) -> None:
+        """A logging call that took ``slot`` raised before committing it: the flusher skips it."""
+        self.abandoned.add(slot)
+
+    def wait_for(self, slot: int) -> None:
+        """Back-pressure: the ring is full (the flusher is ``capacity`` rows behind); wait until
+        it drained enough for ``slot`` (never overwrite a row that is not in HDF5 yet)."""
+        self.waits += 1
+        while slot >= self.limit:
+            time.sleep(BACKPRESSURE_SLEEP_S)
+
+    def committed(self, at_least: int = 1) -> bool:
+        """Whether ``at_least`` rows wait to be drained (O(1): checks the last of them)."""
+        slot = self.drained + at_least - 1
+        return int(self._view["seq"][slot & self.mask]) == slot + 1
+
+    def pending(self) -> np.ndarray:
+        """The committed rows from ``drained`` on, up to the first slot not yet written, as
+        ``schema.ROW_DTYPE``; left in the ring until ``release``."""
+        start, seqs, parts = self.drained, self._view["seq"], []
+        while sum(map(len, parts)) < self.capacity:
+            first = start + sum(map(len, parts))
+            n = min(SCAN_BLOCK, start + self.capacity - first)
+            slots = np.arange(first, first + n, dtype=np.uint64)
+            pos = (slots & np.uint64(self.mask)).astype(np.intp)
+            bad = np.flatnonzero(seqs[pos] != slots + np.uint64(1))
+            parts.append(pos[:bad[0]] if len(bad) else pos)
+            if len(bad):
+                break
+        pos = np.concatenate(parts) if parts else np.empty(0, np.intp)
+        return as_rows(self._view[pos])
+
+    def issued(self) -> int:
+        """Slots handed out so far (the counter's value, read without advancing it)."""
+        return self.next_slot.__reduce__()[1][0]
+
+    def skip_hole(self, flushed_rows: int, now: float) -> int:
+        """Skip the unwritten slots at the drain point that will never be written: abandoned
+        ones (returns 0 for them) and, as a last resort, one still unwritten ``HOLE_TIMEOUT_S``
+        after it was issued (a thread that took it and never came back; counted in ``given_up``).
+        Returns how many slots it skipped. ``flushed_rows`` is the table's HDF5 length, for the delta."""
+        skipped = 0
+        while self.drained < self.issued() and not self.committed():
+            slot = self.drained
+            if slot in self.abandoned:
+                self.abandoned.discard(slot)
+            elif self._hole[0] != slot:
+                self._hole = (slot, now)
+                break
+            elif now - self._hole[1] >= HOLE_TIMEOUT_S:
+                self.given_up += 1
+            else:
+                break
+            self.set_delta(slot + 1 - flushed_rows)  # before the slot is freed: recovery starts after it
+            self.release(1)
+            skipped += 1
+        return skipped
+
+    def set_delta(self, delta: int) -> None:
+        _U8.pack_into(self.mm, self._delta_at, delta)
+
+    def release(self, n: int) -> None:
+        """The flusher is done with the next ``n`` rows (written or counted lost)."""
+        self.drained += n
+        self.limit = self.drained + self.capacity
+
+
+def as_rows(ring_rows: np.ndarray) -> np.ndarray:
+    out = np.empty(len(ring_rows), dtype=schema.ROW_DTYPE)
+    for name in schema.ROW_DTYPE.names:
+        out[name] = ring_rows[name]
+    return out
+
+
+class CrashLog:
+    """A shard's ring file and journal WAL, owned by its writer."""
+
+    def __init__(self, shard: Path) -> None:
+        self.ring_path, self.wal_path = ring_path(shard), wal_path(shard)
+        fd = os.open(self.ring_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            caps = _allocate(fd)
+            self.mm = mmap.mmap(fd, HEADER_BYTES + sum(caps) * ROW_BYTES, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self.ring_path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self.mm[:len(MAGIC)] = MAGIC
+        for i, cap in enumerate(caps):
+            _U8.pack_into(self.mm, _field_offset(2 * i), cap)
+        self.rings = {name: Ring(self.mm, base, cap, _field_offset(2 * i + 1))
+                      for i, (name, base, cap) in enumerate(zip(schema.TABLES, _table_layout(caps), caps, strict=True))}
+        try:
+            self._wal = os.open(self.wal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except BaseException:
+            self.mm.close()
+            self.ring_path.unlink(missing_ok=True)
+            raise
+        self.wal_error: str | None = None
+        self._wal_lock = threading.Lock()
+
+    def append_record(self, line: bytes) -> None:
+        """One journal line, in the page cache when this returns. A failed write (disk full)
+        stops the WAL for good, so that its records stay the HDF5 journal's in order; the
+        records still reach the shard at the next flush. ``wal_error`` says why."""
+        if self.wal_error is not None:
+            return
+        frame = WAL_FRAME.pack(len(line), zlib.crc32(line)) + line
+        with self._wal_lock:
+            try:
+                if os.write(self._wal, frame) != len(frame):
+                    raise OSError("short write")
+            except OSError as exc:
+                self.wal_error = f"{self.wal_path}: {exc.strerror or exc}"
+
+    def set_journal_delta(self, delta: int) -> None:
+        _U8.pack_into(self.mm, _field_offset(2 * JOURNAL_DELTA), delta)
+
+    def close(self, remove: bool) -> None:
+        """Unmap and close; remove the files when the shard holds everything (a clean close)."""
+        os.close(self._wal)
+        for ring in self.rings.values():
+            ring._view = None
+        try:
+            self.mm.close()
+        except BufferError:  # a view still exported (a flusher frame): the mapping goes with the process
+            pass
+        if remove:
+            self.ring_path.unlink(missing_ok=True)
+            self.wal_path.unlink(missing_ok=True)
+
+    def forget_in_child(self) -> None:
+        """In a forked child: every ring writes into private memory from now on, never into the
+        parent's file (the parent's mapping is shared with this process until it unmaps)."""
+        for ring in self.rings.values():
+            ring.mm = mmap.mmap(-1, len(self.mm))
+        self.wal_error = "a forked child never writes its parent's WAL"
+
+
+def _allocate(fd: int) -> list[int]:
+    """Reserve the ring file's blocks; the capacities per table that the disk took."""
+    for shift in range(MIN_CAPACITY_SHIFT + 1):
+        caps = [CAPACITY[name] >> shift for name in schema.TABLES]
+        try:
+            os.posix_fallocate(fd, 0, HEADER_BYTES + sum(caps) * ROW_BYTES)
+            return caps
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or shift == MIN_CAPACITY_SHIFT:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _header_field(data: bytes, index: int) -> int:
+    return _U8.unpack_from(data, _field_offset(index))[0]
+
+
+def recover_rows(shard: Path, table: str, hdf5_rows: int) -> np.ndarray:
+    """The committed rows of ``table`` in the ring next to ``shard`` that HDF5 lacks, in slot
+    order; empty when there is no ring. Raises ValueError for a ring that is not one."""
+    path = ring_path(shard)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return np.empty(0, schema.ROW_DTYPE)
+    if data[:len(MAGIC)] != MAGIC or len(data) < HEADER_BYTES:
+        raise ValueError(f"{path}: not a prov4ml_dist crash ring")
+    caps = [_header_field(data, 2 * i) for i in range(len(schema.TABLES))]
+    if any(c <= 0 or c & (c - 1) or c > 1 << 30 for c in caps) or len(data) < HEADER_BYTES + sum(caps) * ROW_BYTES:
+        raise ValueError(f"{path}: damaged crash ring header")
+    i = schema.TABLES.index(table)
+    base, cap = _table_layout(caps)[i], caps[i]
+    view = np.frombuffer(data, dtype=RING_DTYPE, count=cap, offset=base)
+    first = hdf5_rows + _header_field(data, 2 * i + 1)
+    seqs = view["seq"].astype(np.int64) - 1  # each row's slot, -1 for never written
+    keep = np.flatnonzero((seqs >= first) & (seqs < first + cap) & ((seqs & (cap - 1)) == np.arange(cap)))
+    return as_rows(view[keep[np.argsort(seqs[keep], kind="stable")]])
+
+
+def recover_records(shard: Path, hdf5_lines: int) -> Iterator[bytes]:
+    """The WAL's journal lines that the HDF5 journal lacks (it holds ``hdf5_lines`` lines)."""
+    try:
+        data = wal_path(shard).read_bytes()
+        header = ring_path(shard).read_bytes()[:HEADER_BYTES]
+    except FileNotFoundError:
+        return
+    first = hdf5_lines + (_header_field(header, 2 * JOURNAL_DELTA) if header[:len(MAGIC)] == MAGIC else 0)
+    at, index = 0, 0
+    while at + WAL_FRAME.size <= len(data):
+        length, crc = WAL_FRAME.unpack_from(data, at)
+        line = data[at + WAL_FRAME.size:at + WAL_FRAME.size + length]
+        if length > MAX_WAL_RECORD or len(line) < length or zlib.crc32(line) != crc:
+            return  # torn (killed mid-write) or damaged: nothing after it is trusted
+        if index >= first:
+            yield line
+        at += WAL_FRAME.size + length
+        index += 1

@@ -1,0 +1,44 @@
+"""Logs a burst of points, then dies at once, before any flush could write them.
+
+    python burst_then_die.py SAVE_DIR RUN_ID POINTS THREADS HOW
+
+THREADS threads (1: the main thread alone) each log POINTS // THREADS points of their own
+series ``t<i>`` (step = value = 0, 1, ...) and of one shared series ``shared`` (step=None);
+then a param ``last`` and an artifact file are recorded, and the process dies by HOW:
+``SIGKILL`` (kill -9 of itself) or ``exit`` (``os._exit(0)``, no handler, no atexit). The
+flush interval is an hour: only the crash ring can hold the points.
+"""
+
+import os
+import signal
+import sys
+import threading
+
+import prov4ml_dist as prov4ml
+
+save_dir, run_id, points, threads, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+prov4ml.start_run(experiment_name="burst", provenance_save_dir=save_dir, run_id=run_id,
+                  flush_interval=3600, sample_interval=None)
+barrier = threading.Barrier(threads)
+
+
+def burst(t: int) -> None:
+    barrier.wait()
+    for step in range(points // threads):
+        prov4ml.log_metric(f"t{t}", float(step), prov4ml.Context.TRAINING, step=step)
+        prov4ml.log_metric("shared", float(t), prov4ml.Context.TRAINING)
+
+
+workers = [threading.Thread(target=burst, args=(t,)) for t in range(threads)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()
+prov4ml.log_param("last", "recorded just before dying")
+note = os.path.join(save_dir, f"{run_id}-note.txt")
+with open(note, "w") as f:
+    f.write("an artifact")
+prov4ml.log_artifact(note, context=prov4ml.Context.TRAINING)
+if how == "SIGKILL":
+    os.kill(os.getpid(), signal.SIGKILL)
+os._exit(0)
