@@ -124,7 +124,7 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
     yProv4ML 3.x's order (experiment name first, then its options positionally) is ours; a 2.x
     call with the namespace first (an IRI) is recognised. A run still active (an exception
     skipped its end_run: a notebook, a dask worker) is closed as "abandoned", with a warning."""
-    global _active, _hooks, _forked_from
+    global _active, _hooks, _forked_from, _handed_over
     experiment_name, prov_user_namespace = yprov4ml_args.start_run_names(experiment_name, prov_user_namespace)
     options = yprov4ml_args.bind_positional("start_run", yprov4ml_args.START_RUN_POSITIONAL, yprov4ml_positional,
                                             {"rank": rank, **yprov4ml_options})
@@ -155,7 +155,7 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
                         rank, topology.launcher, topology.rank)
     run = Run(config, topology)
     export_run(config, run.run_id)
-    _active, _forked_from = run, None
+    _active, _forked_from, _handed_over = run, None, None  # a run handed over earlier is not this one's
     _hooks = ExitHooks(run.close_unfinished, run.writer.defer)
     take_over(run)
     return run.run_dir

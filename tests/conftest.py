@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 def no_active_run():
     """Close (without merging) any run a failing test left open."""
     yield
-    api._ended = None  # what a previous test's end_run returned is not this test's
+    api._ended = api._handed_over = None  # what a previous test ended or handed over is not this test's
     run = api.get_active_run()
     if run is not None:
         run.close("test-teardown")
