@@ -79,14 +79,15 @@ def nvml_costs(pynvml: Any, calls: int) -> None:
         print(f"{name:<40} {n:>6} {cost:>12.1f}" if isinstance(cost, float) else f"{name:<40} {n:>6} {cost}")
 
 
-def keep_gpu_busy(stop: threading.Event) -> str:
-    """Start matmuls on this rank's GPU in a thread; says what it does."""
+def keep_gpu_busy(stop: threading.Event) -> tuple[str, threading.Thread | None]:
+    """Start matmuls on this rank's GPU in a thread; says what it does. Join the thread after
+    setting stop: a CUDA thread still running at interpreter exit aborts the process."""
     try:
         import torch
     except ImportError:
-        return "torch not installed: the GPU idles"
+        return "torch not installed: the GPU idles", None
     if not torch.cuda.is_available():
-        return "torch has no CUDA: the GPU idles"
+        return "torch has no CUDA: the GPU idles", None
     torch.cuda.set_device(0)  # before the sampler starts: it reads the current device then
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 
@@ -96,8 +97,9 @@ def keep_gpu_busy(stop: threading.Event) -> str:
                 a @ a  # noqa: B018 - the work is the point
             torch.cuda.synchronize()
 
-    threading.Thread(target=work, daemon=True).start()
-    return f"bf16 8192² matmuls on {torch.cuda.get_device_name(0)}"
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    return f"bf16 8192² matmuls on {torch.cuda.get_device_name(0)}", worker
 
 
 def run_sampler(seconds: float, interval: float) -> int:
@@ -106,7 +108,7 @@ def run_sampler(seconds: float, interval: float) -> int:
     from prov4ml_dist.topology import detect
 
     stop = threading.Event()
-    load = keep_gpu_busy(stop)
+    load, worker = keep_gpu_busy(stop)
     with tempfile.TemporaryDirectory() as tmp:
         writer = ShardWriter(Path(tmp) / "gpu.h5", {"run_id": "gpu_check", "rank": 0, "attempt": 0})
         sampler = Sampler(writer.system, writer.record, detect(), interval)
@@ -115,6 +117,8 @@ def run_sampler(seconds: float, interval: float) -> int:
         time.sleep(seconds)
         sampler.stop()
         stop.set()
+        if worker is not None:
+            worker.join()
         writer.close()
         with ShardReader(writer.path) as reader:
             records = list(reader.records())

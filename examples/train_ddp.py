@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--private-local-dir", action="store_true",
                    help="give each rank its own subdirectory of --local-dir (simulates node-local disks "
                         "on one machine)")
+    p.add_argument("--backend", default=None,
+                   help="torch.distributed backend (default: nccl where CUDA is available, else gloo; gloo lets "
+                        "several ranks share one GPU)")
     p.add_argument("--sample-interval", type=float, default=0.5)
     p.add_argument("--merge-timeout", type=float, default=120.0)
     p.add_argument("--exit-before-end-rank", type=int, default=None,
@@ -49,13 +52,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def setup_distributed() -> tuple[int, int, object | None]:
-    """torch.distributed from torchrun/srun variables, or mpi4py under mpiexec; else single."""
+def setup_distributed(backend: str | None) -> tuple[int, int, object | None]:
+    """torch.distributed from torchrun/srun variables (also at world size 1, so a 1-GPU job
+    exercises NCCL), or mpi4py under mpiexec; else single."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             # Modulo: with `srun --gpus-per-task=1` every task sees only its own GPU, as cuda:0.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -77,12 +81,17 @@ def make_data(n: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+def training_device() -> torch.device:
+    """This rank's GPU (set by setup_distributed), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def average_weights(model: nn.Module, comm) -> None:
     """MPI jobs: average parameters across ranks after each epoch."""
     from mpi4py import MPI
 
     for p in model.parameters():
-        buf = p.data.numpy().copy()
+        buf = p.data.cpu().numpy().copy()
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         p.data.copy_(torch.from_numpy(buf / comm.Get_size()).to(p.dtype))
 
@@ -90,7 +99,7 @@ def average_weights(model: nn.Module, comm) -> None:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    rank, world, comm = setup_distributed()
+    rank, world, comm = setup_distributed(args.backend)
     local_dir = Path(args.local_dir) if args.local_dir else None
     if local_dir is not None and args.private_local_dir:
         local_dir /= f"rank-{rank}"
@@ -106,8 +115,10 @@ def main() -> None:
     prov4ml.log_dataset(loader, "train")
     prov4ml.log_dataset(val, "validation")
 
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
-    ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    device = training_device()
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2)).to(device)
+    on_gpu = [device] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=on_gpu) if dist.is_initialized() else model
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -124,6 +135,7 @@ def main() -> None:
         sampler.set_epoch(epoch)
         ddp.train()
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             loss = loss_fn(ddp(x), y)
             loss.backward()
@@ -134,7 +146,7 @@ def main() -> None:
             average_weights(model, comm)
         ddp.eval()
         with torch.no_grad():
-            xv, yv = val[:]
+            xv, yv = (t.to(device) for t in val[:])
             logits = model(xv)
             prov4ml.log_metric("val_loss", loss_fn(logits, yv).item(), prov4ml.Context.VALIDATION, step=epoch)
             acc = (logits.argmax(dim=1) == yv).float().mean()
