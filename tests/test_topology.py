@@ -163,6 +163,12 @@ def test_a_requeued_job_keeps_both_attempts_and_the_merge_shows_them(tmp_path):
         ("0", "rank-00000.h5", "ok"), ("1000", "rank-00000.requeue-1.h5", "ok")], processes
     (agent,) = [a for a in doc.get_records(ProvAgent) if PROV["SoftwareAgent"] in a.get_asserted_types()]
     assert (_texts(agent)["restart_count"], _texts(agent)["requeue_count"]) == ("0", "1")
+    # summary names the attempt as its shard does, never by the packed number 1000
+    text = subprocess.run([sys.executable, "-m", "prov4ml_dist", "summary", str(run.run_dir)], capture_output=True,
+                          text=True, check=True).stdout
+    loss_rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["loss"]]
+    assert [row[2:4] for row in loss_rows] == [["0", "1"], ["0", "requeue-1"]], text
+    assert "1000" not in text
 
 
 def _texts(record) -> dict[str, str]:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 from ..provenance.builder import timestamp as utc_datetime
+from ..shard.schema import attempt_label
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # the command ran and found problems (validate failed, merge skipped a shard)
@@ -82,6 +83,13 @@ def clock(timestamp: float | None) -> str:
     """A unix time as UTC, to the second."""
     when = utc_datetime(timestamp)
     return when.strftime("%Y-%m-%d %H:%M:%S UTC") if when is not None else "-"
+
+
+def rank_attempt(rank: int, attempt: int, *, word: str = "") -> str:
+    """``3``, or ``3 requeue-1.restart-2`` for a later attempt: the names its shard carries,
+    never the packed attempt number (1002) that means nothing to a reader."""
+    label = attempt_label(attempt)
+    return f"{word}{rank} {label}" if label else f"{word}{rank}"
 
 
 def ranks_text(ranks: Iterable[int]) -> str:

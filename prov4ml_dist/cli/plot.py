@@ -25,7 +25,7 @@ import numpy as np
 from ..merge import MergedRun
 from ..merge.means import nanmean
 from ..merge.model import SeriesSummary
-from .output import CliError, byte_unit, note
+from .output import CliError, byte_unit, note, rank_attempt
 from .points import series_points
 from .rundir import load_run, open_merged, run_directory, unavailable_sensors
 
@@ -181,7 +181,7 @@ class _Plotter:
         return 1.0, UNIT_NAMES.get(unit, unit)
 
     def _label(self, s: SeriesSummary) -> str:
-        who = f"rank {s.rank}" if s.attempt <= 0 else f"rank {s.rank} attempt {s.attempt}"
+        who = rank_attempt(s.rank, s.attempt, word="rank ")
         scope, device = s.extra.get("scope"), str(s.extra.get("device", ""))
         if scope == "node" and device:
             who = f"{device} (by rank {s.rank})"

@@ -20,7 +20,8 @@ from ..merge import MergedRun
 from ..merge.layout import STAMP_ATTR
 from ..merge.means import mean_of
 from ..merge.model import Artifact, RankAttempt, SeriesSummary
-from .output import WIDTH, clip, clock, duration, number, ranks_text, size, table
+from ..shard.schema import attempt_label
+from .output import WIDTH, clip, clock, duration, number, rank_attempt, ranks_text, size, table
 from .rundir import absent_sensors, load_run, open_merged, run_directory
 
 MAX_RANKS = 8
@@ -196,7 +197,7 @@ def _series(run: MergedRun, table_name: str, per_rank: bool) -> list[str]:
 
 
 def _who(s: SeriesSummary) -> str:
-    return str(s.rank) if s.attempt <= 0 else f"{s.rank}.{s.attempt}"
+    return rank_attempt(s.rank, s.attempt)
 
 
 def _nanmin(values: Iterable[float]) -> float:
@@ -368,12 +369,12 @@ def _unfinished(run: MergedRun) -> list[str]:
     incomplete = [r for r in run.ranks if r.status != "missing" and not r.complete]
     if incomplete:
         end = run.end_time
-        rows = [(str(r.rank), str(r.attempt), r.hostname, clock(r.last_time),
+        rows = [(str(r.rank), attempt_label(r.attempt) or "first", r.hostname, clock(r.last_time),
                  duration(end - r.last_time) if end is not None and r.last_time is not None else "-", r.shard)
                 for r in incomplete]
         lines += [f"Incomplete ranks ({len(incomplete)}): no end_run; merged up to their last flush",
                   *_capped(table(("rank", "attempt", "node", "last seen", "before end", "shard"), rows,
-                                 numeric=(0, 1, 4), flex=2), MAX_LISTED + 1)]
+                                 numeric=(0, 4), flex=2), MAX_LISTED + 1)]
     missing = [r for r in run.ranks if r.status == "missing"]
     if missing:
         why = Counter(r.reason for r in missing)
