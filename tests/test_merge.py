@@ -392,6 +392,16 @@ def _without_merge_activity(prov_json: bytes) -> dict:
     return doc
 
 
+def test_a_run_that_measured_no_energy_stores_no_energy_total(tmp_path: Path) -> None:
+    """No GPU and no RAPL: merged.h5 has no energy rows at all, rather than a total of 0 J that
+    summary, plot and any reader would take for a measurement."""
+    w = open_shard(tmp_path, 0, 1)
+    w.record({"kind": "energy", "time": T0, "rank": 0, "start": T0, "samples": 9, "gpus": [], "rapl": [],
+              "gpu_joules": 0.0, "rapl_joules": 0.0})
+    w.close()
+    assert load_merged(merge_run(tmp_path).merged_h5).energy == []
+
+
 def test_energy_is_summed_per_rank_node_and_job(tmp_path: Path) -> None:
     rapl = [{"zone": "intel-rapl:0", "domain": "package-0", "joules": 100.0, "in_total": True},
             {"zone": "intel-rapl:0:0", "domain": "package-0/core", "joules": 50.0, "in_total": False}]

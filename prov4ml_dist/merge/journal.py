@@ -173,7 +173,9 @@ class Journal:
                 nodes[host]["gpu_joules"] = sum(gpus)
         job: Counter = Counter()
         for host in sorted(nodes):
-            nodes[host]["total_joules"] = nodes[host]["gpu_joules"] + nodes[host]["rapl_joules"]
+            measured = [nodes[host][f] for f in ("gpu_joules", "rapl_joules") if f in nodes[host]]
+            if measured:  # a node that measured nothing has no total, not a total of 0 J
+                nodes[host]["total_joules"] = sum(measured)
             job.update(nodes[host])
             yield from (("node", host, f, v) for f, v in sorted(nodes[host].items()))
         yield from (("job", "", f, v) for f, v in sorted(job.items()))
