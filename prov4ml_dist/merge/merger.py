@@ -16,12 +16,12 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from .. import __version__  # the code that merged, also when run from a checkout
 from ..errors import MergeError
 from ..paths import atomic_target, remove_stale_temporaries
 from ..shard import ShardReader, schema
@@ -136,7 +136,7 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
     out.attrs["user"] = user if isinstance(user, str) else ""
     out.attrs["world_size"] = _world_size(shards, world_size)
     # pid and host: the PROV merge activity is online when they are rank 0's (issue 13).
-    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": _version(), "pid": os.getpid(),
+    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": __version__, "pid": os.getpid(),
                                                "host": socket.gethostname()})
 
     journal = Journal(out, run_dir, problems)
@@ -260,8 +260,3 @@ def _float(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def _version() -> str:
-    try:
-        return version("prov4ml-dist")
-    except PackageNotFoundError:
-        return "unknown"
