@@ -15,7 +15,7 @@ from test_merge_support import T0, log_series, open_shard  # noqa: E402
 
 from prov4ml_dist.merge import load_merged, merge_run  # noqa: E402
 from prov4ml_dist.provenance import build_document, to_dot, write_graph, write_provn  # noqa: E402
-from prov4ml_dist.provenance.builder import local_name, user_namespace_iri  # noqa: E402
+from prov4ml_dist.provenance.terms import local_name, user_namespace_iri  # noqa: E402
 
 
 def _run(run_dir: Path, ranks: int = 4, points: int = 100, keys: int = 2) -> Path:

@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 
-from ..provenance.builder import timestamp as utc_datetime
+from ..provenance.terms import timestamp as utc_datetime
 from ..shard.schema import attempt_label
 
 EXIT_OK = 0

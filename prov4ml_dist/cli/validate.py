@@ -30,7 +30,7 @@ from ..merge.layout import MERGED_NAME, PROV_NAME
 from ..merge.scan import BAD_SHARD
 from ..paths import relative_inside
 from ..provenance import load_document
-from ..provenance.builder import P4D_NAMESPACE
+from ..provenance.terms import P4D_NAMESPACE
 from ..shard import ShardReader, schema
 from .content import content_sha256
 from .output import EXIT_OK, EXIT_PROBLEMS, CliError, note

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import math
 import os
-import re
-import shlex
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from collections.abc import Iterator
 from itertools import groupby
 from operator import attrgetter
 from typing import Any
@@ -33,86 +29,37 @@ from prov.model import ProvDocument
 
 from ..merge.journal import dumps
 from ..merge.model import Artifact, Generation, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
-from ..shard import schema
+from .attributes import (
+    SLURM_ALLOCATION,
+    agent_attrs,
+    as_dict,
+    content_attrs,
+    file_attrs,
+    group_attrs,
+    key_series_attrs,
+    rank_attrs,
+    sensor_reasons,
+    series_attrs,
+    software_pairs,
+    value_attrs,
+)
 from .document import ProvJson, qname
+from .terms import (
+    KEY_NAMESPACE,
+    P4D_NAMESPACE,
+    XSD_NAMESPACE,
+    attempt_name,
+    flat,
+    keys,
+    local_name,
+    p4d,
+    site_of,
+    user_namespace_iri,
+)
 
-P4D_NAMESPACE = "https://prov4ml-dist.org/ns#"
-KEY_NAMESPACE = "https://prov4ml-dist.org/ns/key#"  # user-chosen field names (dataset stats, ...)
-XSD_NAMESPACE = "http://www.w3.org/2001/XMLSchema#"
-PLACEHOLDER_NAMESPACE = "http://example.org/"  # start_run's default: replaced by the site's namespace
-SITE_NAMESPACE = "urn:prov4ml-dist:site:"
 RANK_SERIES_LIMIT_ENV = "PROV4ML_PROV_RANK_SERIES"
 DEFAULT_RANK_SERIES_LIMIT = 1000
-_IRI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s<>\"{}|\\^`]+")
-_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
-# series extras the library itself writes (sampler): vocabulary terms; any other extra is a user key
-KNOWN_EXTRAS = ("unit", "device", "scope", "sensor", "sampled_by")
 ENERGY_PARTS = (("gpu_joules", "gpu.", "nvml"), ("rapl_joules", "rapl.", "rapl"))
-
-
-def site_of(run: MergedRun) -> str:
-    """The site a run's default namespace is derived from: its Slurm cluster, else rank 0's host."""
-    for r in run.ranks:
-        launcher = r.environment.get("launcher_env")
-        if isinstance(launcher, dict) and isinstance(launcher.get("SLURM_CLUSTER_NAME"), str):
-            return launcher["SLURM_CLUSTER_NAME"]
-    hosts = [r.hostname for r in sorted(run.ranks, key=lambda r: (r.rank, r.attempt)) if r.hostname]
-    return hosts[0] if hosts else "unknown"
-
-
-def user_namespace_iri(value: str, site: str = "unknown") -> str:
-    """The user's namespace if it is an IRI other than the API's placeholder (ending in / or #, so it
-    can prefix names); else ``urn:prov4ml-dist:site:<site>/``, which does not collide across sites."""
-    if _IRI.fullmatch(value or "") and value != PLACEHOLDER_NAMESPACE:
-        return value if value.endswith(("/", "#")) else value + "/"
-    return f"{SITE_NAMESPACE}{quote(site.lower(), safe='-_~.')}/"
-
-
-def local_name(*parts: object) -> str:
-    """An identifier's local name from parts joined by '.'; each part percent-encoded so any key is safe."""
-    return ".".join(quote(str(part), safe="-_~").replace(".", "%2E") for part in parts)
-
-
-def key_name(name: str) -> str:
-    """A user-chosen field name as an attribute in the ``key:`` namespace: letters, digits, _ . -
-    (anything else becomes _), never percent-encoded."""
-    name = _KEY_CHARS.sub("_", name).strip(".")
-    return "key:" + (name if name and name[0] not in "-" else "_" + name)
-
-
-def timestamp(value: float | None) -> datetime | None:
-    """A unix time as an aware datetime; None for a missing, non-finite or out-of-range one."""
-    if value is None or not math.isfinite(value):
-        return None
-    try:
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def attempt_name(rank: int, attempt: int) -> str:
-    """Mirrors the shard names: ``rank-00003``, ``rank-00003.restart-1``, ``rank-00003.requeue-1``."""
-    return schema.attempt_stem(rank, max(attempt, 0))
-
-
-def flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Nested dicts and lists as (dotted path, scalar) pairs; list items by index (order kept)."""
-    if isinstance(value, dict):
-        for key, item in sorted(value.items(), key=lambda kv: str(kv[0])):
-            yield from flat(item, f"{prefix}{key}.")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from flat(item, f"{prefix}{i}.")
-    elif value is not None:
-        yield prefix[:-1], value
-
-
-def p4d(pairs: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    return [(f"p4d:{name}", value) for name, value in pairs]
-
-
-def keys(pairs: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    return [(key_name(name), value) for name, value in pairs]
 
 
 def _digest(value: Any) -> str:
@@ -187,21 +134,21 @@ class _Builder:
         Only local rank 0 hashes the script: its sha256 stands for its node's ranks with the same path."""
         node_sha: dict[tuple[str, str], str] = {}
         for r in self.run.ranks:
-            script = _dict(_dict(r.environment.get("software")).get("script"))
+            script = as_dict(as_dict(r.environment.get("software")).get("script"))
             if isinstance(script.get("sha256"), str):
                 node_sha[(r.hostname, str(script.get("path")))] = script["sha256"]
         plans: dict[tuple[int, int], str] = {}
         made: dict[str, str] = {}
         for r in sorted(self.run.ranks, key=lambda r: (r.rank, r.attempt)):
             env = r.environment
-            script, git = _dict(_dict(env.get("software")).get("script")), _dict(env.get("git"))
+            script, git = as_dict(as_dict(env.get("software")).get("script")), as_dict(env.get("git"))
             if not script and not git:
                 continue
             path = script.get("path")
             pairs = [("path", path), ("sha256", node_sha.get((r.hostname, str(path)))), ("size", script.get("size")),
                      ("git_commit", git.get("commit")), ("git_branch", git.get("branch")),
                      ("git_dirty", git.get("dirty")), ("git_directory", git.get("directory")),
-                     ("git_remote", _dict(env.get("software")).get("git_remote"))]
+                     ("git_remote", as_dict(env.get("software")).get("git_remote"))]
             pairs = [(k, v) for k, v in pairs if isinstance(v, (str, int, bool))]
             digest = _digest(pairs)
             if digest not in made:
@@ -216,7 +163,7 @@ class _Builder:
         stacks: dict[tuple[int, int], str] = {}
         made: dict[str, str] = {}
         for r in sorted(self.run.ranks, key=lambda r: (r.rank, r.attempt)):
-            pairs = _software_pairs(r)
+            pairs = software_pairs(r)
             if not pairs:
                 continue
             digest = _digest(pairs)
@@ -232,14 +179,14 @@ class _Builder:
             by_rank[r.rank].append(r)
         for rank, attempts in sorted(by_rank.items()):
             agent = self.doc.element("agent", f"run:rank-{rank:05d}", ["prov:SoftwareAgent"],
-                                     p4d(_agent_attrs(attempts)))
+                                     p4d(agent_attrs(attempts)))
             self.doc.relation("actedOnBehalfOf", agent, self.user)
             self.agent_of[rank] = agent
             for r in attempts:
                 who = (r.rank, r.attempt)
                 activity = self.doc.activity(
                     f"run:process.{attempt_name(r.rank, r.attempt)}", r.start_time, r.end_time if r.complete else None,
-                    ["p4d:RankProcess"], p4d(_rank_attrs(r)))
+                    ["p4d:RankProcess"], p4d(rank_attrs(r)))
                 self.doc.relation("wasAssociatedWith", activity, agent, plans.get(who))
                 self.doc.relation("wasInformedBy", activity, self.run_activity)
                 if who in stacks:
@@ -286,12 +233,12 @@ class _Builder:
                 pairs += [("disagreement", True),
                           ("disagreeing_ranks", sorted(r for p in values if not p.majority for r in p.ranks))]
             param = self.doc.element("entity", f"run:param.{local_name(key)}", ["p4d:Param"],
-                                     [*_value_attrs(agreed.value), *p4d(pairs)], label=key)
+                                     [*value_attrs(agreed.value), *p4d(pairs)], label=key)
             self.use(self.run_activity, param)
             if len(values) > 1:
                 for i, p in enumerate(values):
                     variant = self.doc.element("entity", f"run:param.{local_name(key)}.value-{i}", ["p4d:ParamValue"],
-                                               [*_value_attrs(p.value), *p4d([("rank", list(p.ranks)),
+                                               [*value_attrs(p.value), *p4d([("rank", list(p.ranks)),
                                                                               ("majority", p.majority)])])
                     self.doc.relation("specializationOf", variant, param)
 
@@ -325,19 +272,19 @@ class _Builder:
             name = _unique(local_name(*base), names)
             kind = "p4d:SystemSeries" if g.table == "system" else "p4d:MetricSeries"
             series = self.doc.element("entity", f"run:{name}", [kind, "prov:Collection"],
-                                      _key_series_attrs(g, members), label=g.key)
+                                      key_series_attrs(g, members), label=g.key)
             self.doc.relation("wasGeneratedBy", series, self.run_activity)
             self.doc.relation("hadMember", self.merged, series)
             if per_rank:
                 for s in members:
                     own = _unique(f"{name}.{attempt_name(s.rank, s.attempt)}", names)
                     entity = self.doc.element("entity", f"run:{own}", [kind],
-                                              _series_attrs(s), label=s.key)
+                                              series_attrs(s), label=s.key)
                     self.doc.relation("wasGeneratedBy", entity, self._activity(s.rank, s.attempt, s.context))
                     self.doc.relation("hadMember", series, entity)
             if len(g.series) >= 2:
                 stats = self.doc.element("entity", f"run:crossrank.{name}", ["p4d:CrossRankStatistics"],
-                                         p4d(_group_attrs(g)), label=g.key)
+                                         p4d(group_attrs(g)), label=g.key)
                 self.doc.relation("wasGeneratedBy", stats, self.merge)
                 self.doc.relation("wasDerivedFrom", stats, series, self.merge)
                 self.doc.relation("hadMember", self.merged, stats)
@@ -397,12 +344,12 @@ class _Builder:
             kind = {"model_version": "p4d:ModelVersion", "model": "p4d:Model", "input_model": "p4d:Model"}.get(
                 a.item, "p4d:Artifact")
             content = self.doc.element("entity", f"run:content.{a.sha256}", ["p4d:Content", kind],
-                                       p4d(_content_attrs(a)), label=a.name)
+                                       p4d(content_attrs(a)), label=a.name)
             for g in sorted(a.generations, key=lambda g: (g.rank, g.attempt, g.time, g.path)):
                 who = attempt_name(g.rank, g.attempt)
                 counts[who] += 1
                 file = self.doc.element("entity", f"run:file.{who}.{counts[who]}", ["p4d:ArtifactFile"],
-                                        p4d(_file_attrs(g)), label=g.name)
+                                        p4d(file_attrs(g)), label=g.name)
                 self.doc.relation("specializationOf", file, content)
                 if (g.rank, g.attempt) not in self.activities:
                     continue
@@ -467,7 +414,7 @@ class _Builder:
         for e in self.run.energy:
             by_scope[e.scope].append(e)
         host_of = {r.rank: r.hostname for r in self.run.ranks}
-        reasons = _sensor_reasons(self.run.ranks)
+        reasons = sensor_reasons(self.run.ranks)
         rank_entities: dict[str, list[str]] = defaultdict(list)
         for e in by_scope["rank"]:
             rank = int(e.name)
@@ -475,22 +422,24 @@ class _Builder:
                                          reasons.get(host_of.get(rank, ""), {}))
             self.doc.relation("wasAttributedTo", entity, self.agent_of[rank])
             rank_entities[host_of.get(rank, "")].append(entity)
+        # every node and the job get an entity, measured or not: one that measured nothing says why
+        node_fields = {e.name: e.fields for e in by_scope["node"]}
+        hosts = sorted(set(node_fields) | {r.hostname for r in self.run.ranks if r.hostname and r.status != "missing"})
         nodes = []
-        for e in by_scope["node"]:
-            entity = self._energy_entity(f"run:energy.node.{local_name(e.name)}", e.fields, [("host", e.name)],
-                                         reasons.get(e.name, {}))
+        for host in hosts:
+            entity = self._energy_entity(f"run:energy.node.{local_name(host)}", node_fields.get(host, {}),
+                                         [("host", host)], reasons.get(host, {}))
             self.doc.relation("wasGeneratedBy", entity, self.merge)
-            for part in rank_entities.get(e.name, []):
+            for part in rank_entities.get(host, []):
                 self.doc.relation("wasDerivedFrom", entity, part, self.merge)
             nodes.append(entity)
-        for e in by_scope["job"]:
-            everywhere = {part: "; ".join(sorted({r for host in reasons.values() for r in host.get(part, [])}))
-                          for part in ("gpu_joules", "rapl_joules")}
-            entity = self._energy_entity("run:energy.job", e.fields, [],
-                                         {k: [v] for k, v in everywhere.items() if v})
-            self.doc.relation("wasGeneratedBy", entity, self.merge)
-            for node in nodes:
-                self.doc.relation("wasDerivedFrom", entity, node, self.merge)
+        everywhere = {part: "; ".join(sorted({r for host in reasons.values() for r in host.get(part, [])}))
+                      for part in ("gpu_joules", "rapl_joules")}
+        entity = self._energy_entity("run:energy.job", by_scope["job"][0].fields if by_scope["job"] else {}, [],
+                                     {k: [v] for k, v in everywhere.items() if v})
+        self.doc.relation("wasGeneratedBy", entity, self.merge)
+        for node in nodes:
+            self.doc.relation("wasDerivedFrom", entity, node, self.merge)
 
     def _energy_entity(self, identifier: str, fields: dict[str, float], pairs: list[tuple[str, Any]],
                        reasons: dict[str, list[str]]) -> str:
@@ -517,10 +466,6 @@ class _Builder:
 _MISSING = object()
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _unique(name: str, names: set[str]) -> str:
     n, candidate = 1, name
     while candidate in names:
@@ -528,149 +473,6 @@ def _unique(name: str, names: set[str]) -> str:
         candidate = f"{name}.{n}"
     names.add(candidate)
     return candidate
-
-
-def _value_attrs(value: Any) -> list[tuple[str, Any]]:
-    """A param value: prov:value for a scalar; a structured one as one key: attribute per leaf."""
-    if isinstance(value, (dict, list)):
-        return keys(("value." + path if path else "value", leaf) for path, leaf in flat(value))
-    return [("prov:value", value)] if value is not None else [("p4d:null", True)]
-
-
-def _software_pairs(r: RankAttempt) -> list[tuple[str, Any]]:
-    env = r.environment
-    software, versions = _dict(env.get("software")), _dict(env.get("versions"))
-    container = _dict(software.get("container"))
-    drivers = sorted({s.get("driver_version") for s in r.sensors if isinstance(s.get("driver_version"), str)})
-    pairs = [("python", env.get("python")), ("implementation", env.get("implementation")),
-             ("platform", env.get("platform")), ("executable", env.get("executable")), ("torch", env.get("torch")),
-             ("cuda", env.get("cuda")), ("nccl", software.get("nccl")), ("mpi", software.get("mpi")),
-             ("nvidia_driver", drivers[0] if drivers else None),
-             *((f"version_{name.replace('-', '_')}", versions.get(name)) for name in sorted(_PACKAGES)),
-             ("container_runtime", container.get("runtime")), ("container_image", container.get("container")),
-             ("container_name", container.get("name")), ("container_version", container.get("version"))]
-    return [(k, v) for k, v in pairs if isinstance(v, str)]
-
-
-_PACKAGES = ("prov4ml-dist", "h5py", "numpy", "prov", "psutil")
-
-
-def _sensor_reasons(ranks: list[RankAttempt]) -> dict[str, dict[str, list[str]]]:
-    """host → energy part → why its sensor was unavailable, from the ranks' sensor records."""
-    found: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for r in ranks:
-        for s in r.sensors:
-            name = str(s.get("name", ""))
-            part = "gpu_joules" if name == "nvml" or name.startswith("gpu") else "rapl_joules" if name == "rapl" else ""
-            if part and s.get("available") is False and s.get("reason"):
-                found[r.hostname][part].add(str(s["reason"]))
-    return {host: {part: sorted(v) for part, v in parts.items()} for host, parts in found.items()}
-
-
-def _agent_attrs(attempts: list[RankAttempt]) -> Iterator[tuple[str, Any]]:
-    first = attempts[0]
-    topology = first.topology
-    yield "rank", first.rank
-    yield "status", "missing" if first.status == "missing" else (
-        "complete" if all(a.complete for a in attempts) else "incomplete")
-    for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
-                 "job_id", "array_id", "step_id", "elastic_run_id"):
-        value = topology.get(name)
-        yield name, value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    if first.attempt >= 0:  # the most torchrun restarts within one run of the job, and Slurm requeues
-        requeues, restarts = zip(*(divmod(a.attempt, schema.RESTARTS_PER_REQUEUE) for a in attempts), strict=True)
-        yield "restart_count", max(restarts)
-        yield "requeue_count", max(requeues) or None
-    yield "pid", [a.topology["pid"] for a in attempts if isinstance(a.topology.get("pid"), int)]
-    yield "gpu_uuid", sorted({u for a in attempts for u in a.gpu_uuids})
-
-
-def _rank_attrs(r: RankAttempt) -> Iterator[tuple[str, Any]]:
-    yield "rank", r.rank
-    yield "attempt", r.attempt if r.attempt >= 0 else None
-    yield "status", r.status
-    yield "complete", r.complete
-    yield "shard", r.shard or None
-    yield "shard_sha256", r.shard_sha256 or None
-    yield "reason", r.reason or None
-    yield "last_seen", None if r.complete or r.last_time is None else timestamp(r.last_time)
-    yield "warnings", r.warnings or None
-    argv = r.environment.get("argv")
-    if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
-        yield "command_line", shlex.join(argv)
-    yield "sensor_available", sorted({str(s.get("name")) for s in r.sensors if s.get("available") is True})
-    yield "sensor_unavailable", sorted({f"{s.get('name')}: {s.get('reason')}" for s in r.sensors
-                                        if s.get("available") is False})
-
-
-def _extras(extra: dict[str, Any]) -> list[tuple[str, Any]]:
-    known = p4d((k, extra[k]) for k in KNOWN_EXTRAS if isinstance(extra.get(k), (str, int, float)))
-    return known + keys(sorted((k, v) for k, v in flat({k: v for k, v in extra.items() if k not in KNOWN_EXTRAS})))
-
-
-def _series_attrs(s: SeriesSummary) -> list[tuple[str, Any]]:
-    pairs: list[tuple[str, Any]] = [("key", s.key), ("context", s.context), ("source", s.source or None),
-                                    ("rank", s.rank), ("attempt", s.attempt), ("count", s.count)]
-    if s.count:
-        pairs += [("first_step", s.first_step), ("last_step", s.last_step), ("min", s.min), ("max", s.max),
-                  ("last", s.last), ("nonfinite", s.nonfinite or None), ("step_runs", s.runs if s.runs > 1 else None),
-                  ("first_time", timestamp(s.first_time)), ("last_time", timestamp(s.last_time))]
-    pairs += [("dataset", s.dataset), ("row_start", s.row_start), ("row_stop", s.row_stop)]
-    return p4d(pairs) + _extras(s.extra)
-
-
-def _key_series_attrs(g: GroupSummary, members: list[SeriesSummary]) -> list[tuple[str, Any]]:
-    """A key across ranks: totals, and where its per-rank series are in merged.h5 (rows of the series table).
-    Built-in reductions over ``map``: at 1,024 ranks x 2,000 keys they see 2 million series."""
-    counted = members if all(map(_COUNT, members)) else [s for s in members if s.count]
-    finite = [*filter(math.isfinite, map(_MIN, counted)), *filter(math.isfinite, map(_MAX, counted))]
-    extras = {id(s.extra): s.extra for s in members}  # series with the same extras share one dict
-    first = members[0].extra if members else {}
-    shared = {k: v for k, v in first.items() if all(e.get(k) == v for e in extras.values())}
-    series_table = members[0].dataset.rsplit("/", 1)[0] + "/series" if members else None
-    pairs: list[tuple[str, Any]] = [
-        ("key", g.key), ("context", g.context), ("source", g.source or None), ("attempt", g.attempt),
-        ("ranks", len(g.series)), ("count", sum(map(_COUNT, members))),
-        ("nonfinite", sum(map(_NONFINITE, members)) or None),
-        ("first_step", min(map(_FIRST_STEP, counted), default=None)),
-        ("last_step", max(map(_LAST_STEP, counted), default=None)),
-        ("min", min(finite, default=None)), ("max", max(finite, default=None)), ("dataset", series_table),
-        ("row_start", g.series[0] if g.series else 0), ("row_stop", g.series[-1] + 1 if g.series else 0),
-        ("rows", members[0].dataset if members else None)]
-    return p4d(pairs) + _extras(shared)
-
-
-_COUNT, _NONFINITE, _MIN, _MAX = attrgetter("count"), attrgetter("nonfinite"), attrgetter("min"), attrgetter("max")
-_FIRST_STEP, _LAST_STEP = attrgetter("first_step"), attrgetter("last_step")
-
-
-def _group_attrs(g: GroupSummary) -> Iterator[tuple[str, Any]]:
-    """Key, context, source and ranks are on the series entity the statistics are derived from."""
-    yield from (("dataset", g.dataset), ("row_start", g.stat_start), ("row_stop", g.stat_stop),
-                ("multi_rank_steps", g.multi_rank_steps))
-    if g.multi_rank_steps:
-        yield from (("slowest_rank", g.slowest_rank), ("slowest_steps", g.slowest_steps),
-                    ("skew_mean", g.skew_mean), ("skew_max", g.skew_max), ("skew_max_step", g.skew_max_step))
-
-
-SLURM_ALLOCATION = (
-    "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_CLUSTER_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT",
-    "SLURM_JOB_QOS", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE",
-    "SLURM_CPUS_PER_TASK", "SLURM_JOB_CPUS_PER_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK",
-    "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_SUBMIT_HOST", "SLURM_JOB_START_TIME", "SLURM_JOB_END_TIME",
-)
-
-
-def _content_attrs(a: Artifact) -> Iterator[tuple[str, Any]]:
-    yield from (("sha256", a.sha256), ("size", a.size), ("item", a.item), ("path", a.path),
-                ("directory", a.directory or None), ("generators", len({g.rank for g in a.generations})))
-    yield "present", {1: True, 0: False}.get(a.present)
-
-
-def _file_attrs(g: Generation) -> Iterator[tuple[str, Any]]:
-    yield from (("rank", g.rank), ("attempt", g.attempt), ("name", g.name), ("path", g.path), ("item", g.item),
-                ("model_name", g.model_name or None), ("version", g.version if g.version >= 0 else None),
-                ("context", g.context or None), ("saved_at", timestamp(g.time)))
 
 
 def build_prov_json(run: MergedRun, *, series_limit: int | None = None, built_at: float | None = None) -> dict:
