@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..report import BOUNDS, write_report
 from .output import note
 from .rundir import run_directory
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from ..report import BOUNDS  # here, not at the top: prov4ml_dist.report imports the cli's helpers
     p = commands.add_parser(
         "report", parents=[common], help="one self-contained HTML page of a merged run",
         description="Writes one HTML file with everything inlined (no network, no server: open it from disk or "
@@ -25,6 +25,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..report import write_report
     run_dir = run_directory(args.run_dir)
     out = write_report(run_dir, args.output, progress=lambda what: note(f"reading {what}"))
     print(out)

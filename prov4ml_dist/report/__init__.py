@@ -1,6 +1,6 @@
 """``prov4ml-dist report``: one self-contained HTML page per run.
 
-``collect`` reads ``merged.h5`` (and ``prov.json`` for the lineage graph) into a compact model
+``collect.build_model`` reads ``merged.h5`` (and ``prov.json`` for the lineage graph) into a compact model
 of bounded size (``collect.BOUNDS``); ``page`` inlines it with the vendored chart and graph
 libraries (``vendor/``, re-fetched by ``scripts/vendor_js.sh``) and the page's own script.
 """
@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from ..merge.layout import PROV_NAME
-from .collect import BOUNDS, Progress, collect
-from .page import render
+from .collect import BOUNDS, Progress, build_model, model_bound
+from .page import fixed_bytes, render
 
-__all__ = ["BOUNDS", "write_report"]
+__all__ = ["BOUNDS", "size_bound", "write_report"]
 
 REPORT_NAME = "report.html"
 
@@ -27,7 +27,7 @@ def write_report(run_dir: Path, output: Path | None = None, progress: Progress =
     merged = load_run(run_dir)
     prov = _prov(run_dir / PROV_NAME)
     with open_merged(run_dir) as f:
-        model = collect(merged, f, run_dir, prov, progress)
+        model = build_model(merged, f, run_dir, prov, progress)
     progress("page")
     out = output if output is not None else run_dir / REPORT_NAME
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -37,6 +37,12 @@ def write_report(run_dir: Path, output: Path | None = None, progress: Progress =
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def size_bound(charts: int, ranks: int) -> int:
+    """The most bytes a report of a run with this many charts (metric keys x contexts, system
+    keys) and ranks can take, however many points each logged."""
+    return fixed_bytes() + model_bound(charts, ranks)
 
 
 def _prov(path: Path) -> dict | None:

@@ -34,12 +34,30 @@ MAX_LINES = 32  # per-rank lines stored per chart; the others are in merged.h5
 LINE_READ = 1_000_000  # points read of one series before thinning (a longer one is read every k-th point)
 HEAT_RANKS, HEAT_STEPS = 128, 120  # straggler heat map cells (ranks and steps bucketed beyond)
 HEAT_READ = 4_000_000  # rows of the heat map's metric read at most (each series thinned beyond)
-MAX_ROWS = 500  # rows of a table (artifacts, params) before "and N more"
+MAX_ROWS = 200  # rows of a table (artifacts, params) before "and N more"
 DIGITS = 6  # significant digits of a number in the page
+MAX_TEXT = 120  # characters of a host name or a reason kept per rank
 BOUNDS = {"band_points": BAND_POINTS, "line_points": 2 * LINE_BUCKETS, "lines_per_chart": MAX_LINES,
           "heat_ranks": HEAT_RANKS, "heat_steps": HEAT_STEPS, "table_rows": MAX_ROWS}
 
+# The worst case of each part of the model, in bytes of JSON: what ``model_bound`` adds up.
+NUMBER_BYTES = 14  # "-1.23457e-05," at DIGITS significant digits
+CHART_BYTES = NUMBER_BYTES * (4 * BAND_POINTS + MAX_LINES * 4 * LINE_BUCKETS) + MAX_LINES * 300 + 2000
+HEAT_BYTES = NUMBER_BYTES * (HEAT_RANKS * HEAT_STEPS + 3 * BAND_POINTS) + (HEAT_RANKS + HEAT_STEPS) * 40 + 20 * 40
+RANK_BYTES = 2 * MAX_TEXT + 200  # a rank in the status grid and in the energy list
+ROW_BYTES = 12 * MAX_TEXT  # a row of a table (params, artifacts, nodes, problems, stragglers), text capped
+TABLES = 5
+GRAPH_BYTES = 300 * (8 * MAX_TEXT)  # lineage.MAX_NODES nodes and as many edges per node, at most
+BASE_BYTES = 64 * 1024  # program, software, Slurm, bounds, absent sensors
+
 Progress = Callable[[str], None]
+
+
+def model_bound(charts: int, ranks: int) -> int:
+    """The most bytes the JSON model of a run with this many charts and ranks can take, however
+    many points it logged: the report's size bound, less the inlined libraries."""
+    return BASE_BYTES + charts * CHART_BYTES + HEAT_BYTES + ranks * RANK_BYTES + TABLES * MAX_ROWS * ROW_BYTES \
+        + GRAPH_BYTES
 
 
 def compact(values: Iterable[float]) -> list[float | None]:
@@ -47,7 +65,7 @@ def compact(values: Iterable[float]) -> list[float | None]:
     return [float(f"{v:.{DIGITS}g}") if math.isfinite(v) else None for v in map(float, values)]
 
 
-def collect(run: MergedRun, f: h5py.File, run_dir: Path, prov: dict[str, Any] | None,
+def build_model(run: MergedRun, f: h5py.File, run_dir: Path, prov: dict[str, Any] | None,
             progress: Progress = lambda _: None) -> dict[str, Any]:
     """The whole page model; ``progress`` is told what is being read (a big run takes a while)."""
     from .lineage import lineage
@@ -89,13 +107,14 @@ def overview(run: MergedRun, run_dir: Path, prov: dict[str, Any] | None) -> dict
         "directory": str(run_dir), "start": start, "end": end,
         "duration": end - start if start is not None and end is not None else None,
         "launcher": topo.get("launcher"), "merge": run.merge_stamp,
-        "ranks": [[r.rank, r.attempt, rank_state(r), r.hostname, r.reason or r.status] for r in latest.values()],
+        "ranks": [[r.rank, r.attempt, rank_state(r), r.hostname[:MAX_TEXT], (r.reason or r.status)[:MAX_TEXT]]
+                  for r in latest.values()],
         "attempts": len(run.ranks), "states": dict(Counter(rank_state(r) for r in latest.values())),
-        "nodes": [{"host": h, "ranks": ranks_text(by_host[h]), "count": len(by_host[h]),
+        "nodes": [{"host": h[:MAX_TEXT], "ranks": _ranks(by_host[h]), "count": len(by_host[h]),
                    "gpus": len(gpus_by_host[h])} for h in sorted(by_host, key=lambda h: min(by_host[h]))][:MAX_ROWS],
         "node_count": len(by_host), "gpus": len({u for r in present for u in r.gpu_uuids}),
         "program": _program(env), "software": _software(env), "slurm": _slurm(topo, env),
-        "problems": run.problems[:MAX_ROWS], "problem_count": len(run.problems),
+        "problems": [p[:MAX_TEXT * 4] for p in run.problems[:MAX_ROWS]], "problem_count": len(run.problems),
         "absent_sensors": unavailable_sensors(run, "nvml", "rapl"),
         "prov": prov is not None,
     }
@@ -239,11 +258,16 @@ def _stragglers(f: h5py.File, run: MergedRun) -> dict[str, Any]:
 
 def _heat(f: h5py.File, run: MergedRun, group: GroupSummary) -> dict[str, Any]:
     """Rank x step: how far behind the step's first rank each rank logged it (seconds), the
-    worst lag of each cell when ranks or steps are bucketed."""
+    mean lag of each cell when ranks or steps are bucketed (a rank late at every step shows as
+    a dark row; the worst single step is in the skew chart)."""
     members = [s for s in run.series if s.dataset == "/metrics/rows" and s.index in set(group.series) and s.count]
     per_series = max(2, HEAT_READ // max(1, len(members)))
-    parts = [series_points(f, s.dataset, s.row_start, s.row_stop, per_series) for s in members]
-    rows = np.concatenate(parts)
+    start, stop = min(s.row_start for s in members), max(s.row_stop for s in members)
+    if stop - start <= HEAT_READ:  # the group's rows are contiguous: one read, not one per series
+        rows = f[members[0].dataset][start:stop]
+        rows = rows[np.isin(rows["series"], [s.index for s in members])]
+    else:
+        rows = np.concatenate([series_points(f, s.dataset, s.row_start, s.row_stop, per_series) for s in members])
     finite = np.isfinite(rows["time"])
     rows = rows[finite]
     steps, inverse = np.unique(rows["step"], return_inverse=True)
@@ -255,12 +279,22 @@ def _heat(f: h5py.File, run: MergedRun, group: GroupSummary) -> dict[str, Any]:
     step_bucket = max(1, -(-len(steps) // HEAT_STEPS))
     row_of = np.searchsorted(ranks, rows["rank"]) // rank_bucket
     col_of = inverse // step_bucket
-    cells = np.full((int(row_of.max()) + 1, int(col_of.max()) + 1), -np.inf)
-    np.maximum.at(cells, (row_of, col_of), lag)
+    shape = (int(row_of.max()) + 1, int(col_of.max()) + 1)
+    total, count = np.zeros(shape), np.zeros(shape)
+    np.add.at(total, (row_of, col_of), lag)
+    np.add.at(count, (row_of, col_of), 1)
+    with np.errstate(invalid="ignore"):
+        cells = np.where(count > 0, total / np.maximum(count, 1), np.nan)  # the mean lag: a late rank stands out
     return {"key": group.key, "context": group.context,
             "rank_labels": [ranks_text(ranks[i:i + rank_bucket].tolist()) for i in range(0, len(ranks), rank_bucket)],
             "step_labels": [_span(steps[i:i + step_bucket]) for i in range(0, len(steps), step_bucket)],
-            "cells": [compact(row) for row in cells], "thinned": bool(per_series < max(s.count for s in members))}
+            "cells": [compact(row) for row in cells], "thinned": stop - start > HEAT_READ}
+
+
+def _ranks(ranks: Iterable[int]) -> str:
+    """``0-3,5`` cut to ``MAX_TEXT`` characters (ranks that alternate would otherwise be long)."""
+    text = ranks_text(ranks)
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 1] + "…"
 
 
 def _span(steps: np.ndarray) -> str:
@@ -290,16 +324,18 @@ def _params(run: MergedRun) -> dict[str, Any]:
     for key in sorted(by_key):
         values = sorted(by_key[key], key=lambda p: not p.majority)
         for p in values:
-            rows.append({"key": key, "value": p.value if isinstance(p.value, str) else json.dumps(p.value),
-                         "ranks": ranks_text(p.ranks), "count": len(p.ranks), "majority": p.majority,
+            value = p.value if isinstance(p.value, str) else json.dumps(p.value)
+            rows.append({"key": key[:MAX_TEXT], "value": value[:MAX_TEXT * 4],
+                         "ranks": _ranks(p.ranks), "count": len(p.ranks), "majority": p.majority,
                          "disagree": len(values) > 1})
     return {"rows": rows[:MAX_ROWS], "total": len(rows), "keys": len(by_key),
             "disagree": sum(len(v) > 1 for v in by_key.values())}
 
 
 def _artifacts(run: MergedRun) -> dict[str, Any]:
-    rows = [{"name": a.name, "item": a.item, "size": a.size, "sha256": a.sha256, "path": a.path,
-             "present": a.present, "ranks": ranks_text({g.rank for g in a.generations}),
+    rows = [{"name": a.name[:MAX_TEXT], "item": a.item, "size": a.size, "sha256": a.sha256,
+             "path": a.path[:MAX_TEXT * 2],
+             "present": a.present, "ranks": _ranks({g.rank for g in a.generations}),
              "models": sorted({f"{g.model_name} v{g.version}" for g in a.generations
                                if g.model_name and g.version >= 0})}
             for a in sorted(run.artifacts, key=lambda a: (a.item, a.name, a.sha256))]

@@ -15,6 +15,8 @@ from typing import Any
 from ..cli.output import ranks_text
 
 MAX_NODES = 300
+MAX_EDGES = 4 * MAX_NODES
+TEXT = 240  # characters of a label or a path kept
 CONTENT_TYPE = "p4d:Content"
 
 
@@ -70,15 +72,15 @@ def lineage(doc: dict[str, Any] | None) -> dict[str, Any]:
     if grouped:
         nodes, edges = _group(nodes, edges, ranks)
     return {"nodes": sorted(nodes.values(), key=lambda n: (n["item"], n["label"], n["id"])),
-            "edges": [{"source": a, "target": b, "kind": k} for (a, b), k in sorted(edges.items())],
+            "edges": [{"source": a, "target": b, "kind": k} for (a, b), k in sorted(edges.items())][:MAX_EDGES],
             "grouped": grouped, "contents": len(contents)}
 
 
 def _node(eid: str, e: dict[str, Any], ranks: set[int]) -> dict[str, Any]:
     item = str(_value(e.get("p4d:item")) or "artifact")
-    return {"id": eid, "label": str(_value(e.get("prov:label")) or eid), "item": item,
+    return {"id": eid, "label": str(_value(e.get("prov:label")) or eid)[:TEXT], "item": item,
             "sha256": str(_value(e.get("p4d:sha256")) or ""), "size": _value(e.get("p4d:size")),
-            "path": str(_value(e.get("p4d:path")) or ""), "ranks": ranks_text(ranks) if ranks else "",
+            "path": str(_value(e.get("p4d:path")) or "")[:TEXT], "ranks": ranks_text(ranks) if ranks else "",
             "rank_count": len(ranks), "count": 1}
 
 

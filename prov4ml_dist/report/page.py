@@ -25,6 +25,11 @@ def _inline_script(source: str) -> str:
     return source.replace("</script", "<\\/script")
 
 
+def fixed_bytes() -> int:
+    """The bytes every report carries whatever the run: libraries, the page's script and styles."""
+    return sum(len(_text(name).encode()) for name in (*VENDOR_SCRIPTS, *VENDOR_STYLES, "app.js", "app.css")) + 2048
+
+
 def render(model: dict[str, Any]) -> str:
     """The whole page."""
     data = json.dumps(model, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
