@@ -22,7 +22,7 @@ from prov4ml_dist.report import BOUNDS, size_bound
 
 from .conftest import REPO
 from .test_cli_jobs import _start_until_killed, clean_job  # noqa: F401 - clean_job is a fixture used here
-from .test_cli_support import cli
+from .test_cli_support import cli, write_run
 
 pytestmark = pytest.mark.slow
 
@@ -224,6 +224,26 @@ def test_report_of_1024_ranks_is_bounded_and_opens_fast(browser, artifacts, tmp_
         assert all(len(line["x"]) <= BOUNDS["line_points"] for line in chart["lines"])
     heat = model["stragglers"]["heat"]["cells"]
     assert len(heat) <= BOUNDS["heat_ranks"] and len(heat[0]) <= BOUNDS["heat_steps"]
+
+
+def test_report_shows_gpus_energy_and_params_ranks_disagree_on(browser, artifacts, tmp_path):
+    run_dir = write_run(tmp_path / "prov", 8, gpu=True, params_of=lambda r: {"seed": 7 if r == 5 else 1})
+    page = _report(run_dir, tmp_path / "gpu.html")
+    _open(browser, page)
+    painted = _screenshots(browser, artifacts, "gpu")
+    _assert_offline_and_clean(browser, page)
+    _show(browser, "params")
+    rows = browser.find_elements("css selector", "#view-params tr.disagree")
+    assert [r.text for r in rows] == ["seed 1 0-4,6-7 7 (majority)", "seed 7 5 1 (differs)"]
+    assert "1 differ across ranks" in browser.find_element("id", "view-params").text
+    _show(browser, "system")
+    text = browser.find_element("id", "view-system").text
+    assert "ENERGY TO SOLUTION\n24.03 kJ" in text  # 8 ranks of 3000 J + their rank number (CSS upper-cases)
+    assert "No GPU series" not in text
+    # gpu_power, gpu_utilization, gpu_energy (per device) and the energy-per-rank bars.
+    assert painted["system"] == 4
+    _show(browser, "overview")
+    assert "GPUS\n8\n" in browser.find_element("css selector", ".cards").text
 
 
 def test_report_errors_are_one_line(tmp_path):

@@ -27,6 +27,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 def run(args: argparse.Namespace) -> int:
     from ..report import write_report
     run_dir = run_directory(args.run_dir)
-    out = write_report(run_dir, args.output, progress=lambda what: note(f"reading {what}"))
+    out = write_report(run_dir, args.output, progress=note)
     print(out)
     return 0

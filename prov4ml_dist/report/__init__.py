@@ -28,7 +28,7 @@ def write_report(run_dir: Path, output: Path | None = None, progress: Progress =
     prov = _prov(run_dir / PROV_NAME)
     with open_merged(run_dir) as f:
         model = build_model(merged, f, run_dir, prov, progress)
-    progress("page")
+    progress("writing the page")
     out = output if output is not None else run_dir / REPORT_NAME
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

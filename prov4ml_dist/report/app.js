@@ -125,8 +125,8 @@
         ["script", program.script], ["command line", (program.argv || []).join(" ")], ["directory", program.cwd],
         ["git commit", (program.git_commit || "-") + gitState], ["git branch", program.git_branch],
         ["script sha256", program.sha256]], {mono: [1]})),
-      el("div", {class: "panel"}, el("h3", {text: "Software"}),
-        table(["", ""], Object.entries(O.software), {mono: [1]}))));
+      el("div", {class: "panel"}, el("h3", {text: "Software"}), Object.keys(O.software).length ?
+        table(["", ""], Object.entries(O.software), {mono: [1]}) : el("p", {class: "note", text: "not recorded"}))));
     const slurm = Object.entries(O.slurm);
     root.append(el("div", {class: "grid2"},
       el("div", {class: "panel"}, el("h3", {text: "Nodes"}), table(["node", "ranks", "count", "GPUs"],
@@ -135,7 +135,7 @@
         el("p", {class: "note", text: "not a Slurm job (launcher: " + (O.launcher || "-") + ")"}))));
     const problems = el("div", {class: "panel"}, el("h3", {text: `Problems (${O.problem_count})`}));
     if (O.problem_count) problems.append(el("ul", {class: "problems"}, ...O.problems.map((p) => el("li", {text: p}))),
-      more(O.problems.length, O.problem_count, "problems"));
+      more(O.problems.length, O.problem_count, "problems") || "");
     else problems.append(el("p", {class: "note", text: "the merge reported none"}));
     if (O.absent_sensors.length) problems.append(el("p", {class: "note", text: "Not measured: " + O.absent_sensors.join("; ")}));
     const m = O.merge || {};
@@ -192,7 +192,8 @@
       scales: {x: {time: false}}, legend: {live: true},
       axes: [{label: c.by_time ? "time since the run started [s]" : "step",
               values: c.by_time ? undefined : (u, ticks) => ticks.map((t) => Number.isInteger(t) ? t : "")},
-             {label: c.unit && c.unit !== "1" ? c.unit : "", size: 70, values: (u, ticks) => ticks.map((t) => fmt(t))}],
+             {label: c.unit && c.unit !== "1" ? c.unit : "", values: (u, ticks) => ticks.map((t) => fmt(t)),
+              size: (u, values) => values ? 30 + 7 * Math.max(...values.map((v) => String(v).length)) : 50}],
       cursor: {drag: {x: true, y: false}},
     }, data, box);
     box.dataset.series = String(series.length - 1);
@@ -224,17 +225,19 @@
     if (energy.nodes.length) root.append(el("div", {class: "panel"}, el("h3", {text: "Per node"}),
       table(["node", "GPUs", "RAPL", "total"], energy.nodes.map((n) => [n.name, ...fields.map((f) => joules(n[f]))]),
         {numeric: [1, 2, 3]})));
-    if (energy.ranks.some((r) => r.total_joules || r.gpu_joules)) {
-      const box = el("div", {class: "chart"}, el("div", {class: "title"}, el("b", {text: "Energy per rank"})));
+    const perRank = energy.ranks.map((r) => r.total_joules || (r.gpu_joules || 0) + (r.rapl_joules || 0));
+    if (perRank.some((j) => j > 0)) {
+      const box = el("div", {class: "chart"}, el("div", {class: "title"}, el("b", {text: "Energy per rank"}),
+        el("span", {class: "meta", text: "GPUs + RAPL measured by each rank"})));
       root.append(box);
       const x = energy.ranks.map((r) => +r.name);
-      const bars = uPlot.paths.bars({size: [0.7, 40]});
-      new uPlot({width: chartWidth(root), height: 240, scales: {x: {time: false}},
-        axes: [{label: "rank"}, {label: "kJ", size: 60}],
-        series: [{label: "rank"}, {label: "GPUs [kJ]", stroke: "#d6542f", fill: "rgba(214,84,47,0.55)", paths: bars,
-          points: {show: false}}, {label: "total [kJ]", stroke: "#2f6fd6", fill: "rgba(47,111,214,0.3)", paths: bars,
-          points: {show: false}}]},
-        [x, energy.ranks.map((r) => (r.gpu_joules || 0) / 1e3), energy.ranks.map((r) => (r.total_joules || 0) / 1e3)], box);
+      new uPlot({width: chartWidth(root), height: 240,
+        scales: {x: {time: false, range: (u, lo, hi) => [lo - 0.6, hi + 0.6]}, y: {range: (u, lo, hi) => [0, hi * 1.05]}},
+        axes: [{label: "rank", values: (u, ticks) => ticks.map((t) => Number.isInteger(t) ? t : "")},
+               {label: "kJ", size: 60}],
+        series: [{label: "rank"}, {label: "energy [kJ]", stroke: "#d6542f", fill: "rgba(214,84,47,0.55)",
+          paths: uPlot.paths.bars({size: [0.7, 60]}), points: {show: false}}]},
+        [x, perRank.map((j) => j / 1e3)], box);
     }
     const scopes = [["gpu", "GPU (per device)"], ["process", "Processes (per rank)"], ["node", "Nodes (one sampler per node)"]];
     const seen = new Set();
@@ -279,28 +282,32 @@
 
   function drawHeat(root, H) {
     const rows = H.cells.length, cols = H.cells[0].length;
-    let max = 0;
-    for (const r of H.cells) for (const v of r) if (v != null && v > max) max = v;
-    const cw = Math.max(4, Math.min(40, Math.floor((chartWidth(root) - 120) / cols)));
+    let max = 0, min = Infinity;
+    for (const r of H.cells) for (const v of r) if (v != null) { max = Math.max(max, v); min = Math.min(min, v); }
+    if (!isFinite(min)) min = 0;
+    const LEFT = 104;  // room for the rank labels
+    const cw = Math.max(4, Math.min(40, Math.floor((chartWidth(root) - LEFT - 40) / cols)));
     const ch = Math.max(3, Math.min(22, Math.floor(480 / rows)));
-    const canvas = el("canvas", {width: String(cols * cw + 90), height: String(rows * ch + 40), id: "heat"});
+    const canvas = el("canvas", {width: String(cols * cw + LEFT + 10), height: String(rows * ch + 40), id: "heat"});
     const ctx = canvas.getContext("2d");
     ctx.font = "11px system-ui, sans-serif"; ctx.fillStyle = "#5b6575";
     H.cells.forEach((r, i) => {
       r.forEach((v, j) => {
-        ctx.fillStyle = v == null ? "#eef0f4" : heatColor(max > 0 ? Math.sqrt(v / max) : 0);
-        ctx.fillRect(80 + j * cw, 4 + i * ch, cw, ch);
+        ctx.fillStyle = v == null ? "#eef0f4" : heatColor(max > min ? Math.sqrt((v - min) / (max - min)) : 0);
+        ctx.fillRect(LEFT + j * cw, 4 + i * ch, cw, ch);
       });
     });
     ctx.fillStyle = "#5b6575";
-    const every = Math.ceil(rows / Math.floor(rows * ch / 14));
-    H.rank_labels.forEach((l, i) => { if (i % every === 0) ctx.fillText("rank " + l, 2, 4 + i * ch + Math.min(ch, 12) - 1); });
+    const every = Math.ceil(13 / ch);  // a label at least every 13 pixels
+    ctx.textBaseline = "top";
+    H.rank_labels.forEach((l, i) => { if (i % every === 0) ctx.fillText("rank " + l, 2, 4 + i * ch); });
+    ctx.textBaseline = "alphabetic";
     const stepEvery = Math.ceil(cols / Math.floor(cols * cw / 60));
-    H.step_labels.forEach((l, j) => { if (j % stepEvery === 0) ctx.fillText(l.split("-")[0], 80 + j * cw, rows * ch + 18); });
-    ctx.fillText("step →", 80 + cols * cw - 40, rows * ch + 34);
+    H.step_labels.forEach((l, j) => { if (j % stepEvery === 0) ctx.fillText(l.split("-")[0], LEFT + j * cw, rows * ch + 18); });
+    ctx.fillText("step →", LEFT + cols * cw - 40, rows * ch + 34);
     canvas.addEventListener("mousemove", (ev) => {
       const rect = canvas.getBoundingClientRect();
-      const j = Math.floor((ev.clientX - rect.left - 80) / cw), i = Math.floor((ev.clientY - rect.top - 4) / ch);
+      const j = Math.floor((ev.clientX - rect.left - LEFT) / cw), i = Math.floor((ev.clientY - rect.top - 4) / ch);
       if (i < 0 || j < 0 || i >= rows || j >= cols) { hideTip(); return; }
       const v = H.cells[i][j];
       showTip(ev, `rank ${H.rank_labels[i]}, step ${H.step_labels[j]}\n` +
@@ -310,14 +317,14 @@
     root.append(el("div", {class: "chart"}, el("div", {class: "title"},
       el("b", {text: `Time skew heat map: ${H.key} (${H.context})`}),
       el("span", {class: "meta", text: `${rows} rank rows × ${cols} step columns; darker = later than the step's ` +
-        `first rank (worst ${dur(max)})` + (H.thinned ? "; steps sampled from long series" : "")})),
-      el("div", {id: "heat-wrap"}, canvas), heatLegend(max)));
+        `first rank (mean lag per cell, ${dur(min)} to ${dur(max)})` + (H.thinned ? "; steps sampled from long series" : "")})),
+      el("div", {id: "heat-wrap"}, canvas), heatLegend(min, max)));
   }
 
-  function heatLegend(max) {
+  function heatLegend(min, max) {
     const stops = [0, 0.25, 0.5, 0.75, 1];
     return el("div", {class: "legend-row"}, el("span", {text: "lag behind the step's first rank:"}),
-      ...stops.map((f) => el("span", {}, el("i", {style: `background: ${heatColor(Math.sqrt(f))}`}), dur(f * max))),
+      ...stops.map((f) => el("span", {}, el("i", {style: `background: ${heatColor(Math.sqrt(f))}`}), dur(min + f * (max - min)))),
       el("span", {}, el("i", {style: "background: #eef0f4"}), "not logged"));
   }
 

@@ -70,11 +70,11 @@ def build_model(run: MergedRun, f: h5py.File, run_dir: Path, prov: dict[str, Any
     """The whole page model; ``progress`` is told what is being read (a big run takes a while)."""
     from .lineage import lineage
     t0 = run.start_time or 0.0
-    progress("metrics")
+    progress("reading the metrics")
     metrics = [_chart(f, run, g, t0) for g in _groups(run, "metrics")]
-    progress("system series")
+    progress("reading the system series")
     system = [_chart(f, run, g, t0) for g in _groups(run, "system")]
-    progress("stragglers")
+    progress("reading the stragglers")
     stragglers = _stragglers(f, run)
     return {
         "bounds": BOUNDS, "overview": overview(run, run_dir, prov), "metrics": metrics, "system": system,
@@ -96,9 +96,13 @@ def overview(run: MergedRun, run_dir: Path, prov: dict[str, Any] | None) -> dict
     latest = {r.rank: r for r in run.ranks}  # a rank's latest attempt (rows are sorted by rank, attempt)
     by_host: dict[str, set[int]] = defaultdict(set)
     gpus_by_host: dict[str, set[str]] = defaultdict(set)
+    host_of = {r.rank: r.hostname or "?" for r in present}
     for r in present:
         by_host[r.hostname or "?"].add(r.rank)
         gpus_by_host[r.hostname or "?"].update(r.gpu_uuids)
+    for s in run.series:  # the GPUs the sampler measured, should a rank's record not list them
+        if s.extra.get("scope") == "gpu" and s.extra.get("device") and s.rank in host_of:
+            gpus_by_host[host_of[s.rank]].add(str(s.extra["device"]))
     env = present[0].environment if present else {}
     topo = present[0].topology if present else {}
     start, end = run.start_time, run.end_time
@@ -112,7 +116,7 @@ def overview(run: MergedRun, run_dir: Path, prov: dict[str, Any] | None) -> dict
         "attempts": len(run.ranks), "states": dict(Counter(rank_state(r) for r in latest.values())),
         "nodes": [{"host": h[:MAX_TEXT], "ranks": _ranks(by_host[h]), "count": len(by_host[h]),
                    "gpus": len(gpus_by_host[h])} for h in sorted(by_host, key=lambda h: min(by_host[h]))][:MAX_ROWS],
-        "node_count": len(by_host), "gpus": len({u for r in present for u in r.gpu_uuids}),
+        "node_count": len(by_host), "gpus": sum(len(g) for g in gpus_by_host.values()),
         "program": _program(env), "software": _software(env), "slurm": _slurm(topo, env),
         "problems": [p[:MAX_TEXT * 4] for p in run.problems[:MAX_ROWS]], "problem_count": len(run.problems),
         "absent_sensors": unavailable_sensors(run, "nvml", "rapl"),
