@@ -137,6 +137,24 @@ def _assert_offline_and_clean(chrome, page: Path) -> None:
     assert chrome.execute_script("return performance.getEntriesByType('resource').length") == 0
 
 
+def _hover_and_zoom(chrome) -> None:
+    """On the first metric chart: hovering fills the legend with values, dragging zooms the x axis."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    _show(chrome, "metrics")
+    over = chrome.find_element("css selector", "#view-metrics .u-over")
+    values = "return [...document.querySelectorAll('#view-metrics .chart')[0].querySelectorAll('.u-value')]" \
+             ".map(v => v.textContent)"
+    assert set(chrome.execute_script(values)) == {"-"}
+    ActionChains(chrome).move_to_element(over).perform()
+    assert any(v not in ("-", "--") for v in chrome.execute_script(values)), chrome.execute_script(values)
+    full = chrome.execute_script("const x = window.__charts[0].scales.x; return [x.min, x.max];")
+    width = over.size["width"]
+    ActionChains(chrome).move_to_element_with_offset(over, -width // 4, 0).click_and_hold() \
+        .move_by_offset(width // 4, 0).release().perform()
+    zoomed = chrome.execute_script("const x = window.__charts[0].scales.x; return [x.min, x.max];")
+    assert full[0] < zoomed[0] < zoomed[1] < full[1], (full, zoomed)
+
+
 def _lineage_nodes(chrome) -> int:
     _show(chrome, "artifacts")
     return chrome.execute_script("return window.__lineage ? window.__lineage.nodes().length : 0")
@@ -155,12 +173,13 @@ def test_report_of_a_real_torchrun_job(clean_job, browser, artifacts, tmp_path):
     assert painted["metrics"] == metric_charts >= 3  # loss, val_loss, val_acc: one chart each
     assert painted["system"] >= 5 and painted["stragglers"] >= 2  # heat map and skew chart
     assert browser.execute_script("return document.querySelectorAll('#rank-grid span.ok').length") == 2
+    _hover_and_zoom(browser)
     # Each content is one node: 3 model versions/final models and the artifacts, with a derivation chain.
     doc = json.loads((clean_job / "prov.json").read_text())
     contents = [e for e in doc["entity"].values() if "p4d:Content" in json.dumps(e.get("prov:type"))]
     assert _lineage_nodes(browser) == len(contents) > 3
     assert browser.execute_script("return window.__lineage.edges().length") >= 2
-    assert _painted_canvases(browser) >= 1
+    assert painted["artifacts"] >= 1  # cytoscape draws on canvases
     node = browser.execute_script("const n = window.__lineage.nodes('[item = \"model_version\"]')[0];"
                                   "n.emit('tap'); return n.data();")
     info = browser.find_element("id", "node-info").text
@@ -216,6 +235,14 @@ def test_report_of_1024_ranks_is_bounded_and_opens_fast(browser, artifacts, tmp_
     _assert_offline_and_clean(browser, page)
     assert painted["metrics"] == BIG_KEYS and painted["stragglers"] >= 2
     assert browser.execute_script("return document.querySelectorAll('#rank-grid span.ok').length") == BIG_RANKS
+    # A rank's line on demand: the picker shows one of the stored lines, hidden at first.
+    _show(browser, "metrics")
+    hidden = "return document.querySelectorAll('#view-metrics .chart')[0].querySelectorAll('.u-series.u-off').length"
+    before = browser.execute_script(hidden)
+    assert before == BOUNDS["lines_per_chart"]
+    picker = browser.find_element("css selector", "#view-metrics .chart select")
+    picker.find_elements("tag name", "option")[5].click()
+    assert browser.execute_script(hidden) == before - 1
     model = json.loads(browser.execute_script("return document.getElementById('report-data').textContent"))
     for chart in model["metrics"]:
         assert len(chart["band"]["x"]) <= BOUNDS["band_points"] and chart["band"]["steps"] == BIG_STEPS

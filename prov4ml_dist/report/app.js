@@ -72,6 +72,7 @@
     params: ["Params", drawParams], artifacts: ["Artifacts & lineage", drawArtifacts],
   };
   const drawn = {};
+  window.__charts = [];
   const nav = $("nav"), main = $("main");
   for (const [id, [title]] of Object.entries(views)) {
     nav.append(el("button", {"data-view": id, text: title}));
@@ -197,6 +198,7 @@
       cursor: {drag: {x: true, y: false}},
     }, data, box);
     box.dataset.series = String(series.length - 1);
+    window.__charts.push(plot);  // every chart drawn, for the browser console (and the tests)
     return plot;
   }
 
