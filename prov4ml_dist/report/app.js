@@ -337,7 +337,7 @@
     if (!P.rows.length) return;
     root.append(el("div", {class: "panel"}, table(["key", "value", "ranks", "how many"],
       P.rows.map((r) => [r.key, r.value, r.ranks, r.count + (r.disagree ? (r.majority ? " (majority)" : " (differs)") : "")]),
-      {mono: [1], rowClass: (n) => P.rows[n].disagree ? "disagree" : ""}), more(P.rows.length, P.total, "values")));
+      {mono: [1], rowClass: (n) => P.rows[n].disagree ? (P.rows[n].majority ? "disagree" : "disagree minority") : ""}), more(P.rows.length, P.total, "values")));
   }
 
   function drawArtifacts(root) {

@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..cli.output import ranks_text
+from ..cli.output import duration, ranks_text
 from ..cli.points import series_points
 from ..cli.rundir import unavailable_sensors
 from ..merge import MergedRun
@@ -111,7 +111,7 @@ def overview(run: MergedRun, run_dir: Path, prov: dict[str, Any] | None) -> dict
         "directory": str(run_dir), "start": start, "end": end,
         "duration": end - start if start is not None and end is not None else None,
         "launcher": topo.get("launcher"), "merge": run.merge_stamp,
-        "ranks": [[r.rank, r.attempt, rank_state(r), r.hostname[:MAX_TEXT], (r.reason or r.status)[:MAX_TEXT]]
+        "ranks": [[r.rank, r.attempt, rank_state(r), r.hostname[:MAX_TEXT], _why(r, end)[:MAX_TEXT]]
                   for r in latest.values()],
         "attempts": len(run.ranks), "states": dict(Counter(rank_state(r) for r in latest.values())),
         "nodes": [{"host": h[:MAX_TEXT], "ranks": _ranks(by_host[h]), "count": len(by_host[h]),
@@ -122,6 +122,16 @@ def overview(run: MergedRun, run_dir: Path, prov: dict[str, Any] | None) -> dict
         "absent_sensors": unavailable_sensors(run, "nvml", "rapl"),
         "prov": prov is not None,
     }
+
+
+def _why(r: RankAttempt, end: float | None) -> str:
+    """What a person wants to know of a rank's status: why it is missing, how long before the end
+    an incomplete one was last heard of."""
+    if r.status == "missing" or r.complete:
+        return r.reason or r.status
+    if r.last_time is not None and end is not None:
+        return f"no end record; last flushed {duration(end - r.last_time)} before the run's end"
+    return "no end record"
 
 
 def _program(env: dict[str, Any]) -> dict[str, Any]:
