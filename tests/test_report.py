@@ -277,3 +277,21 @@ def test_report_errors_are_one_line(tmp_path):
     done = cli("report", tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a run directory" in done.stderr
+
+
+def test_lineage_groups_contents_of_one_name_beyond_its_node_cap(tmp_path, monkeypatch):
+    """Every rank saving its own note.txt gives one content per rank: above MAX_NODES they are
+    drawn as one node per name and kind, counted, with every rank that wrote one."""
+    from prov4ml_dist.report import lineage
+    run_dir = write_run(tmp_path / "prov", 8)
+    doc = json.loads((run_dir / "prov.json").read_text())
+    whole = lineage.lineage(doc)
+    assert whole["grouped"] is False and whole["contents"] == 9  # 8 notes + the shared.json all saved
+    assert {n["ranks"] for n in whole["nodes"] if n["label"] == "shared.json"} == {"0-7"}
+    monkeypatch.setattr(lineage, "MAX_NODES", 4)
+    grouped = lineage.lineage(doc)
+    assert grouped["grouped"] is True
+    by_label = {n["label"]: n for n in grouped["nodes"]}
+    assert set(by_label) == {"note.txt", "shared.json"}
+    assert by_label["note.txt"]["count"] == 8 and by_label["note.txt"]["ranks"] == "0-7"
+    assert by_label["note.txt"]["sha256"] == "8 distinct contents" and by_label["note.txt"]["size"] == 8 * 7
