@@ -295,3 +295,21 @@ def test_lineage_groups_contents_of_one_name_beyond_its_node_cap(tmp_path, monke
     assert set(by_label) == {"note.txt", "shared.json"}
     assert by_label["note.txt"]["count"] == 8 and by_label["note.txt"]["ranks"] == "0-7"
     assert by_label["note.txt"]["sha256"] == "8 distinct contents" and by_label["note.txt"]["size"] == 8 * 7
+
+
+def test_downsampling_keeps_the_extremes_within_its_bound():
+    """Min/max per bucket: at most 2 points per bucket, in x order, a one-point spike and dip kept;
+    a band keeps the lowest min and highest max of each bucket."""
+    import numpy as np
+
+    from prov4ml_dist.report.downsample import band_buckets, minmax_points
+    rng = np.random.default_rng(0)
+    x = np.arange(100_000, dtype=float)
+    y = rng.normal(size=x.size)
+    y[31_337], y[77_777], y[5] = 50.0, -50.0, np.nan
+    dx, dy = minmax_points(x, y, 200)
+    assert len(dx) <= 400 and np.all(np.diff(dx) > 0)
+    assert {31_337.0, 77_777.0} <= set(dx.tolist()) and np.nanmax(dy) == 50.0 and np.nanmin(dy) == -50.0
+    bx, low, mean, high = band_buckets(x, y - 1, y, y + 1, 1000)
+    assert len(bx) == 1000 and high.max() == 51.0 and low.min() == -51.0
+    assert np.all(low <= mean) and np.all(mean <= high)
