@@ -21,3 +21,5 @@ What next: the run is in $run_dir (merged.h5, prov.json, shards/, artifacts/). T
   prov4ml-dist export \$RUN --format csv -o points.csv  # every point as CSV
   prov4ml-dist export \$RUN --format svg                # the PROV graph as prov.svg (needs Graphviz)
 NEXT
+report=$("$venv/bin/prov4ml-dist" report "$run_dir")
+echo "Report (one HTML file, opens offline): $report"

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ def cli(*args: object, env: dict[str, str] | None = None, timeout: float = 120, 
 
 
 def write_run(save_dir: Path, ranks: int, *, steps: int = 40, run_id: str = RUN_ID, outlier: int | None = None,
-              local_dir: Path | None = None, merge: bool = True, gpu: bool = False) -> Path:
+              local_dir: Path | None = None, merge: bool = True, gpu: bool = False,
+              params_of: Callable[[int], dict[str, Any]] | None = None) -> Path:
     """A job of ``ranks`` ranks (4 per node) written by real ``Run`` objects, merged as rank 0
     would at end_run; returns the run directory. ``gpu`` adds what the NVML sensor would
-    record: power, utilisation and energy series of one GPU per rank, and energy totals."""
+    record: power, utilisation and energy series of one GPU per rank, and energy totals;
+    ``params_of(rank)`` are more params that rank logs."""
     run_dir = None
     for r in range(ranks):
         topology = Topology(rank=r, world_size=ranks, local_rank=r % 4, local_world_size=min(4, ranks),
@@ -46,6 +48,8 @@ def write_run(save_dir: Path, ranks: int, *, steps: int = 40, run_id: str = RUN_
         run = Run(RunConfig(experiment_name="fab", provenance_save_dir=save_dir, run_id=run_id, sample_interval=None,
                             flush_interval=3600, local_dir=local_dir / f"rank-{r}" if local_dir else None), topology)
         run.log_param("lr", 0.1)
+        for key, value in (params_of(r) if params_of else {}).items():
+            run.log_param(key, value)
         for s in range(steps):
             value = 1.0 / (s + 1) + 0.01 * r + (5.0 if r == outlier and s == steps - 1 else 0.0)
             run.log_metric("loss", value, prov4ml.Context.TRAINING, step=s)

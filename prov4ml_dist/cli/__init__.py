@@ -1,6 +1,6 @@
 """``prov4ml-dist``: merge a run offline and look at it without writing Python.
 
-One module per command (``merge_cmd``, ``summary``, ``plot``, ``validate``, ``export``), each
+One module per command (``merge_cmd``, ``summary``, ``plot``, ``report_cmd``, ``validate``, ``export``), each
 with ``register`` (its arguments) and ``run`` (an exit status). ``main`` turns every error a
 person can fix into one line on stderr; ``--debug`` shows the traceback as well.
 """
@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import Prov4MLError
-from . import export, merge_cmd, plot, summary, validate
+from . import export, merge_cmd, plot, report_cmd, summary, validate
 from .output import EXIT_USAGE, CliError, one_line
 
-COMMANDS = (merge_cmd, summary, plot, validate, export)
+COMMANDS = (merge_cmd, summary, plot, report_cmd, validate, export)
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE (e.g. `| head`)
 
 
