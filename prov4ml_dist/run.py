@@ -517,6 +517,12 @@ class Run:
             self.writer.record({"kind": "topology", "time": time.time(), "topology": self.topology.as_dict()})
         return self.topology
 
+    def declare_not_logging(self, reason: str) -> None:
+        """Say that this rank records nothing by choice (itwinai's ``log_on_workers`` leaves it
+        out): it still takes part in the merge, which marks it "not-logging" — a decision, not
+        a rank that is missing or crashed."""
+        self.writer.record({"kind": "not_logging", "time": time.time(), "reason": str(reason)[:1000]})
+
     def local_roots(self) -> list[Path]:
         """This rank's node-local directory, when it used one (``--local-dirs`` of the offline merge)."""
         return [self.rank_root] if self.rank_root != self.run_dir else []

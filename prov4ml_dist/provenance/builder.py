@@ -32,6 +32,7 @@ from urllib.parse import quote
 from prov.model import ProvDocument
 
 from ..merge.journal import dumps
+from ..merge.layout import STATUS_NOT_LOGGING
 from ..merge.model import Artifact, Generation, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
 from ..shard import schema
 from .document import ProvJson, qname
@@ -174,6 +175,7 @@ class _Builder:
         yield "world_size", run.world_size
         yield "incomplete_ranks", sorted({r.rank for r in run.ranks if not r.complete and r.status != "missing"})
         yield "missing_ranks", sorted({r.rank for r in run.ranks if r.status == "missing"})
+        yield "not_logging_ranks", sorted({r.rank for r in run.ranks if r.status == STATUS_NOT_LOGGING})
         yield "merged_file", "merged.h5"
         yield "problems", len(run.problems)
         launcher = next((r.environment.get("launcher_env") for r in run.ranks if r.environment), None)
@@ -571,7 +573,8 @@ def _agent_attrs(attempts: list[RankAttempt]) -> Iterator[tuple[str, Any]]:
     first = attempts[0]
     topology = first.topology
     yield "rank", first.rank
-    yield "status", "missing" if first.status == "missing" else (
+    yield "status", "missing" if first.status == "missing" else STATUS_NOT_LOGGING if all(
+        a.status == STATUS_NOT_LOGGING for a in attempts) else (
         "complete" if all(a.complete for a in attempts) else "incomplete")
     for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
                  "job_id", "array_id", "step_id", "elastic_run_id"):
