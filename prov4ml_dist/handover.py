@@ -7,20 +7,28 @@ The launcher closes its shard ("handed-over") and renames it out of the merge's 
 spawned ranks inherit. The new process of the same rank takes it in (its params, artifacts,
 models, datasets and metric points, replayed into its own shard) and only then deletes it: a
 crash in between leaves the file, named, for a person to find; never a second rank-0 shard.
+
+The same happens when the ranks are forked from the script's process by torch's
+``start_processes`` (Accelerate's ``notebook_launcher``, Lightning's ``ddp_fork``): a fork hook
+(api.py) hands the run over just before the first such fork (``forking_ranks``). The forked
+ranks join the run — with ``start_run``, or at their first logging call, ending it at exit.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
-from .run import Run
+from .run import HANDOVER_ENV, Run
 from .shard import ShardReader
 
 log = logging.getLogger(__name__)
 
-HANDOVER_ENV = "PROV4ML_DIST_HANDOVER"
+# Where torch starts the ranks of a job as processes: torch.multiprocessing.start_processes (torch
+# elastic's workers — Accelerate's notebook_launcher —, mp.spawn, Lightning's ddp_fork/notebook).
+RANK_STARTER = ("torch.multiprocessing.spawn", "start_processes")
 # Journal records that carry the launcher's provenance into the rank's shard as they are.
 REPLAYED_KINDS = ("param", "model", "dataset", "warning")
 
@@ -32,6 +40,17 @@ def hand_over(run: Run) -> Path:
     os.replace(run.shard_path, dest)
     os.environ[HANDOVER_ENV] = str(dest)
     return dest
+
+
+def forking_ranks() -> bool:
+    """Whether the fork about to happen starts a rank of a job: it is made inside torch's
+    ``start_processes`` (not a DataLoader worker or a ``multiprocessing`` helper)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == RANK_STARTER:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def take_over(run: Run) -> int:

@@ -87,6 +87,10 @@ def check_seconds(value: object, what: str, optional: bool = False) -> None:
 INHERITED_RUN_ID = "PROV4ML_DIST_RUN_ID"
 INHERITED_SAVE_DIR = "PROV4ML_DIST_SAVE_DIR"
 INHERITED_EXPERIMENT = "PROV4ML_DIST_EXPERIMENT"
+# Set by a process that handed its run over to the ranks it starts (handover.py): they join it
+# whatever their launcher (torch elastic's workers, forked by notebook_launcher, have a
+# launcher's variables but no run id of their own: TORCHELASTIC_RUN_ID "none").
+HANDOVER_ENV = "PROV4ML_DIST_HANDOVER"
 # Launchers whose processes take the inherited run: a framework's (see topology), or one that
 # only initialised torch.distributed; torchrun and Slurm name the run themselves.
 INHERITING_LAUNCHERS = ("framework", "torch.distributed", "env")
@@ -102,7 +106,7 @@ def export_run(config: RunConfig, run_id: str) -> None:
 def unexport_run(run_id: str) -> None:
     """The run has ended: processes started from now on (another script) do not join it."""
     if os.environ.get(INHERITED_RUN_ID) == run_id:
-        for name in (INHERITED_RUN_ID, INHERITED_SAVE_DIR, INHERITED_EXPERIMENT):
+        for name in (INHERITED_RUN_ID, INHERITED_SAVE_DIR, INHERITED_EXPERIMENT, HANDOVER_ENV):
             os.environ.pop(name, None)
 
 
@@ -110,7 +114,9 @@ def inherited_run_id(topology: Topology) -> str | None:
     """The run a parent process exported, for a process of a multi-process job that has no
     launcher's run id: a plain single process (a script run by ``subprocess``) starts its own."""
     inherited = os.environ.get(INHERITED_RUN_ID)
-    if not inherited or topology.world_size <= 1 or topology.launcher not in INHERITING_LAUNCHERS:
+    if not inherited or topology.world_size <= 1:
+        return None
+    if topology.launcher not in INHERITING_LAUNCHERS and not os.environ.get(HANDOVER_ENV):
         return None
     return inherited
 
