@@ -6,6 +6,7 @@ mapped (see README, "Coming from yProv4ML").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import replace
@@ -16,10 +17,11 @@ from typing import Any
 from . import yprov4ml_args
 from .context import Context
 from .errors import ArtifactError, InvalidInputError, RunStateError
-from .handover import forking_ranks, hand_over, take_over
+from .handover import forking_ranks, hand_over, move_run, take_over
 from .process_hooks import ExitHooks
 from .run import (
     INT64_MAX,
+    RankMoved,
     Run,
     RunConfig,
     as_metric_value,
@@ -202,6 +204,26 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
     return run.run_dir
 
 
+def settle() -> Run:
+    """The active run once the framework has set the job up (``Run.settle_topology``): the same
+    run, or — in a process that was alone at ``start_run`` and is now another rank of a job
+    (Lightning's nodes started by hand) — the run it moved into (handover.move_run)."""
+    global _active, _hooks
+    run = require_run()
+    try:
+        run.settle_topology()
+    except RankMoved as moved:
+        if _hooks is not None:
+            _hooks.remove()
+            _hooks = None
+        _active = None
+        unexport_run(run.run_id)
+        run = move_run(run, moved.run_id, moved.topology)
+        export_run(run.config, run.run_id)
+        _active, _hooks = run, ExitHooks(run.close_unfinished, run.writer.defer)
+    return run
+
+
 def hand_over_to_spawned_ranks() -> Path | None:
     """Called in the script's process when a framework is about to start the job's ranks as new
     processes that do not run the script (ddp_spawn): this process is their launcher, not a
@@ -242,6 +264,9 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
     ``crate_ro_crate`` an RO-Crate of the run directory (see compat/card.py, compat/crate.py)."""
     global _active, _hooks, _ended, _handed_over
     run = _active
+    if run is not None and not run.closed:
+        with contextlib.suppress(RunStateError):  # Run.end meets it again, and raises it with its shard closed
+            run = settle()  # before the gather: the world size known now, the rank in its run
     if run is None:
         if _forked_from is not None:
             _refuse()  # a forked child: the run is its parent's to end

@@ -238,6 +238,18 @@ def check_param(key: Any, value: Any) -> Any:
     return stored
 
 
+class RankMoved(RunStateError):
+    """``Run.settle_topology`` in a process that was alone at ``start_run`` and is now rank
+    ``topology.rank`` of a job whose run is rank 0's ``run_id``: its records must move there
+    (``api.settle`` does it; used directly, a Run says so as this error)."""
+
+    def __init__(self, topology: Topology, run_id: str) -> None:
+        super().__init__(f"this process started its own run as rank 0 of 1, but is rank {topology.rank} of "
+                         f"{topology.world_size} (torch.distributed) of run {run_id}: its records move there")
+        self.topology = topology
+        self.run_id = run_id
+
+
 class Run:
     """The provenance of one process: its shard, its artifacts, its sampler."""
 
@@ -503,13 +515,21 @@ class Run:
         """Detect this process's place again when ``start_run`` found it alone: a framework may
         have started the other ranks, or initialised torch.distributed, since (README, "Which
         rank am I"). The world size and launcher learnt are recorded in the shard (the merge
-        reads them); the rank cannot change, as the shard and artifacts are named by it: a
-        RunStateError says what to do. A topology a launcher gave is kept as it is."""
+        reads them). The rank cannot change in place, as the shard and artifacts are named by
+        it: a process alone at ``start_run`` (no launcher, no run_id) that torch.distributed
+        numbers now agrees on rank 0's run over it (rank 0 publishes its run id), and another
+        rank raises RankMoved for ``api.settle`` to move its records into that run as its
+        rank; any other change is a RunStateError saying what to do. A topology a launcher
+        gave is kept as it is."""
         if self._closed or self.topology.world_size > 1:  # a launcher's numbering: nothing to learn
             return self.topology
         now = detect()
         if now.world_size <= 1:  # still alone (or a process group already destroyed): as it was
             return self.topology
+        if self.topology.launcher == "single" and now.launcher == "torch.distributed" and self.config.run_id is None:
+            agreed = self._agree_run_id(now)
+            if agreed != self.run_id:
+                raise RankMoved(now, agreed)
         if now.rank != self.topology.rank:
             raise RunStateError(
                 f"this process started its run {self.run_id} as rank {self.topology.rank} of "
@@ -528,6 +548,17 @@ class Run:
         out): it still takes part in the merge, which marks it "not-logging" — a decision, not
         a rank that is missing or crashed."""
         self.writer.record({"kind": "not_logging", "time": time.time(), "reason": str(reason)[:1000]})
+
+    def _agree_run_id(self, now: Topology) -> str:
+        """Rank 0's run id over torch.distributed (rank 0 publishes its own, the others wait)."""
+        from .transport import TransportError, agree_run_id
+
+        try:
+            agreed = agree_run_id(now, self.run_id, timeout=self.config.merge_timeout)
+        except TransportError as exc:
+            raise RunStateError(f"rank {now.rank} of {now.world_size}: rank 0's run id did not arrive over "
+                                f"torch.distributed ({exc}); its records stay in {self.run_dir}") from None
+        return check_component(agreed, "run_id") if agreed is not None else self.run_id
 
     def local_roots(self) -> list[Path]:
         """This rank's node-local directory, when it used one (``--local-dirs`` of the offline merge)."""
