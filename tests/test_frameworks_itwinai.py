@@ -52,15 +52,23 @@ def _plain(value):
     return value["$"] if isinstance(value, dict) and "$" in value else value
 
 
-def test_the_logger_subclasses_itwinais_logger_where_itwinai_is_installed():
-    """With itwinai importable, ProvMLItwinAILogger is an itwinai Logger (its trainers and
-    LoggersCollection accept it) and keeps itwinai's log_freq check."""
-    code = ("from itwinai.loggers import Logger; "
+def test_the_logger_subclasses_itwinais_logger_where_itwinai_is_installed(tmp_path):
+    """With itwinai importable (not in CI: see README, itwinai), ProvMLItwinAILogger is an
+    itwinai Logger that itwinai's own machinery drives: LoggersCollection and its
+    start_logging context start, feed and end our run."""
+    code = ("import sys; from itwinai.loggers import Logger, LoggersCollection; "
             "from prov4ml_dist.loggers.prov4ml_itwinai_logger import ProvMLItwinAILogger as L; "
             "assert issubclass(L, Logger); l = L(log_freq=3, log_on_workers=[0, 2]); l.worker_rank = 2; "
             "assert l.should_log(6) and not l.should_log(4); l.worker_rank = 1; assert not l.should_log(); "
-            "print('itwinai', __import__('itwinai').__file__)")
+            "c = LoggersCollection([L(experiment_name='itw', provenance_save_dir=sys.argv[1], log_freq='batch', "
+            "log_on_workers=-1)])\n"
+            "with c.start_logging(rank=0):\n"
+            "    c.save_hyperparameters({'lr': 0.1}); c.log(1.5, 'loss', kind='metric', step=0, batch_idx=0)\n")
     pytest.importorskip("itwinai.loggers")
-    proc = subprocess.run([sys.executable, "-c", code], env=framework_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=framework_env(), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "itw").iterdir()
+    merged = load_merged(run_dir / "merged.h5")
+    assert [(s.key, s.last) for s in merged.series if s.key == "loss"] == [("loss", 1.5)]
+    assert [p.key for p in merged.params] == ["lr"]
