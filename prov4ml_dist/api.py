@@ -6,6 +6,7 @@ mapped (see README, "Coming from yProv4ML").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import replace
@@ -16,10 +17,11 @@ from typing import Any
 from . import yprov4ml_args
 from .context import Context
 from .errors import ArtifactError, InvalidInputError, RunStateError
-from .handover import hand_over, take_over
+from .handover import forking_ranks, hand_over, move_run, take_over
 from .process_hooks import ExitHooks
 from .run import (
     INT64_MAX,
+    RankMoved,
     Run,
     RunConfig,
     as_metric_value,
@@ -38,6 +40,7 @@ _hooks: ExitHooks | None = None
 _forked_from: Run | None = None  # in a forked child: the parent's run, never to be written
 _refused = 0  # calls refused in this forked child
 _handed_over: Run | None = None  # this process's run, handed over to spawned ranks (handover.py)
+_launched_by: Run | None = None  # in a rank forked by torch's start_processes: the run its launcher handed over
 _ended: tuple[Run, Path | None] | None = None  # the last run ended here and what end_run returned: a second
 # end_run (a framework's hook and the script both call it) returns the same
 
@@ -74,15 +77,30 @@ def refused_calls() -> int:
     return _refused
 
 
+def _before_fork() -> None:
+    """A process alone in its run that forks the ranks of a job (torch's ``start_processes``:
+    Accelerate's notebook_launcher, Lightning's ddp_fork) is their launcher, not a rank: its run
+    goes to them, as to ddp_spawn's ranks (handover.py). Any other fork changes nothing."""
+    run = _active
+    if run is not None and run.topology.world_size == 1 and not run.writer.inherited() and forking_ranks():
+        try:
+            hand_over_to_spawned_ranks()
+        except Exception as exc:  # noqa: BLE001 - a fork hook must never fail the fork
+            log.warning("prov4ml_dist: could not hand run %s over to the ranks being started: %s", run.run_id, exc)
+
+
 def _after_fork_in_child() -> None:
     """A forked child inherits the active run, but it is the parent's: forget it (README,
-    "Guarantees": the parent's shard is never written, flushed into or closed by a child)."""
-    global _active, _hooks, _forked_from, _refused
+    "Guarantees": the parent's shard is never written, flushed into or closed by a child). A
+    child forked as a rank after its parent handed its run over joins that run instead."""
+    global _active, _hooks, _forked_from, _refused, _handed_over, _launched_by
     if _active is not None:
         _forked_from, _active, _hooks, _refused = _active, None, None, 0
+    if _handed_over is not None:
+        _launched_by, _handed_over = _handed_over, None
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 # yProv4ML options that have no effect here, and why (also in the README).
 YPROV4ML_OPTIONS = {
@@ -99,13 +117,37 @@ YPROV4ML_OPTIONS = {
 
 
 def require_run() -> Run:
-    """The active Run; a clear error when there is none."""
+    """The active Run; a clear error when there is none. In a rank forked by a launcher that
+    handed its run over, the run this rank joins (started here, ended at exit)."""
     run = _active
     if run is None:
         if _forked_from is not None:
             return _refuse()  # type: ignore[return-value] - a no-op Run in a forked child
+        if _launched_by is not None and detect().world_size > 1:
+            return _join_launchers_run(_launched_by)
         raise RunStateError("no active run: call prov4ml.start_run(...) first (or it has ended)")
     return run
+
+
+def _join_launchers_run(launcher: Run) -> Run:
+    """This forked rank's run, joining the one its launcher handed over (its settings), ended
+    when the process exits: torch's workers leave through multiprocessing's exit, which runs
+    its finalizers but not ``atexit``."""
+    import multiprocessing.util
+
+    config = launcher.config
+    start_run(config.experiment_name, config.user_namespace, config.provenance_save_dir, run_id=config.run_id,
+              local_dir=config.local_dir, flush_interval=config.flush_interval,
+              sample_interval=config.sample_interval, merge_timeout=config.merge_timeout)
+    run = require_run()
+    multiprocessing.util.Finalize(None, _end_joined_run, args=(run,), exitpriority=100)
+    return run
+
+
+def _end_joined_run(run: Run) -> None:
+    """At the exit of a rank that joined its launcher's run: end it, unless the code did."""
+    if _active is run:
+        end_run()
 
 
 def get_active_run() -> Run | None:
@@ -124,7 +166,7 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
     yProv4ML 3.x's order (experiment name first, then its options positionally) is ours; a 2.x
     call with the namespace first (an IRI) is recognised. A run still active (an exception
     skipped its end_run: a notebook, a dask worker) is closed as "abandoned", with a warning."""
-    global _active, _hooks, _forked_from, _handed_over
+    global _active, _hooks, _forked_from, _handed_over, _launched_by
     experiment_name, prov_user_namespace = yprov4ml_args.start_run_names(experiment_name, prov_user_namespace)
     options = yprov4ml_args.bind_positional("start_run", yprov4ml_args.START_RUN_POSITIONAL, yprov4ml_positional,
                                             {"rank": rank, **yprov4ml_options})
@@ -155,10 +197,31 @@ def start_run(experiment_name: str | None = None, prov_user_namespace: str | Non
                         rank, topology.launcher, topology.rank)
     run = Run(config, topology)
     export_run(config, run.run_id)
-    _active, _forked_from, _handed_over = run, None, None  # a run handed over earlier is not this one's
+    # a run handed over earlier (or by this process's launcher) is not this one's
+    _active, _forked_from, _handed_over, _launched_by = run, None, None, None
     _hooks = ExitHooks(run.close_unfinished, run.writer.defer)
     take_over(run)
     return run.run_dir
+
+
+def settle() -> Run:
+    """The active run once the framework has set the job up (``Run.settle_topology``): the same
+    run, or — in a process that was alone at ``start_run`` and is now another rank of a job
+    (Lightning's nodes started by hand) — the run it moved into (handover.move_run)."""
+    global _active, _hooks
+    run = require_run()
+    try:
+        run.settle_topology()
+    except RankMoved as moved:
+        if _hooks is not None:
+            _hooks.remove()
+            _hooks = None
+        _active = None
+        unexport_run(run.run_id)
+        run = move_run(run, moved.run_id, moved.topology)
+        export_run(run.config, run.run_id)
+        _active, _hooks = run, ExitHooks(run.close_unfinished, run.writer.defer)
+    return run
 
 
 def hand_over_to_spawned_ranks() -> Path | None:
@@ -201,6 +264,9 @@ def end_run(create_graph: bool = False, create_svg: bool = False, crate_ro_crate
     ``crate_ro_crate`` an RO-Crate of the run directory (see compat/card.py, compat/crate.py)."""
     global _active, _hooks, _ended, _handed_over
     run = _active
+    if run is not None and not run.closed:
+        with contextlib.suppress(RunStateError):  # Run.end meets it again, and raises it with its shard closed
+            run = settle()  # before the gather: the world size known now, the rank in its run
     if run is None:
         if _forked_from is not None:
             _refuse()  # a forked child: the run is its parent's to end
@@ -237,9 +303,8 @@ def log_metric(key: str, value: Any, context: Any = None, step: int | None = Non
     in yProv4ML 3.x) the point is TRAINING's. yProv4ML's ``timestamp`` is accepted; every point
     carries this process's wall-clock time instead."""
     run = _active
-    if run is None:
-        require_run()  # raises, or refuses in a forked child
-        return
+    if run is None:  # raises, or refuses in a forked child, or joins the run its launcher handed over
+        run = require_run()
     if context is None:
         context = Context.TRAINING
     run.log_metric(key, value, context, step, source)

@@ -87,6 +87,10 @@ def check_seconds(value: object, what: str, optional: bool = False) -> None:
 INHERITED_RUN_ID = "PROV4ML_DIST_RUN_ID"
 INHERITED_SAVE_DIR = "PROV4ML_DIST_SAVE_DIR"
 INHERITED_EXPERIMENT = "PROV4ML_DIST_EXPERIMENT"
+# Set by a process that handed its run over to the ranks it starts (handover.py): they join it
+# whatever their launcher (torch elastic's workers, forked by notebook_launcher, have a
+# launcher's variables but no run id of their own: TORCHELASTIC_RUN_ID "none").
+HANDOVER_ENV = "PROV4ML_DIST_HANDOVER"
 # Launchers whose processes take the inherited run: a framework's (see topology), or one that
 # only initialised torch.distributed; torchrun and Slurm name the run themselves.
 INHERITING_LAUNCHERS = ("framework", "torch.distributed", "env")
@@ -102,7 +106,7 @@ def export_run(config: RunConfig, run_id: str) -> None:
 def unexport_run(run_id: str) -> None:
     """The run has ended: processes started from now on (another script) do not join it."""
     if os.environ.get(INHERITED_RUN_ID) == run_id:
-        for name in (INHERITED_RUN_ID, INHERITED_SAVE_DIR, INHERITED_EXPERIMENT):
+        for name in (INHERITED_RUN_ID, INHERITED_SAVE_DIR, INHERITED_EXPERIMENT, HANDOVER_ENV):
             os.environ.pop(name, None)
 
 
@@ -110,7 +114,9 @@ def inherited_run_id(topology: Topology) -> str | None:
     """The run a parent process exported, for a process of a multi-process job that has no
     launcher's run id: a plain single process (a script run by ``subprocess``) starts its own."""
     inherited = os.environ.get(INHERITED_RUN_ID)
-    if not inherited or topology.world_size <= 1 or topology.launcher not in INHERITING_LAUNCHERS:
+    if not inherited or topology.world_size <= 1:
+        return None
+    if topology.launcher not in INHERITING_LAUNCHERS and not os.environ.get(HANDOVER_ENV):
         return None
     return inherited
 
@@ -230,6 +236,18 @@ def check_param(key: Any, value: Any) -> Any:
     except RecursionError:
         raise InvalidInputError(f"param {key!r:.60}: its value is nested too deeply, or contains itself") from None
     return stored
+
+
+class RankMoved(RunStateError):
+    """``Run.settle_topology`` in a process that was alone at ``start_run`` and is now rank
+    ``topology.rank`` of a job whose run is rank 0's ``run_id``: its records must move there
+    (``api.settle`` does it; used directly, a Run says so as this error)."""
+
+    def __init__(self, topology: Topology, run_id: str) -> None:
+        super().__init__(f"this process started its own run as rank 0 of 1, but is rank {topology.rank} of "
+                         f"{topology.world_size} (torch.distributed) of run {run_id}: its records move there")
+        self.topology = topology
+        self.run_id = run_id
 
 
 class Run:
@@ -497,13 +515,21 @@ class Run:
         """Detect this process's place again when ``start_run`` found it alone: a framework may
         have started the other ranks, or initialised torch.distributed, since (README, "Which
         rank am I"). The world size and launcher learnt are recorded in the shard (the merge
-        reads them); the rank cannot change, as the shard and artifacts are named by it: a
-        RunStateError says what to do. A topology a launcher gave is kept as it is."""
+        reads them). The rank cannot change in place, as the shard and artifacts are named by
+        it: a process alone at ``start_run`` (no launcher, no run_id) that torch.distributed
+        numbers now agrees on rank 0's run over it (rank 0 publishes its run id), and another
+        rank raises RankMoved for ``api.settle`` to move its records into that run as its
+        rank; any other change is a RunStateError saying what to do. A topology a launcher
+        gave is kept as it is."""
         if self._closed or self.topology.world_size > 1:  # a launcher's numbering: nothing to learn
             return self.topology
         now = detect()
         if now.world_size <= 1:  # still alone (or a process group already destroyed): as it was
             return self.topology
+        if self.topology.launcher == "single" and now.launcher == "torch.distributed" and self.config.run_id is None:
+            agreed = self._agree_run_id(now)
+            if agreed != self.run_id:
+                raise RankMoved(now, agreed)
         if now.rank != self.topology.rank:
             raise RunStateError(
                 f"this process started its run {self.run_id} as rank {self.topology.rank} of "
@@ -516,6 +542,23 @@ class Run:
                                     array_id=self.topology.array_id, elastic_run_id=self.topology.elastic_run_id)
             self.writer.record({"kind": "topology", "time": time.time(), "topology": self.topology.as_dict()})
         return self.topology
+
+    def declare_not_logging(self, reason: str) -> None:
+        """Say that this rank records nothing by choice (itwinai's ``log_on_workers`` leaves it
+        out): it still takes part in the merge, which marks it "not-logging" — a decision, not
+        a rank that is missing or crashed."""
+        self.writer.record({"kind": "not_logging", "time": time.time(), "reason": str(reason)[:1000]})
+
+    def _agree_run_id(self, now: Topology) -> str:
+        """Rank 0's run id over torch.distributed (rank 0 publishes its own, the others wait)."""
+        from .transport import TransportError, agree_run_id
+
+        try:
+            agreed = agree_run_id(now, self.run_id, timeout=self.config.merge_timeout)
+        except TransportError as exc:
+            raise RunStateError(f"rank {now.rank} of {now.world_size}: rank 0's run id did not arrive over "
+                                f"torch.distributed ({exc}); its records stay in {self.run_dir}") from None
+        return check_component(agreed, "run_id") if agreed is not None else self.run_id
 
     def local_roots(self) -> list[Path]:
         """This rank's node-local directory, when it used one (``--local-dirs`` of the offline merge)."""

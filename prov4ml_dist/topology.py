@@ -164,7 +164,9 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
         return Topology(rank=dist.get_rank(), world_size=dist.get_world_size(),
                         local_rank=_int(env, "LOCAL_RANK", place.local_rank if place is not None else 0),
                         local_world_size=place.local_world_size if place is not None else 1,
-                        node_rank=node_rank, launcher="torch.distributed", **common)
+                        # without a launcher's numbering, the node rank a framework exported (Lightning's NODE_RANK)
+                        node_rank=node_rank if place is not None else _int(env, "NODE_RANK", 0),
+                        launcher="torch.distributed", **common)
 
     if place is not None:
         return Topology(rank=place.rank, world_size=place.world_size or 1, local_rank=place.local_rank,

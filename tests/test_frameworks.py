@@ -128,12 +128,15 @@ def test_provml_logger_is_lazy_and_has_yprov4mls_module_path():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_lightning_ddp_spawn_hands_the_scripts_run_over_to_the_spawned_ranks(tmp_path):
-    """ddp_spawn: the script's process (start_run, a param and a point logged) spawns two ranks
-    that do not run the script. One run of 2 ranks; the script's records are rank 0's (taken
-    in from the handed-over shard, which is then gone); the script's end_run returns prov.json."""
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_lightning_ddp_spawn_hands_the_scripts_run_over_to_the_spawned_ranks(tmp_path, strategy):
+    """ddp_spawn (ddp_fork): the script's process (start_run, a param and a point logged)
+    spawns (forks) two ranks that do not run the script. One run of 2 ranks; the script's
+    records are rank 0's (taken in from the handed-over shard, which is then gone); the
+    script's end_run returns prov.json. Old code, ddp_fork: rank 0's shard clashed with the
+    script's, still open (handed over now by the fork hook)."""
     needs("lightning")
-    proc = run_job([sys.executable, str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), "ddp_spawn", "2",
+    proc = run_job([sys.executable, str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), strategy, "2",
                     "prov"], tmp_path)
     run_dir = assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss", "rank_marker"), model_versions=2)
     from prov4ml_dist.merge.load import load_merged
@@ -168,3 +171,68 @@ def test_a_handed_over_shard_is_taken_in_by_the_new_process_of_its_rank(tmp_path
     with ShardReader(run_dir / "shards" / "rank-00000.h5") as reader:
         assert [r["value"] for r in reader.records("param")] == [3]
         assert reader.read_table("metrics")["value"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_lightning_nodes_launched_by_hand_without_slurm_give_one_run(tmp_path):
+    """Multi-node without Slurm: two launcher processes (NODE_RANK 0 and 1, MASTER_ADDR/PORT set
+    by the user, devices=1, num_nodes=2), each alone at its start_run. Once torch.distributed
+    numbers them, node 1's process moves its records (its script's param and point) into rank
+    0's run as rank 1: one run of 2 ranks with node ranks 0 and 1, no run directory left behind.
+    Old code: a RunStateError ("started as rank 0 of 1, but is rank 1 of 2")."""
+    import socket
+    import subprocess
+
+    from prov4ml_dist.merge.load import load_merged
+
+    from .frameworks_support import framework_env
+
+    needs("lightning")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    nodes = [subprocess.Popen([sys.executable, str(SCRIPTS / "lightning_train.py"), str(tmp_path / "prov"), "ddp",
+                               "1", "prov", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**framework_env(), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port})
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-4000:] for o in outputs)
+    run_dir = assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss", "rank_marker", "before_fit"),
+                             model_versions=2)
+    merged = load_merged(run_dir / "merged.h5")
+    assert {r.rank: r.node_rank for r in merged.ranks} == {0: 0, 1: 1}
+    assert [(p.value, p.ranks) for p in merged.params if p.key == "script_param"] == [(7, (0, 1))]
+    assert {s.rank: s.last for s in merged.series if s.key == "rank_marker"} == {0: 0.0, 1: 1.0}
+    assert _lightning_params(run_dir)["trainer/num_nodes"] == 2
+    assert f"END_RUN {run_dir / 'prov.json'}" in outputs[0]
+
+
+def test_a_moved_run_takes_its_points_params_and_artifact_files_into_the_jobs_run(tmp_path):
+    """In one process, for speed: move_run replays a run started alone into another run as rank
+    1 — points, param, an artifact's file (into rank 1's artifacts directory) — and leaves no
+    directory of the first run behind."""
+    from dataclasses import replace
+
+    import prov4ml_dist as prov4ml
+    from prov4ml_dist import api
+    from prov4ml_dist.handover import move_run
+    from prov4ml_dist.shard import ShardReader
+
+    alone = prov4ml.start_run("e", provenance_save_dir=tmp_path, sample_interval=None)
+    prov4ml.log_param("p", 3)
+    prov4ml.log_artifact("notes/config.txt", text="lr=0.1")
+    for step in range(3):
+        prov4ml.log_metric("m", float(step), prov4ml.Context.TRAINING, step=step)
+    run = api.get_active_run()
+    moved = move_run(run, "job-run", replace(run.topology, rank=1, world_size=2))
+    api._active = None
+    api._hooks.remove()
+    api._hooks = None
+    moved.close("test")
+    assert not alone.exists() and moved.run_dir == tmp_path / "e" / "job-run"
+    with ShardReader(moved.shard_path) as reader:
+        assert reader.rank == 1 and [r["value"] for r in reader.records("param")] == [3]
+        assert reader.read_table("metrics")["value"].tolist() == [0.0, 1.0, 2.0]
+        (artifact,) = reader.records("artifact")
+    assert artifact["path"].startswith("artifacts/rank-00001/")
+    assert (moved.run_dir / artifact["path"]).read_text() == "lr=0.1"

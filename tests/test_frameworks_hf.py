@@ -51,3 +51,22 @@ def test_accelerate_tracker_records_init_config_and_logs(tmp_path):
     merged = load_merged(run_dir / "merged.h5")
     assert {p.key: p.value for p in merged.params if p.majority} == {"config/lr": 0.001, "config/batch": 2}
     assert {s.rank for s in merged.series if s.key == "loss"} == {0}
+
+
+@pytest.mark.parametrize("mode", ["notebook", "both"])
+def test_notebook_launcher_gives_one_run_of_the_forked_ranks_with_the_notebooks_records(tmp_path, mode):
+    """notebook_launcher(fn, num_processes=2) on CPU after the notebook's start_run: the ranks
+    are forked from the notebook's process, which is their launcher, not a rank. One run of 2
+    ranks; the notebook's param and point are rank 0's (handed over); its end_run returns
+    prov.json. "notebook": fn only logs (the ranks join at their first call and end at exit);
+    "both": fn calls start_run/end_run too. Old code: one run of the notebook alone, the ranks'
+    calls refused ("notebook"), or two runs ("both")."""
+    needs("accelerate")
+    proc = run_job([sys.executable, str(SCRIPTS / "notebook_launch.py"), str(tmp_path / "prov"), mode], tmp_path)
+    run_dir = assert_one_run(tmp_path / "prov", "notebook", 2, ("loss", "rank_marker"))
+    merged = load_merged(run_dir / "merged.h5")
+    assert {s.rank: s.last for s in merged.series if s.key == "rank_marker"} == {0: 0.0, 1: 1.0}
+    assert [(s.rank, s.last) for s in merged.series if s.key == "before_launch"] == [(0, 1.5)]
+    assert [(p.value, p.ranks) for p in merged.params if p.key == "notebook_param"] == [(7, (0,))]
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["rank-00000.h5", "rank-00001.h5"]
+    assert f"END_RUN {run_dir / 'prov.json'}" in proc.stdout

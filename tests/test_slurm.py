@@ -954,3 +954,38 @@ def test_a_second_training_step_gets_a_run_of_its_own(slurm_cluster, tmp_path):
     check_complete(second)
     assert {a["step_id"] for a in rec.agents.values()} == {"0"}
     assert {a["step_id"] for a in second.agents.values()} == {"1"}
+
+
+# -- frameworks under srun -------------------------------------------------------------------------
+
+def test_lightning_under_srun_gives_one_run_with_provml_logger_metrics_from_both_tasks(slurm_cluster, tmp_path):
+    """`srun python train.py` on 2 nodes x 1 task: Lightning's SLURMEnvironment makes each task
+    a rank (devices=1, num_nodes=2; no launcher of its own). The script's start_run comes before
+    the Trainer; the library's rank is Slurm's task: one run slurm-<job>.0 of 2 ranks on the two
+    nodes, ProvMLLogger's self.log values from both, the Trainer's set-up as params."""
+    pytest.importorskip("lightning")
+    from prov4ml_dist.merge.load import load_merged
+
+    from .frameworks_support import SCRIPTS, assert_one_run
+
+    script = tmp_path / "lightning.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        # Lightning's SLURMEnvironment takes MASTER_PORT when set (else 15000 + the job id's last
+        # digits, which another cluster on this machine may be using).
+        "export MASTER_PORT=$($PYTHON -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
+        "print(s.getsockname()[1])')\n"
+        f"srun --kill-on-bad-exit=1 $PYTHON {SCRIPTS / 'lightning_train.py'} {tmp_path / 'prov'} ddp 1 prov 2\n")
+    job = slurm_cluster.submit(script, tmp_path, sbatch_args=["-N2", "--ntasks-per-node=1", "--cpus-per-task=1"],
+                               env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    with explained(job):
+        assert job.exit_code == 0
+        run_dir = assert_one_run(tmp_path / "prov", "lightning", 2, ("train_loss", "rank_marker"))
+        assert run_dir.name == f"slurm-{job.job_id}.0"
+        merged = load_merged(run_dir / "merged.h5")
+        assert {r.rank: r.topology["launcher"] for r in merged.ranks} == {0: "slurm", 1: "slurm"}
+        assert len({r.environment["launcher_env"]["SLURMD_NODENAME"] for r in merged.ranks}) == 2
+        assert {s.rank: s.last for s in merged.series if s.key == "rank_marker"} == {0: 0.0, 1: 1.0}
+        params = {p.key: p.value for p in merged.params if p.majority}
+        assert params["trainer/num_nodes"] == 2 and params["trainer/world_size"] == 2
+        assert params["trainer/cluster_environment"] == "SLURMEnvironment"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..merge import MergedRun
-from ..merge.layout import STAMP_ATTR
+from ..merge.layout import STAMP_ATTR, STATUS_NOT_LOGGING
 from ..merge.means import mean_of
 from ..merge.model import Artifact, RankAttempt, SeriesSummary
 from ..shard.schema import attempt_label
@@ -78,7 +78,8 @@ def _overview(run: MergedRun, run_dir: Path, stamp: dict) -> list[str]:
     first = present[0].topology if present else {}
     launcher = first.get("launcher") or "-"
     job = f" (job {first['job_id']})" if first.get("job_id") else ""
-    states = Counter("complete" if r.complete else r.status for r in run.ranks)
+    states = Counter(r.status if r.status == STATUS_NOT_LOGGING else "complete" if r.complete else r.status
+                     for r in run.ranks)
     merged_at = stamp.get("merged_at")
     return [
         f"Run          {run.run_id}",
@@ -380,6 +381,12 @@ def _unfinished(run: MergedRun) -> list[str]:
         why = Counter(r.reason for r in missing)
         lines += [f"Missing ranks ({len(missing)}): no shard merged",
                   *(f"  ranks {ranks_text(r.rank for r in missing if r.reason == reason)}: {reason}"
+                    for reason in why)]
+    silent = [r for r in run.ranks if r.status == STATUS_NOT_LOGGING]
+    if silent:  # a choice, not a failure: listed so that no one looks for their data
+        why = Counter(r.reason for r in silent)
+        lines += [f"Not logging ({len(silent)}): ended as planned, recording nothing by choice",
+                  *(f"  ranks {ranks_text(r.rank for r in silent if r.reason == reason)}: {reason}"
                     for reason in why)]
     return lines
 

@@ -43,9 +43,12 @@ class RunHandle:
         return self.started_here
 
     def settle(self) -> Run:
-        """The run, its topology detected again now that the framework set the job up."""
-        run = self.ensure()
-        run.settle_topology()
+        """The run, its topology detected again now that the framework set the job up (a
+        process alone at start_run that is another rank of the job moves into its run)."""
+        started_here = self.ensure() is self.started_here
+        run = api.settle()
+        if started_here:
+            self.started_here = run
         return run
 
     def finish(self) -> Path | None:

@@ -109,10 +109,13 @@ class ProvMLLogger(Logger):
 
 
 def trainer_setup(trainer: Any) -> dict[str, Any]:
-    """The Trainer's set-up as params: strategy, accelerator, devices, precision, nodes, world."""
+    """The Trainer's set-up as params: strategy, its launcher and cluster environment,
+    accelerator, devices, precision, nodes, world."""
     strategy = getattr(trainer, "strategy", None)
     return {"strategy": type(strategy).__name__ if strategy is not None else None,
             "strategy_launcher": type(getattr(strategy, "launcher", None)).__name__,
+            # who numbered the ranks: SLURMEnvironment (srun), TorchElasticEnvironment, LightningEnvironment
+            "cluster_environment": type(getattr(strategy, "cluster_environment", None)).__name__,
             "accelerator": type(getattr(trainer, "accelerator", None)).__name__,
             "devices": getattr(trainer, "num_devices", None), "num_nodes": getattr(trainer, "num_nodes", None),
             "precision": str(getattr(trainer, "precision", None)), "world_size": getattr(trainer, "world_size", None),

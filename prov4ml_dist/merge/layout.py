@@ -78,6 +78,7 @@ PROBLEMS_ATTR = "problems"
 
 STATUS_INCOMPLETE = "incomplete"
 STATUS_MISSING = "missing"
+STATUS_NOT_LOGGING = "not-logging"  # ended as planned, recording nothing by choice (its reason says why)
 NO_VALUE = -1  # for integer columns that have no value (no attempt, no rank, no version)
 
 STR = h5py.string_dtype()

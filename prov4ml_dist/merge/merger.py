@@ -245,10 +245,13 @@ def _rank_rows(shards: list[ShardInfo], missing: dict[int, str], world_size: int
         topology = s.start.get("topology") if isinstance(s.start.get("topology"), dict) else {}
         local = rank_number(topology.get("local_rank"))
         status = (str(s.end.get("status", "ok")) if s.end is not None else layout.STATUS_INCOMPLETE)
+        complete, reason = status == "ok", missing.get(s.rank, "")
+        if complete and isinstance(s.start.get("not_logging"), str):  # ended as planned, by choice silent
+            status, reason = layout.STATUS_NOT_LOGGING, s.start["not_logging"]
         end_time = s.end.get("time") if s.end is not None else None
         rows.append((s.rank, s.attempt, node_rank(s), local,
-                     hostname(s), status, status == "ok", _float(s.start.get("time")), _float(end_time),
-                     s.last_time, s.path.name, s.sha256, missing.get(s.rank, ""), dumps(s.start),
+                     hostname(s), status, complete, _float(s.start.get("time")), _float(end_time),
+                     s.last_time, s.path.name, s.sha256, reason, dumps(s.start),
                      dumps(s.end) if s.end is not None else ""))
     rows += [(r, layout.NO_VALUE, layout.NO_VALUE, layout.NO_VALUE, "", layout.STATUS_MISSING, False, math.nan,
               math.nan, math.nan, "", "", missing.get(r) or "no shard found", "", "")

@@ -125,6 +125,8 @@ def _read_shard(path: Path) -> ShardInfo:
                 _declare(decls, record)
             elif kind == "topology" and start is not None and isinstance(record.get("topology"), dict):
                 start = {**start, "topology": record["topology"]}  # settled late (Run.settle_topology)
+            elif kind == "not_logging" and start is not None:  # a choice (Run.declare_not_logging)
+                start = {**start, "not_logging": str(record.get("reason") or "declared not logging")}
             else:
                 records.append(record)
         if start is None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from operator import attrgetter
 from typing import Any
 
+from ..merge.layout import STATUS_NOT_LOGGING
 from ..merge.model import Artifact, Generation, GroupSummary, RankAttempt, SeriesSummary
 from ..shard import schema
 from .terms import flat, keys, p4d, timestamp
@@ -64,7 +65,8 @@ def agent_attrs(attempts: list[RankAttempt]) -> Iterator[tuple[str, Any]]:
     first = attempts[0]
     topology = first.topology
     yield "rank", first.rank
-    yield "status", "missing" if first.status == "missing" else (
+    yield "status", "missing" if first.status == "missing" else STATUS_NOT_LOGGING if all(
+        a.status == STATUS_NOT_LOGGING for a in attempts) else (
         "complete" if all(a.complete for a in attempts) else "incomplete")
     for name in ("local_rank", "node_rank", "local_world_size", "world_size", "hostname", "launcher",
                  "job_id", "array_id", "step_id", "elastic_run_id"):

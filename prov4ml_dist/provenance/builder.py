@@ -28,6 +28,7 @@ from urllib.parse import quote
 from prov.model import ProvDocument
 
 from ..merge.journal import dumps
+from ..merge.layout import STATUS_NOT_LOGGING
 from ..merge.model import Artifact, Generation, GroupSummary, MergedRun, RankAttempt, RankRecord, SeriesSummary
 from .attributes import (
     SLURM_ALLOCATION,
@@ -121,6 +122,7 @@ class _Builder:
         yield "world_size", run.world_size
         yield "incomplete_ranks", sorted({r.rank for r in run.ranks if not r.complete and r.status != "missing"})
         yield "missing_ranks", sorted({r.rank for r in run.ranks if r.status == "missing"})
+        yield "not_logging_ranks", sorted({r.rank for r in run.ranks if r.status == STATUS_NOT_LOGGING})
         yield "merged_file", "merged.h5"
         yield "problems", len(run.problems)
         launcher = next((r.environment.get("launcher_env") for r in run.ranks if r.environment), None)

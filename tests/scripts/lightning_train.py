@@ -1,5 +1,5 @@
 """A tiny Lightning job: start_run first (as scripts do), then a Trainer that starts or joins
-the other processes. argv: save_dir strategy devices [logger: prov|csv+prov|none]."""
+the other processes. argv: save_dir strategy devices [logger: prov|csv+prov|none] [num_nodes]."""
 
 import sys
 
@@ -34,6 +34,7 @@ class Tiny(pl.LightningModule):
 def main() -> None:
     save_dir, strategy, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
     which = sys.argv[4] if len(sys.argv) > 4 else "prov"
+    num_nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     prov4ml.start_run("lightning", provenance_save_dir=save_dir, sample_interval=None, merge_timeout=60)
     prov4ml.log_param("script_param", 7)  # logged before the framework set the job up
     prov4ml.log_metric("before_fit", 1.5, prov4ml.Context.TRAINING, step=0)
@@ -41,7 +42,8 @@ def main() -> None:
     data = TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
     loggers = {"prov": lambda: [prov4ml.ProvMLLogger()], "none": lambda: False,
                "csv+prov": lambda: [prov4ml.ProvMLLogger(), CSVLogger(save_dir + "/csv")]}[which]()
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=loggers,
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=4,
+                         logger=loggers,
                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[ModelCheckpoint(dirpath=save_dir + "/ckpt", every_n_train_steps=2, save_top_k=-1)])
     trainer.fit(Tiny(), DataLoader(data, batch_size=4))
