@@ -286,6 +286,15 @@ def test_summary_per_rank_lists_each_rank(small):
     assert any(line.startswith("Params (1)") for line in lines)
 
 
+def test_summary_says_all_ranks_only_where_every_rank_logged_the_param(tmp_path):
+    """A param only rank 0 logged (a yProv4ML script guarding log_param with `if rank == 0`)
+    is shown with its ranks, not as agreed by all."""
+    run_dir = write_run(tmp_path, 3, steps=2, params_of=lambda r: {"seed": 7} if r == 0 else {})
+    params = dict((row.split()[0], row.split()[2:]) for row in _section(
+        render(load_merged(run_dir / "merged.h5"), run_dir, {}), "Params")[2:] if row.strip())
+    assert params == {"lr": ["all"], "seed": ["ranks", "0"]}
+
+
 def test_plot_many_ranks_as_bands_with_gpu_and_energy(many, tmp_path):
     done = cli("plot", many, "-o", tmp_path)
     assert done.returncode == 0, done.stderr

@@ -137,11 +137,15 @@ def _params(run: MergedRun) -> list[str]:
     if not by_key:
         return []
     rows = []
+    logging = {r.rank for r in run.ranks if r.status not in ("missing", STATUS_NOT_LOGGING)}
     for key in sorted(by_key):
         values = sorted(by_key[key], key=lambda p: not p.majority)
         for n, p in enumerate(values):
             shown = p.value if isinstance(p.value, str) else json.dumps(p.value)
-            who = "all" if len(values) == 1 else f"{'' if p.majority else '! '}ranks {ranks_text(p.ranks)}"
+            if len(values) > 1:
+                who = f"{'' if p.majority else '! '}ranks {ranks_text(p.ranks)}"
+            else:  # "all" only where every rank that logged said it, not where only rank 0 did
+                who = "all" if logging <= set(p.ranks) else f"ranks {ranks_text(p.ranks)}"
             rows.append((key if n == 0 else "", shown, who))
     disagree = sum(len(v) > 1 for v in by_key.values())
     title = f"Params ({len(by_key)}" + (f"; {disagree} differ across ranks, marked !)" if disagree else ")")
