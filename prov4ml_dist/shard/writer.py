@@ -40,12 +40,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BUFFER_ROWS = 8192
 BUFFER_POLL_S = 0.02
-# A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece (~0.3 ms here), and after
-# GIL_SLICE_S of pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets
-# it: the flusher holds the GIL about a millisecond at a time. Unbroken, a flush of 50k rows held
-# it for a whole switch interval (5 ms) and more, and a logging call waited as long
-# (bench_log_metric.py). Having waited for the GIL, the flusher does a slice's worth of pieces.
-FLUSH_PIECE_ROWS = 4096
+# A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece, and after GIL_SLICE_S of
+# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. Unbroken, a
+# flush of 50k rows held the GIL for a whole switch interval (5 ms) and more, and a logging call
+# waited as long. Pieces are not smaller: h5py lets the GIL go inside each call, and taking it
+# back from a logging thread costs the flusher up to a switch interval, so small pieces drained
+# too slowly and the ring filled (4,096 rows: ~200 calls per 10⁶ points waited for the flusher,
+# 16,384: none; bench_log_metric.py).
+FLUSH_PIECE_ROWS = 16384
 GIL_SLICE_S = 0.001
 GIL_YIELD_S = 0.0002
 MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
@@ -150,9 +152,6 @@ class ShardWriter:
         self._owner_pid = os.getpid()
         self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
         self._file = self._create(attrs)
-        # Opened once: each h5py call lets the GIL go, and a flusher that must take it back
-        # makes a logging thread wait (a name lookup per flush was one more of those calls).
-        self._datasets = {name: self._file[name] for name in (*schema.TABLES, schema.JOURNAL)}
         self._fd = self._file.id.get_vfd_handle()
         self._flushed = dict.fromkeys((*schema.TABLES, schema.JOURNAL), 0)  # lengths at the last good flush
         self._inflight: tuple[list[bytes], dict[str, np.ndarray]] | None = None
@@ -354,7 +353,8 @@ class ShardWriter:
         """Write ``values`` after the last flushed row (over whatever a failed flush left).
         ``Dataset.flush`` writes the cached chunks now: left to the dataset's destructor, a
         failed write (disk full) would only be printed as an ignored exception."""
-        dataset, start = self._datasets[name], self._flushed[name]
+        # Looked up per piece, not kept open: an open dataset keeps its HDF5 chunk cache (RSS +8 MB).
+        dataset, start = self._file[name], self._flushed[name]
         dataset.resize((start + len(values),))
         dataset[start:] = values
         dataset.flush()
@@ -368,7 +368,7 @@ class ShardWriter:
         self._inflight = None
         for name, length in self._flushed.items():
             with contextlib.suppress(Exception):  # the next flush writes from _flushed anyway
-                dataset = self._datasets[name]
+                dataset = self._file[name]
                 if dataset.shape[0] != length:
                     dataset.resize((length,))
         with self._journal_lock:
@@ -443,7 +443,7 @@ class ShardWriter:
             except Exception as exc:  # noqa: BLE001
                 log.warning("closing %s failed: %s", self.path, exc)
                 complete = False
-            self._file, self._datasets = None, {}
+            self._file = None
             self.crash.close(remove=complete)  # kept for the reader when the shard lacks something
         finally:
             self._flush_lock.release()
