@@ -43,10 +43,10 @@ BUFFER_POLL_S = 0.02
 # A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece, and after GIL_SLICE_S of
 # pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. Unbroken, a
 # flush of 50k rows held the GIL for a whole switch interval (5 ms) and more, and a logging call
-# waited as long. Pieces are not smaller: h5py lets the GIL go inside each call, and taking it
-# back from a logging thread costs the flusher up to a switch interval, so small pieces drained
-# too slowly and the ring filled (4,096 rows: ~200 calls per 10⁶ points waited for the flusher,
-# 16,384: none; bench_log_metric.py).
+# waited as long. A piece runs without letting the GIL go (~2 ms at 16,384 rows under load), but
+# smaller pieces drain too slowly: after each sleep the flusher waits a switch interval for the
+# GIL, and the ring filled (calls that waited for it per 10⁶ points: ~200 with 4,096 rows, 71-110
+# with 8,192, 0-27 with 16,384; bench_log_metric.py).
 FLUSH_PIECE_ROWS = 16384
 GIL_SLICE_S = 0.001
 GIL_YIELD_S = 0.0002
