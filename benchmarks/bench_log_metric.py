@@ -1,17 +1,22 @@
 """Cost of ``log_metric``: per-call latency, start/end time, memory and bytes on disk.
 
-    python benchmarks/bench_log_metric.py [--points 1e4 1e5 1e6] [--rss-points 1e7]
+    python benchmarks/bench_log_metric.py [--points 1e4 1e5 1e6] [--repeat 3] [--rss-points 1e7]
 
 Every figure is measured in this one run beside a no-op function of the same signature (the
-floor of a Python call here) and beside yProv4ML when it is installed. Per-call percentiles
-come from timing batches of 16 calls with perf_counter_ns (one call is below the timer's
-resolution); the mean comes from timing the whole loop. ``waits``: logging calls that found the
-crash ring full and waited for the flusher (back-pressure; -1 where not recorded).
+floor of a Python call here, and of this machine's noise: the no-op's stalls are the other
+processes' and the OS's) and beside yProv4ML when it is installed, ``--repeat`` times, the
+tools interleaved. The median and p99 per call come from timing batches of 16 calls with
+perf_counter_ns (a clock read costs about as much as a call); the mean from timing the whole
+loop. ``max ms``: the slowest batch of 16, an upper bound of the slowest single call (the other
+15 take microseconds); ``>2ms``: batches that took over 2 ms, i.e. the calls that stalled that
+long (a batch holding two of them counts once). ``waits``: logging calls that found the crash
+ring full and waited for the flusher (back-pressure; -1 where not recorded).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import importlib.util
 import os
 import resource
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 BATCH = 16
+STALL_NS = 2_000_000
 KEYS = [f"metric_{i}" for i in range(4)]
 
 
@@ -36,8 +42,9 @@ def rss_mb() -> float:
 
 
 def time_calls(fn: Callable, contexts: list, n: int) -> dict[str, float]:
-    """Mean over the whole loop; median/p99/max of per-call time from batches of BATCH calls."""
-    per_call: list[float] = []
+    """Mean over the whole loop; median/p99 per call from batches of BATCH calls; the slowest
+    batch (ms) and the batches over STALL_NS."""
+    batches: list[int] = []
     clock = time.perf_counter_ns
     start = clock()
     i = 0
@@ -45,12 +52,13 @@ def time_calls(fn: Callable, contexts: list, n: int) -> dict[str, float]:
         t0 = clock()
         for j in range(i, i + BATCH):
             fn(KEYS[j & 3], 0.5 * j, contexts[(j >> 2) & 1], j)
-        per_call.append((clock() - t0) / BATCH / 1000)
+        batches.append(clock() - t0)
         i += BATCH
     mean = (clock() - start) / n / 1000
-    per_call.sort()
-    return {"mean": mean, "median": statistics.median(per_call),
-            "p99": per_call[int(len(per_call) * 0.99)], "max": per_call[-1]}
+    batches.sort()
+    return {"mean": mean, "median": statistics.median(batches) / BATCH / 1000,
+            "p99": batches[int(len(batches) * 0.99)] / BATCH / 1000, "max_ms": batches[-1] / 1e6,
+            "stalls": len(batches) - bisect.bisect_right(batches, STALL_NS)}
 
 
 def bench_prov4ml_dist(n: int, root: Path) -> dict[str, float]:
@@ -119,30 +127,36 @@ def rss_growth(n: int, root: Path) -> float:
     return after - before
 
 
+def print_row(name: str, n: int, r: dict[str, float] | None) -> None:
+    if r is None:
+        print(f"{name:<14}{n:>10}   (not installed)")
+        return
+    line = f"{name:<14}{n:>10}{r['mean']:>9.3f}{r['median']:>8.3f}{r['p99']:>8.3f}{r['max_ms']:>8.2f}{r['stalls']:>6}"
+    if "start_ms" in r:
+        line += (f"{r['start_ms']:>10.1f}{r['end_s']:>8.3f}{r['rss_growth_mb']:>9.1f}{r['disk_mb']:>9.1f}"
+                 f"{r.get('waits', -1):>7}")
+    print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=float, nargs="+", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions, the tools interleaved")
     parser.add_argument("--rss-points", type=float, default=1e7, help="0 to skip the RSS test")
     args = parser.parse_args()
-    header = f"{'tool':<14}{'points':>10}{'mean µs':>9}{'median':>8}{'p99':>8}{'max':>9}" \
+    header = f"{'tool':<14}{'points':>10}{'mean µs':>9}{'median':>8}{'p99':>8}{'max ms':>8}{'>2ms':>6}" \
              f"{'start ms':>10}{'end s':>8}{'ΔRSS MB':>9}{'disk MB':>9}{'waits':>7}"
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         for points in args.points:
             n = int(points) // BATCH * BATCH
-            floor = time_calls(noop, [0, 1], n)
-            print(f"{'no-op call':<14}{n:>10}{floor['mean']:>9.3f}{floor['median']:>8.3f}{floor['p99']:>8.3f}"
-                  f"{floor['max']:>9.1f}")
-            rows = [("prov4ml_dist", bench_prov4ml_dist(n, Path(tmp) / f"p{n}"))]
-            rows.append(("yProv4ML", bench_yprov4ml(n, Path(tmp) / f"y{n}")))
-            for name, r in rows:
-                if r is None:
-                    print(f"{name:<14}{n:>10}   (not installed)")
-                    continue
-                print(f"{name:<14}{n:>10}{r['mean']:>9.3f}{r['median']:>8.3f}{r['p99']:>8.3f}{r['max']:>9.1f}"
-                      f"{r['start_ms']:>10.1f}{r['end_s']:>8.3f}{r['rss_growth_mb']:>9.1f}{r['disk_mb']:>9.1f}"
-                      f"{r.get('waits', -1):>7}")
+            for rep in range(args.repeat):
+                rows = [("no-op call", time_calls(noop, [0, 1], n)),
+                        ("prov4ml_dist", bench_prov4ml_dist(n, Path(tmp) / f"p{n}-{rep}")),
+                        ("yProv4ML", bench_yprov4ml(n, Path(tmp) / f"y{n}-{rep}"))]
+                for name, r in rows:
+                    print_row(name, n, r)
         if args.rss_points:
             n = int(args.rss_points)
             print(f"\nRSS growth over {n:.0e} points (after a 1e5 warm-up): {rss_growth(n, Path(tmp) / 'rss'):.1f} MB")

@@ -4,12 +4,16 @@ filters every HDF5 reader has, reading back exactly what was logged."""
 from __future__ import annotations
 
 import subprocess
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
+from isal import isal_zlib
 
 import prov4ml_dist as prov4ml
+from prov4ml_dist.merge import compress, layout
 from prov4ml_dist.merge.prune import remove_merged_shards
 
 from .conftest import BIN, child_env
@@ -43,6 +47,24 @@ def test_merged_rows_are_shuffle_deflate_in_chunks_no_larger_than_the_data(tmp_p
         data = rows[()]
     np.testing.assert_array_equal(data["value"], values)
     np.testing.assert_array_equal(data["step"], np.arange(len(values)))
+
+
+@pytest.mark.parametrize("backend", ["isal", "zlib"])
+def test_merged_rows_deflated_by_isal_or_zlib_read_back_alike_with_plain_h5py(tmp_path, monkeypatch, backend):
+    """The merge deflates with ISA-L where it is installed (a dependency where it has wheels:
+    here it must be) and with zlib otherwise: either way plain h5py reads HDF5's standard
+    shuffle + deflate back bit for bit, over several chunks and a partial last one."""
+    assert compress.DEFLATE_BACKEND == "isal"  # pyproject installs it on this platform
+    monkeypatch.setattr(compress, "_deflate", {"isal": isal_zlib, "zlib": zlib}[backend])
+    monkeypatch.setattr(layout, "ROWS_CHUNK_ROWS", 1000)
+    rows = np.zeros(2500, dtype=layout.ROW_DTYPE)
+    rows["step"] = np.arange(2500)
+    rows["value"] = np.random.default_rng(14).standard_normal(2500).cumsum()
+    with h5py.File(tmp_path / "stage.h5", "w") as stage, h5py.File(tmp_path / "out.h5", "w") as out:
+        compress.write_compressed(out, "rows", stage.create_dataset("rows", data=rows))
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert f["rows"].compression == "gzip" and f["rows"].shuffle and f["rows"].chunks == (1000,)
+        np.testing.assert_array_equal(f["rows"][()], rows)
 
 
 def test_remove_shards_is_off_by_default_and_removes_only_verified_shards(tmp_path):

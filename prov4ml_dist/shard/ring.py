@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ JOURNAL_DELTA = len(schema.TABLES)  # header field index of the journal's delta
 WAL_FRAME = struct.Struct("<II")
 MAX_WAL_RECORD = 16 << 20
 BACKPRESSURE_SLEEP_S = 0.0005
-SCAN_BLOCK = 1 << 14
 HOLE_TIMEOUT_S = 5.0  # an issued slot unwritten this long is given up (a logging thread never came back)
 
 
@@ -86,7 +85,7 @@ class Ring:
     """One table's ring in the shared mapping: the hot path writes slots, the flusher drains."""
 
     __slots__ = ("mm", "base", "mask", "capacity", "limit", "drained", "next_slot", "abandoned", "unstorable",
-                 "given_up", "waits", "_delta_at", "_view", "_hole")
+                 "given_up", "waits", "on_full", "_delta_at", "_view", "_hole")
 
     def __init__(self, mm: mmap.mmap, base: int, capacity: int, delta_at: int) -> None:
         self.mm = mm
@@ -100,6 +99,7 @@ class Ring:
         self.unstorable = 0  # rows refused by the packer (values the API never lets through)
         self.given_up = 0  # slots skipped after HOLE_TIMEOUT_S unwritten
         self.waits = 0  # logging calls that found the ring full and waited for the flusher
+        self.on_full: Callable[[], None] | None = None  # wakes the flusher (set by the writer)
         self._hole: tuple[int, float] = (-1, 0.0)  # (slot, since) of an unwritten slot blocking the drain
         self._delta_at = delta_at
         self._view = np.frombuffer(mm, dtype=RING_DTYPE, count=capacity, offset=base)
@@ -126,6 +126,8 @@ class Ring:
         """Back-pressure: the ring is full (the flusher is ``capacity`` rows behind); wait until
         it drained enough for ``slot`` (never overwrite a row that is not in HDF5 yet)."""
         self.waits += 1
+        if self.on_full is not None:  # the flusher may be asleep until its next poll
+            self.on_full()
         while slot >= self.limit:
             time.sleep(BACKPRESSURE_SLEEP_S)
 
@@ -134,21 +136,17 @@ class Ring:
         slot = self.drained + at_least - 1
         return int(self._view["seq"][slot & self.mask]) == slot + 1
 
-    def pending(self) -> np.ndarray:
-        """The committed rows from ``drained`` on, up to the first slot not yet written, as
-        ``schema.ROW_DTYPE``; left in the ring until ``release``."""
-        start, seqs, parts = self.drained, self._view["seq"], []
-        while sum(map(len, parts)) < self.capacity:
-            first = start + sum(map(len, parts))
-            n = min(SCAN_BLOCK, start + self.capacity - first)
-            slots = np.arange(first, first + n, dtype=np.uint64)
-            pos = (slots & np.uint64(self.mask)).astype(np.intp)
-            bad = np.flatnonzero(seqs[pos] != slots + np.uint64(1))
-            parts.append(pos[:bad[0]] if len(bad) else pos)
-            if len(bad):
-                break
-        pos = np.concatenate(parts) if parts else np.empty(0, np.intp)
-        return as_rows(self._view[pos])
+    def pending(self, max_rows: int) -> np.ndarray:
+        """The committed rows from ``drained`` on, as ``schema.ROW_DTYPE``: at most ``max_rows``,
+        up to the first slot not yet written and to the ring's end (the next call goes on
+        after the wrap). One contiguous slice, no gather: the flusher holds the GIL for a
+        bounded time per piece. The rows stay in the ring until ``release``."""
+        start = self.drained
+        at = start & self.mask
+        n = min(max_rows, self.capacity - at)
+        expected = np.arange(start + 1, start + 1 + n, dtype=np.uint64)
+        torn = np.flatnonzero(self._view["seq"][at:at + n] != expected)
+        return as_rows(self._view[at:at + (int(torn[0]) if len(torn) else n)])
 
     def issued(self) -> int:
         """Slots handed out so far (the counter's value, read without advancing it)."""

@@ -8,10 +8,12 @@ ring that is full (the flusher ``ring.CAPACITY`` rows behind) makes the logging 
 the flusher (back-pressure, never an overwrite). Journal records also go to the shard's WAL
 (one ``os.write``) before they are buffered.
 
-A flush is all or nothing. When a write fails (disk full, quota), the tables and the journal
-are cut back to their last flushed length (a longer extent would read back as rows of zeros),
-the journal lines are queued again, and the rows are dropped and counted: the ``end`` record
-says how many, and a ``warning`` record when it happened.
+A flush goes in pieces of at most ``FLUSH_PIECE_ROWS`` rows per table, each all or nothing,
+with a short sleep after each millisecond of them (the GIL goes to the logging threads). When a
+write fails (disk full, quota), the tables and the journal are cut back to their last flushed
+length (a longer extent would read back as rows of zeros), the journal lines are queued again,
+and the piece's rows are dropped and counted: the ``end`` record says how many, and a
+``warning`` record when it happened.
 """
 
 from __future__ import annotations
@@ -36,8 +38,18 @@ from .ring import CrashLog, Ring
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BUFFER_ROWS = 16384
-BUFFER_POLL_S = 0.05
+DEFAULT_MAX_BUFFER_ROWS = 8192
+BUFFER_POLL_S = 0.02
+# A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece, and after GIL_SLICE_S of
+# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. Unbroken, a
+# flush of 50k rows held the GIL for a whole switch interval (5 ms) and more, and a logging call
+# waited as long. A piece runs without letting the GIL go (~2 ms at 16,384 rows under load), but
+# smaller pieces drain too slowly: after each sleep the flusher waits a switch interval for the
+# GIL, and the ring filled (calls that waited for it per 10⁶ points: ~200 with 4,096 rows, 71-110
+# with 8,192, 0-27 with 16,384; bench_log_metric.py).
+FLUSH_PIECE_ROWS = 16384
+GIL_SLICE_S = 0.001
+GIL_YIELD_S = 0.0002
 MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
 MAX_REQUEUE_BYTES = 4 << 20  # journal bytes kept for the next flush while flushing fails
 CLOSE_WAIT_S = 10.0  # close waits this long for the flusher thread, then for a flush in progress
@@ -100,8 +112,9 @@ class SeriesTable:
             self.series_rows = np.r_[self.series_rows, np.zeros(len(counts) - len(self.series_rows), np.int64)]
         self.series_rows[:len(counts)] += counts
 
-    def take(self) -> np.ndarray:
-        """The rows waiting in the ring, as a structured array; they stay there until released.
+    def take(self, max_rows: int) -> np.ndarray:
+        """At most ``max_rows`` rows waiting in the ring, as a structured array (see
+        ``Ring.pending``); they stay there until released.
         Rows the ring refused since the last call (the API lets none through) are counted and
         reported, once per flush."""
         refused, self.ring.unstorable = self.ring.unstorable, 0
@@ -113,7 +126,7 @@ class SeriesTable:
                        "range); dropped and counted in the end record's lost_rows")
             log.warning("prov4ml_dist: %s", message)
             self._journal({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
-        return self.ring.pending()
+        return self.ring.pending(max_rows)
 
     def lost(self, rows: np.ndarray) -> None:
         """Free the slots of rows a failed flush dropped (counted by the writer)."""
@@ -135,6 +148,7 @@ class ShardWriter:
         self._journal_buf: list[bytes] = []
         self._flush_lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by close and by a logging call that found a ring full
         self._owner_pid = os.getpid()
         self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
         self._file = self._create(attrs)
@@ -154,6 +168,8 @@ class ShardWriter:
         self._journal_drained = 0  # WAL records in the HDF5 journal or counted lost
         self._journal_lines = 0  # lines in the HDF5 journal
         self.tables = {name: SeriesTable(name, self.record, self.crash.rings[name]) for name in schema.TABLES}
+        for ring in self.crash.rings.values():
+            ring.on_full = self._wake.set
         self.metrics = self.tables["metrics"]
         self.system = self.tables["system"]
         self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
@@ -249,15 +265,23 @@ class ShardWriter:
         self._journal_buf = []
 
     def _run(self) -> None:
-        """Flush every ``flush_interval``, or as soon as a buffer holds ``max_buffer_rows``.
-        Flushes start ``flush_interval`` apart (not after the previous one ended), so a point
-        waits at most ``flush_interval`` plus one flush's time for the file."""
+        """Flush every ``flush_interval``, as soon as a buffer holds ``max_buffer_rows`` (and
+        again at once, after a GIL yield, while it still does), and at once when a logging call
+        found a ring full (it waits for this flush). Flushes start ``flush_interval`` apart (not
+        after the previous one ended), so a point waits at most ``flush_interval`` plus one
+        flush's time for the file."""
         due = time.monotonic() + self.flush_interval
-        while not self._stop.wait(max(0.0, min(BUFFER_POLL_S, due - time.monotonic()))):
+        woken = False
+        while not self._stop.is_set():
             now = time.monotonic()
-            if now >= due or any(t.pending(self._max_rows) for t in self.tables.values()):
+            if woken or now >= due or any(t.pending(self._max_rows) for t in self.tables.values()):
                 due = now + self.flush_interval
                 self.flush()
+                time.sleep(GIL_YIELD_S)
+            else:
+                self._wake.wait(max(0.0, min(BUFFER_POLL_S, due - now)))
+            woken = self._wake.is_set()
+            self._wake.clear()
 
     def flush(self) -> None:
         """Write everything buffered. A failure (disk full, ...) is recorded, not raised."""
@@ -269,26 +293,40 @@ class ShardWriter:
                 return
             if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
                 self._abandon(keep_rows=True)
-            try:
-                while self._flush_locked():  # a slot was skipped: the rows behind it are due too
-                    pass
-            except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
-                self._abandon(keep_rows=False)
-                self._failed(exc)
-            except BaseException:  # KeyboardInterrupt mid-flush: nothing is lost, the exit path flushes
-                self._abandon(keep_rows=True)
-                raise
+            due = {name: table.ring.issued() for name, table in self.tables.items()}
+            slice_end = time.perf_counter() + GIL_SLICE_S
+            failure: Exception | None = None
+            while True:  # piece by piece, up to the slots issued when this flush began
+                try:
+                    more = self._flush_locked(due)
+                except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
+                    self._abandon(keep_rows=False)
+                    failure = failure or exc
+                    # The next pieces are tried too: a flush takes (or drops and counts) every
+                    # row due, so that nothing is left for a later flush to drop after the end record.
+                    more = any(t.ring.drained < due[n] and t.pending() for n, t in self.tables.items())
+                except BaseException:  # KeyboardInterrupt mid-flush: nothing is lost, the exit path flushes
+                    self._abandon(keep_rows=True)
+                    raise
+                if not more:
+                    break
+                if time.perf_counter() >= slice_end:
+                    time.sleep(GIL_YIELD_S)
+                    slice_end = time.perf_counter() + GIL_SLICE_S
+            if failure is not None:
+                self._failed(failure)
         if self._deferred:
             self._run_deferred()
 
-    def _flush_locked(self) -> bool:
-        """One batch: the journal, then each table's committed rows; says whether an unwritten
-        slot was skipped afterwards (more rows may be due)."""
+    def _flush_locked(self, due: dict[str, int]) -> bool:
+        """One piece: the journal, then up to ``FLUSH_PIECE_ROWS`` committed rows of each table;
+        says whether more is due: rows before a table's ``due`` slot left for the next piece,
+        or an unwritten slot skipped (the rows behind it)."""
         # Journal first: series records must land before the rows that use their ids.
         with self._journal_lock:
             lines, self._journal_buf = self._journal_buf, []
             self._inflight = (lines, {})
-        rows = {name: table.take() for name, table in self.tables.items()}
+        rows = {name: table.take(FLUSH_PIECE_ROWS) for name, table in self.tables.items()}
         self._inflight = (lines, rows)
         self._set_deltas()
         data = {schema.JOURNAL: np.frombuffer(b"".join(lines), dtype="u1"), **rows}
@@ -308,12 +346,14 @@ class ShardWriter:
             self._failing = False
             self._note(f"flushing {self.path} works again after {self.failure_count} failed flushes; "
                        f"rows lost: {self.lost_rows}")
-        return sum(table.ring.skip_hole(self._flushed[name], now) for name, table in self.tables.items()) > 0
+        skipped = sum(table.ring.skip_hole(self._flushed[name], now) for name, table in self.tables.items())
+        return skipped > 0 or any(len(rows[name]) > 0 and self.tables[name].ring.drained < due[name] for name in rows)
 
     def _append(self, name: str, values: np.ndarray) -> None:
         """Write ``values`` after the last flushed row (over whatever a failed flush left).
         ``Dataset.flush`` writes the cached chunks now: left to the dataset's destructor, a
         failed write (disk full) would only be printed as an ignored exception."""
+        # Looked up per piece, not kept open: an open dataset keeps its HDF5 chunk cache (RSS +8 MB).
         dataset, start = self._file[name], self._flushed[name]
         dataset.resize((start + len(values),))
         dataset[start:] = values
@@ -378,6 +418,7 @@ class ShardWriter:
         if self._file is None or self._owner_pid != os.getpid():
             return
         self._stop.set()
+        self._wake.set()
         if self._thread is not threading.current_thread() and not self._flush_lock._is_owned():
             self._thread.join(CLOSE_WAIT_S)
         if not self._flush_lock.acquire(timeout=CLOSE_WAIT_S):

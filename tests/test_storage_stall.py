@@ -1,0 +1,40 @@
+"""No stall (issue 14): a logging call that finds the crash ring full waits for one flush, not
+for the flusher's next poll; the rows of a burst larger than the ring and than a flush piece
+(``writer.FLUSH_PIECE_ROWS``) all reach the shard, in order, once. Speed itself is measured in
+benchmarks/bench_log_metric.py."""
+
+from __future__ import annotations
+
+import threading
+
+from prov4ml_dist.shard import ShardReader, ShardWriter, ring, writer
+
+ATTRS = {"run_id": "r", "rank": 0, "attempt": 0}
+
+
+def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
+    """The flusher polls every minute here and no buffer threshold is ever reached: only a
+    logging call that found the ring full can start a flush. A burst of twice the ring's
+    capacity finishes within seconds, and every row lands once, in order."""
+    monkeypatch.setattr(writer, "BUFFER_POLL_S", 60.0)
+    capacity = ring.CAPACITY["metrics"]
+    path = tmp_path / "s.h5"
+    w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=4 * capacity)
+    sid = w.metrics.register("x", "c", "")
+    rows = 2 * capacity + 100
+
+    def burst() -> None:
+        for step in range(rows):
+            w.metrics.append(sid, step, float(step), 1.0)
+
+    logger = threading.Thread(target=burst, daemon=True)
+    logger.start()
+    logger.join(30)
+    stuck = logger.is_alive()
+    w.close()
+    assert not stuck, "a logging call waited for the flusher's next poll"
+    with ShardReader(path) as reader:
+        steps = reader.read_table("metrics")["step"]
+        end = reader.end_record()
+    assert steps.tolist() == list(range(rows))
+    assert end["ring_waits"]["metrics"] >= 1 and end["lost_rows"]["metrics"] == 0
