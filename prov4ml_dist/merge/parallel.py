@@ -1,0 +1,237 @@
+"""A merge spread over processes (``merge_run(jobs=N)``, ``prov4ml-dist merge --jobs N``).
+
+h5py serialises every HDF5 call of a process, so threads cannot share a merge's work; processes
+can. Each worker takes a contiguous range of the shard files and keeps, between the stages, the
+shards it read (rows included, while they fit its share of the scan's budget), so a shard is
+still opened once:
+
+1. scan: each worker reads its shards' journals and row counts; the parent chooses the run's
+   shards and lays out every series (``build_index``), as a single-process merge does;
+2. copy: each worker writes its shards' rows into the staged raw files (``rowstage.py``) at
+   the rows the layout gave them (disjoint ranges, so no locking) and returns their summaries;
+3. cross-rank: the groups are split into ranges of about equal rows; each worker computes its
+   range's statistics and straggler report with the same ``CrossRank`` code; a group's
+   statistics do not depend on the range it is in, so the parent only concatenates them.
+
+The parent writes every table of merged.h5 itself, so the file is the same as with one process
+(``tests/test_merge_parallel.py`` compares them). A worker that fails or dies fails the merge
+with a ``MergeError``, never a hang: the parent notices a closed pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from numpy.lib import recfunctions
+
+from ..errors import MergeError
+from . import layout
+from .crossrank import CrossRank
+from .rowstage import RowStage, open_rows
+from .scan import ROW_CACHE_BYTES, RowBudget, RowCountMismatch, ShardInfo, read_shards
+from .series import SeriesIndex, TablePlan, copy_shard, table_plan
+from .store import Appender, ArraySink
+
+Tick = Callable[[int], None]
+JOIN_SECONDS = 10.0
+# What a cross-rank worker needs of the series (the strings stay in the parent).
+CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "runs"]
+
+
+class MergeWorkers:
+    """``jobs`` worker processes, started at once (their imports overlap the parent's work).
+
+    Each is a fresh interpreter running ``python -c 'serve(fd)'`` on one end of a socket pair:
+    not ``multiprocessing``'s spawn, which imports the caller's main script again (a training
+    script without a ``__main__`` guard would start training in every worker), nor fork, as the
+    parent has threads."""
+
+    def __init__(self, jobs: int) -> None:
+        self._conns: list[Connection] = []
+        self._procs: list[subprocess.Popen] = []
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])  # this copy of prov4ml_dist, not another
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            for _ in range(jobs):
+                mine, theirs = socket.socketpair()
+                code = f"from prov4ml_dist.merge.parallel import serve; serve({theirs.fileno()})"
+                self._procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+                                                    env=env, stdin=subprocess.DEVNULL))
+                theirs.close()
+                self._conns.append(Connection(mine.detach()))
+        except OSError as exc:
+            self.close()
+            raise MergeError(f"cannot start merge workers: {exc}") from None
+        self._owner: dict[Path, int] = {}
+
+    def __enter__(self) -> MergeWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(("stop",))
+        for proc in self._procs:
+            try:
+                proc.wait(JOIN_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for conn in self._conns:
+            conn.close()
+
+    def scan(self, paths: Sequence[Path], problems: list[str], tick: Tick) -> list[ShardInfo]:
+        """``read_shards`` of ``paths``, each worker a contiguous range of them (path order)."""
+        ordered = sorted(Path(p) for p in paths)
+        parts = np.array_split(np.arange(len(ordered)), len(self._conns))
+        budget = ROW_CACHE_BYTES // len(self._conns)
+        answers = self._ask([("scan", [ordered[i] for i in part], budget) for part in parts], tick)
+        found: list[ShardInfo] = []
+        for n, (infos, worker_problems) in enumerate(answers):
+            found += infos
+            problems += worker_problems
+            self._owner.update((info.path, n) for info in infos)
+        return found
+
+    def copy(self, shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, tick: Tick) -> None:
+        """Every row of every shard, by the worker that read it; the summaries come back."""
+        files = {index.table: (stage.paths[index.table], stage.sizes[index.table]) for index in indexes}
+        work: list[list[tuple[Path, dict[str, Any], dict[str, TablePlan]]]] = [[] for _ in self._conns]
+        for n, shard in enumerate(shards):
+            # The parent's counts are the truth (a recount may have replaced the worker's).
+            tables = {index.table: table_plan(index, shard, n) for index in indexes}
+            work[self._owner[shard.path]].append((shard.path, shard.tables, tables))
+        answers = self._ask([("copy", items, files) for items in work], tick)
+        last_times = {path: when for answer in answers for path, when, _ in answer}
+        filled = {path: tables for answer in answers for path, _, tables in answer}
+        for shard in shards:
+            shard.last_time = last_times[shard.path]
+            for index in indexes:
+                plan = filled[shard.path][index.table]
+                index.series[plan.ids] = plan.series
+
+    def crossrank(self, group: h5py.Group, index: SeriesIndex, stage: RowStage) -> None:
+        """``CrossRank`` of one table, its groups split into ranges of about equal rows."""
+        groups = index.groups
+        bounds = _ranges(groups["row_stop"], len(self._conns))
+        light = replace(index, series=recfunctions.repack_fields(index.series[CROSSRANK_SERIES_FIELDS]),
+                        global_ids=[])
+        files = (stage.paths[index.table], stage.sizes[index.table])
+        answers = self._ask([("crossrank", light, files, a, b) for a, b in bounds], lambda n: None)
+        stats = Appender(group, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
+        slowest = Appender(group, layout.SLOWEST, layout.SLOWEST_DTYPE)
+        for (a, b), (rows, slow, report) in zip(bounds, answers, strict=True):
+            report["stat_start"] += stats.size
+            report["stat_stop"] += stats.size
+            groups[a:b] = report
+            stats.extend(rows)
+            slowest.extend(slow)
+        stats.flush()
+        slowest.flush()
+
+    def _ask(self, messages: list[tuple], tick: Tick) -> list[Any]:
+        """Send each worker its message; gather the answers, passing on progress ticks."""
+        for conn, message in zip(self._conns, messages, strict=True):
+            conn.send(message)
+        answers: dict[int, Any] = {}
+        ticks = [0] * len(self._conns)
+        pending = {conn: n for n, conn in enumerate(self._conns)}
+        failure: BaseException | None = None
+        while pending:
+            for conn in wait(list(pending)):
+                n = pending[conn]
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    code = self._procs[n].wait()
+                    raise MergeError(f"merge worker {n} died (exit status {code})") from None
+                if kind == "tick":
+                    ticks[n] = payload
+                    tick(sum(ticks))
+                    continue
+                del pending[conn]
+                if kind == "done":
+                    answers[n] = payload
+                elif failure is None:  # the first failure, once every worker has answered
+                    failure = payload
+        if failure is not None:
+            raise failure
+        return [answers[n] for n in range(len(self._conns))]
+
+
+def _ranges(row_stop: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges of groups with about equal rows (some may be empty)."""
+    total = int(row_stop[-1]) if len(row_stop) else 0
+    cuts = [0] + [int(np.searchsorted(row_stop, total * k / parts, side="left")) for k in range(1, parts)]
+    cuts.append(len(row_stop))
+    cuts = np.maximum.accumulate(cuts).tolist()
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def serve(fd: int) -> None:
+    """A worker's loop on its socket: the parent's requests, one at a time, until ``stop``."""
+    conn = Connection(fd)
+    kept: dict[Path, ShardInfo] = {}
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if request[0] == "stop":
+            return
+        try:
+            answer = _handle(request, kept, lambda n: conn.send(("tick", n)))
+        except (MergeError, RowCountMismatch) as exc:
+            conn.send(("error", exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - anything else: the parent reports it, with where it came from
+            conn.send(("error", MergeError(f"merge worker failed: {type(exc).__name__}: {exc}\n"
+                                           + "".join(traceback.format_exc(limit=-3)))))
+            continue
+        conn.send(("done", answer))
+
+
+def _handle(request: tuple, kept: dict[Path, ShardInfo], tick: Tick) -> Any:
+    kind = request[0]
+    if kind == "scan":
+        _, paths, budget = request
+        problems: list[str] = []
+        infos = read_shards(paths, problems, RowBudget(budget), tick)
+        kept.update((info.path, info) for info in infos)
+        return [replace(info, rows=None) for info in infos], problems
+    if kind == "copy":
+        _, items, files = request
+        rows = {table: open_rows(path, size, writable=True) for table, (path, size) in files.items()}
+        done = []
+        for n, (path, tables, plans) in enumerate(items):
+            tick(n)
+            shard = kept[path]
+            shard.tables = tables
+            copy_shard(shard, plans, rows)
+            done.append((path, shard.last_time, plans))
+        for view in rows.values():
+            if isinstance(view, np.memmap):
+                view.flush()
+        return done
+    if kind == "crossrank":
+        _, index, (path, size), first, stop = request
+        stats, slowest = ArraySink(layout.CROSSRANK_DTYPE), ArraySink(layout.SLOWEST_DTYPE)
+        CrossRank(index, open_rows(path, size), stats, slowest).run(first, stop)
+        return stats.array(), slowest.array(), index.groups[first:stop]
+    raise MergeError(f"unknown merge worker request {kind!r}")
