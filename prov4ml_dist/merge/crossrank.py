@@ -206,6 +206,7 @@ class CrossRank:
         self.slowest = slowest
         self.group_of = index.series["group"]
         self.tallies: dict[int, _Tally] = {}
+        self._frontier = 0  # where the crossrank rows of the last group finished end
 
     @classmethod
     def into(cls, parent: h5py.Group, index: SeriesIndex, rows: np.ndarray) -> CrossRank:
@@ -221,6 +222,7 @@ class CrossRank:
         # One rank: nothing to compare, its series is its statistics.
         compared = groups["series_stop"] - groups["series_start"] >= 2
         lockstep_next = self._lockstep_candidates(compared)
+        self._frontier = self.stats.size
         g = first
         while g < stop:
             if not compared[g]:
@@ -319,7 +321,10 @@ class CrossRank:
 
     def _finish(self, g: int, tally: _Tally) -> None:
         row = self.index.groups[g:g + 1]
-        start = tally.start if tally.steps else self.stats.size
+        # A group without steps gets the empty range where its rows would be, after the previous
+        # group's: the same however the groups were batched (or split between processes).
+        start = tally.start if tally.steps else self._frontier
+        self._frontier = start + tally.steps
         row["stat_start"], row["stat_stop"] = start, start + tally.steps
         row["multi_rank_steps"] = tally.multi
         row["skew_mean"] = min(tally.skew_sum / tally.timed * UNSCALE, tally.skew_max) if tally.timed else math.nan

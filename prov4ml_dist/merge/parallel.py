@@ -147,8 +147,11 @@ class MergeWorkers:
 
     def _ask(self, messages: list[tuple], tick: Tick) -> list[Any]:
         """Send each worker its message; gather the answers, passing on progress ticks."""
-        for conn, message in zip(self._conns, messages, strict=True):
-            conn.send(message)
+        for n, (conn, message) in enumerate(zip(self._conns, messages, strict=True)):
+            try:
+                conn.send(message)
+            except OSError:
+                raise MergeError(f"merge worker {n} died (exit status {self._procs[n].wait()})") from None
         answers: dict[int, Any] = {}
         ticks = [0] * len(self._conns)
         pending = {conn: n for n, conn in enumerate(self._conns)}
