@@ -21,7 +21,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from ..errors import MergeError
 from ..paths import atomic_target, remove_stale_temporaries
@@ -32,12 +31,13 @@ from .crossrank import CrossRank
 from .journal import Journal, dumps, hostname, node_rank, rank_number
 from .load import load_merged
 from .parallel import MergeWorkers
-from .rowstage import RowStage, row_stage
+from .rowstage import RowStage
 from .scan import (
     RowBudget,
     RowCountMismatch,
     ShardHasher,
     ShardInfo,
+    close_kept,
     default_shards,
     read_shards,
     recount,
@@ -100,6 +100,7 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
             found = workers.scan(paths, problems, lambda n: report("scan", n, len(paths)))
         else:
             found = read_shards(paths, problems, RowBudget(), lambda n: report("scan", n, len(paths)))
+        stack.callback(close_kept, found)
         shards = select_shards(found, problems, run_dir.name)
         report("scan", len(paths), len(paths))
         if not shards:
@@ -167,7 +168,8 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
     journal.write(out)
 
     # The rows, staged uncompressed until complete (rowstage.py), then compressed into merged.h5.
-    with row_stage(run_dir) as rows, compress.staging(run_dir) as stage:
+    with compress.staging(run_dir) as stage:
+        rows = RowStage(stage)
         indexes = _copy_all(rows, shards, problems, report, workers)
         for done, index in enumerate(indexes):
             report("crossrank", done, len(indexes))
@@ -178,7 +180,7 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
                 CrossRank.into(group, index, rows.rows(index.table)).run()
             write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
             write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-            compress.write_compressed(group, layout.ROWS, rows.dataset(stage, index.table))
+            compress.write_compressed(group, layout.ROWS, rows.dataset(index.table))
         report("crossrank", len(indexes), len(indexes))
 
 
@@ -215,16 +217,17 @@ def _copy_all(stage: RowStage, shards: list[ShardInfo], problems: list[str], rep
 
 def _copy(shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, report: Progress) -> None:
     """Every row of every shard, in this process."""
-    rows = {index.table: stage.rows(index.table, writable=True) for index in indexes}
-    for n, shard in enumerate(shards):
-        report("copy", n, len(shards))
-        tables = {index.table: table_plan(index, shard, n) for index in indexes}
-        copy_shard(shard, tables, rows)
-        for index in indexes:
-            index.series[tables[index.table].ids] = tables[index.table].series
-    for view in rows.values():
-        if isinstance(view, np.memmap):
-            view.flush()
+    writers = {index.table: stage.writer(index.table) for index in indexes}
+    try:
+        for n, shard in enumerate(shards):
+            report("copy", n, len(shards))
+            tables = {index.table: table_plan(index, shard, n) for index in indexes}
+            copy_shard(shard, tables, writers)
+            for index in indexes:
+                index.series[tables[index.table].ids] = tables[index.table].series
+    finally:
+        for writer in writers.values():
+            writer.close()
 
 
 def _shard_problems(shard: ShardInfo) -> list[str]:

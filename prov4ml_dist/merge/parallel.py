@@ -7,7 +7,7 @@ still opened once:
 
 1. scan: each worker reads its shards' journals and row counts; the parent chooses the run's
    shards and lays out every series (``build_index``), as a single-process merge does;
-2. copy: each worker writes its shards' rows into the staged raw files (``rowstage.py``) at
+2. copy: each worker writes its shards' rows into the staging file (``rowstage.py``) at
    the rows the layout gave them (disjoint ranges, so no locking) and returns their summaries;
 3. cross-rank: the groups are split into ranges of about equal rows; each worker computes its
    range's statistics and straggler report with the same ``CrossRank`` code; a group's
@@ -39,7 +39,7 @@ from numpy.lib import recfunctions
 from ..errors import MergeError
 from . import layout
 from .crossrank import CrossRank
-from .rowstage import RowStage, open_rows
+from .rowstage import RowStage, RowWriter, open_rows
 from .scan import ROW_CACHE_BYTES, RowBudget, RowCountMismatch, ShardInfo, read_shards
 from .series import SeriesIndex, TablePlan, copy_shard, table_plan
 from .store import Appender, ArraySink
@@ -111,7 +111,7 @@ class MergeWorkers:
 
     def copy(self, shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, tick: Tick) -> None:
         """Every row of every shard, by the worker that read it; the summaries come back."""
-        files = {index.table: (stage.paths[index.table], stage.sizes[index.table]) for index in indexes}
+        files = {index.table: stage.where[index.table] for index in indexes}
         work: list[list[tuple[Path, dict[str, Any], dict[str, TablePlan]]]] = [[] for _ in self._conns]
         for n, shard in enumerate(shards):
             # The parent's counts are the truth (a recount may have replaced the worker's).
@@ -132,7 +132,7 @@ class MergeWorkers:
         bounds = _ranges(groups["row_stop"], len(self._conns))
         light = replace(index, series=recfunctions.repack_fields(index.series[CROSSRANK_SERIES_FIELDS]),
                         global_ids=[])
-        files = (stage.paths[index.table], stage.sizes[index.table])
+        files = stage.where[index.table]
         answers = self._ask([("crossrank", light, files, a, b) for a, b in bounds], lambda n: None)
         stats = Appender(group, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
         slowest = Appender(group, layout.SLOWEST, layout.SLOWEST_DTYPE)
@@ -217,24 +217,25 @@ def _handle(request: tuple, kept: dict[Path, ShardInfo], tick: Tick) -> Any:
         problems: list[str] = []
         infos = read_shards(paths, problems, RowBudget(budget), tick)
         kept.update((info.path, info) for info in infos)
-        return [replace(info, rows=None) for info in infos], problems
+        return [replace(info, rows=None, reader=None) for info in infos], problems
     if kind == "copy":
         _, items, files = request
-        rows = {table: open_rows(path, size, writable=True) for table, (path, size) in files.items()}
+        writers = {table: RowWriter(where) for table, where in files.items()}
         done = []
-        for n, (path, tables, plans) in enumerate(items):
-            tick(n)
-            shard = kept[path]
-            shard.tables = tables
-            copy_shard(shard, plans, rows)
-            done.append((path, shard.last_time, plans))
-        for view in rows.values():
-            if isinstance(view, np.memmap):
-                view.flush()
+        try:
+            for n, (path, tables, plans) in enumerate(items):
+                tick(n)
+                shard = kept[path]
+                shard.tables = tables
+                copy_shard(shard, plans, writers)
+                done.append((path, shard.last_time, plans))
+        finally:
+            for writer in writers.values():
+                writer.close()
         return done
     if kind == "crossrank":
-        _, index, (path, size), first, stop = request
+        _, index, where, first, stop = request
         stats, slowest = ArraySink(layout.CROSSRANK_DTYPE), ArraySink(layout.SLOWEST_DTYPE)
-        CrossRank(index, open_rows(path, size), stats, slowest).run(first, stop)
+        CrossRank(index, open_rows(where), stats, slowest).run(first, stop)
         return stats.array(), slowest.array(), index.groups[first:stop]
     raise MergeError(f"unknown merge worker request {kind!r}")

@@ -1,75 +1,106 @@
-"""The merged rows of each table, staged uncompressed in a raw file before they are compressed
-into ``merged.h5``.
+"""The merged rows of each table, staged uncompressed before they are compressed into
+``merged.h5`` (``compress.staging``'s temporary HDF5 file).
 
-A raw file of ``ROW_DTYPE`` records, memory-mapped: the copy writes each chunk's rows with one
-scattered numpy assignment (an HDF5 union selection cost more than the copy itself), and the
-processes of a parallel merge (``parallel.py``) write their shards' series ranges into the same
-file at once, which HDF5 cannot do. The cross-rank pass reads the map; compression reads it as
-an HDF5 dataset whose storage is this file (``external``), so ``compress.py`` sees plain h5py.
-The files are temporaries (``paths.temporary_path``): a crashed merge's are removed by the next.
+Each table's rows are a contiguous dataset whose space is allocated when it is created, at a
+known offset in the file, and never filled: so its bytes can be written without HDF5. The copy
+writes each chunk's series with ``pwrite`` (one call per series; an HDF5 union selection cost
+more than the copy) or, for many short series, one scattered assignment to a memory map; and
+the processes of a parallel merge (``parallel.py``) write their shards' series ranges into the
+same file at once, which HDF5 itself cannot do. The cross-rank pass reads a memory map of the
+rows (no HDF5 call per block); compression reads the dataset with plain h5py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..paths import temporary_path
 from . import layout
 
-RAW_SUFFIX = "raw"
+LONG_PIECE_ROWS = 256  # pieces at least this long on average are written with pwrite
+
+
+@dataclass(frozen=True)
+class RowsAt:
+    """Where a table's staged rows are: file, byte offset, rows (picklable, for workers)."""
+
+    path: Path
+    offset: int
+    rows: int
 
 
 class RowStage:
-    """One raw file per table, sized to its rows; ``close`` removes them."""
+    """The staged rows of each table in ``stage`` (the open staging file)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.paths: dict[str, Path] = {}
-        self.sizes: dict[str, int] = {}
+    def __init__(self, stage: h5py.File) -> None:
+        self.stage = stage
+        self.where: dict[str, RowsAt] = {}
 
     def create(self, table: str, rows: int) -> None:
-        """A new (sparse) file of ``rows`` rows for ``table``, replacing one made before."""
-        path = self.paths.get(table) or temporary_path(self.run_dir / f"merged-{table}.{RAW_SUFFIX}")
-        with open(path, "wb") as f:
-            f.truncate(rows * layout.ROW_DTYPE.itemsize)
-        self.paths[table], self.sizes[table] = path, rows
+        """Room for ``rows`` rows of ``table`` (a second call replaces the first: a recount)."""
+        if table in self.stage:
+            del self.stage[table]
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # the offset is known at once
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # no writing zeros the copy overwrites
+        space = h5py.h5s.create_simple((rows,))
+        dtype = h5py.h5t.py_create(layout.ROW_DTYPE, logical=True)
+        dataset = h5py.h5d.create(self.stage.id, table.encode(), dtype, space, dcpl=dcpl)
+        offset = dataset.get_offset() if rows else 0
+        if offset is None:
+            raise OSError(f"no space allocated for the staged rows of {table!r}")
+        self.stage.flush()
+        self.where[table] = RowsAt(Path(self.stage.filename), int(offset), rows)
 
-    def rows(self, table: str, writable: bool = False) -> np.ndarray:
-        """The table's rows as a memory map (an empty array for an empty table)."""
-        return open_rows(self.paths[table], self.sizes[table], writable)
+    def rows(self, table: str) -> np.ndarray:
+        """The table's rows as a read-only memory map (an empty array for an empty table)."""
+        return open_rows(self.where[table])
 
-    def dataset(self, stage: h5py.File, table: str) -> h5py.Dataset:
-        """The table's rows as an HDF5 dataset of ``stage`` stored in the raw file."""
-        n = self.sizes[table]
-        if n == 0:
-            return stage.create_dataset(table, shape=(0,), dtype=layout.ROW_DTYPE)
-        return stage.create_dataset(table, shape=(n,), dtype=layout.ROW_DTYPE,
-                                    external=[(os.fspath(self.paths[table]), 0, n * layout.ROW_DTYPE.itemsize)])
+    def writer(self, table: str) -> RowWriter:
+        return RowWriter(self.where[table])
+
+    def dataset(self, table: str) -> h5py.Dataset:
+        """The table's rows as an HDF5 dataset (once every row is written)."""
+        return self.stage[table]
+
+
+class RowWriter:
+    """Writes rows of one staged table at given rows."""
+
+    def __init__(self, where: RowsAt) -> None:
+        self.where = where
+        self._fd = os.open(where.path, os.O_RDWR)
+        self._map: np.ndarray | None = None
+
+    def scatter(self, data: np.ndarray, sources: np.ndarray, dests: np.ndarray, lengths: np.ndarray) -> None:
+        """``data[sources[i]:sources[i] + lengths[i]]`` to rows ``dests[i]`` on, for every i."""
+        if not len(lengths):
+            return
+        if len(data) >= LONG_PIECE_ROWS * len(lengths):
+            size = layout.ROW_DTYPE.itemsize
+            for source, dest, n in zip(sources.tolist(), dests.tolist(), lengths.tolist(), strict=True):
+                piece = data[source:source + n]
+                if os.pwrite(self._fd, piece.data, self.where.offset + dest * size) != piece.nbytes:
+                    raise OSError(f"short write to {self.where.path}")
+            return
+        if self._map is None:
+            self._map = open_rows(self.where, writable=True)
+        self._map[np.repeat(dests - sources, lengths) + np.arange(len(data))] = data
 
     def close(self) -> None:
-        for path in self.paths.values():
-            with contextlib.suppress(OSError):
-                path.unlink()
-        self.paths.clear()
+        if isinstance(self._map, np.memmap):
+            self._map.flush()
+        os.close(self._fd)
 
 
-def open_rows(path: Path, rows: int, writable: bool = False) -> np.ndarray:
-    """A memory map of ``rows`` rows of a raw file (an empty array when there are none)."""
-    if rows == 0:
+def open_rows(where: RowsAt, writable: bool = False) -> np.ndarray:
+    """A memory map of a staged table's rows (an empty array when there are none)."""
+    if where.rows == 0:
         return np.empty(0, dtype=layout.ROW_DTYPE)
-    return np.memmap(path, dtype=layout.ROW_DTYPE, mode="r+" if writable else "r", shape=(rows,))
-
-
-@contextlib.contextmanager
-def row_stage(run_dir: Path) -> Iterator[RowStage]:
-    stage = RowStage(run_dir)
-    try:
-        yield stage
-    finally:
-        stage.close()
+    return np.memmap(where.path, dtype=layout.ROW_DTYPE, mode="r+" if writable else "r", offset=where.offset,
+                     shape=(where.rows,))

@@ -25,10 +25,13 @@ from ..shard import ShardReader, schema
 # file gets past the reader's checks (e.g. a chunk index cut off by truncation).
 BAD_SHARD = (ShardError, OSError, RuntimeError)
 HASH_THREADS = 4
-# Rows the scan keeps in memory so that the copy need not open the shard again: with thousands
-# of small shards, opening and checking each one was most of a merge; a shard whose rows do not
-# fit what is left of this budget is opened again by the copy (its own rows then dwarf the cost).
+# The copy must not open and check a shard again (with thousands of small shards, opening
+# them was most of a merge): the scan keeps the rows of a small shard in memory, and leaves a
+# larger one open. Past these budgets a shard is opened again by the copy, where its own rows
+# then dwarf the cost of opening it.
 ROW_CACHE_BYTES = 512 << 20
+SMALL_SHARD_BYTES = 4 << 20  # rows kept in memory up to this size; above, reading them twice costs more
+OPEN_SHARDS = 256  # shards left open (file descriptors)
 
 
 @dataclass
@@ -64,19 +67,35 @@ class ShardInfo:
     sha256: str = ""  # of the shard file as merged (ShardHasher): validate checks the file against it
     run_id: str = ""
     rows: dict[str, np.ndarray] | None = None  # the tables' rows, read by the scan when they fit its budget
+    reader: ShardReader | None = None  # left open by the scan for the copy, when its budget allowed
 
 
 class RowBudget:
-    """What is left of ``ROW_CACHE_BYTES`` for the shards the scan keeps the rows of."""
+    """What is left of ``ROW_CACHE_BYTES`` and ``OPEN_SHARDS`` for what the scan keeps."""
 
-    def __init__(self, limit: int = ROW_CACHE_BYTES) -> None:
+    def __init__(self, limit: int = ROW_CACHE_BYTES, open_shards: int = OPEN_SHARDS) -> None:
         self.left = limit
+        self.open_left = open_shards
 
-    def take(self, nbytes: int) -> bool:
-        if nbytes > self.left:
+    def keep_rows(self, nbytes: int) -> bool:
+        if nbytes > min(self.left, SMALL_SHARD_BYTES):
             return False
         self.left -= nbytes
         return True
+
+    def keep_open(self) -> bool:
+        if self.open_left <= 0:
+            return False
+        self.open_left -= 1
+        return True
+
+
+def close_kept(shards: Sequence[ShardInfo]) -> None:
+    """Close the shards the scan left open (and drop kept rows): the copy is done or failed."""
+    for shard in shards:
+        if shard.reader is not None:
+            shard.reader.close()
+        shard.reader, shard.rows = None, None
 
 
 def default_shards(run_dir: Path) -> list[Path]:
@@ -143,7 +162,9 @@ def _read_shard(path: Path, budget: RowBudget | None = None) -> ShardInfo:
     """Identity, journal and per-series row counts: from the end record of a shard that was
     closed, else counted (the first full read of the rows); the rows too when ``budget`` has
     room for them."""
-    with ShardReader(path) as reader:
+    reader = ShardReader(path)
+    left_open = False
+    try:
         run_id, rank, attempt = reader.run_id, reader.rank, reader.attempt
         start, end, decls, records = None, None, {name: {} for name in schema.TABLES}, []
         last_time = -math.inf
@@ -164,16 +185,22 @@ def _read_shard(path: Path, budget: RowBudget | None = None) -> ShardInfo:
         if start is None:
             raise ShardError(f"{path}: no start record (killed before its first flush?)")
         row_bytes = sum(reader.rows(name) for name in schema.TABLES) * schema.ROW_DTYPE.itemsize
-        kept = {name: reader.read_table(name) for name in schema.TABLES} if budget and budget.take(row_bytes) else None
-        tables = {name: _count(reader, name, decls[name], end, kept[name] if kept else None) for name in schema.TABLES}
+        kept = ({name: reader.read_table(name) for name in schema.TABLES}
+                if budget is not None and budget.keep_rows(row_bytes) else None)
+        tables = {name: _count(reader, name, decls[name], end, None if kept is None else kept[name])
+                  for name in schema.TABLES}
         corrupt, ring_rows, ring_records = reader.corrupt_records, sum(reader.ring_rows.values()), reader.ring_records
+        left_open = kept is None and budget is not None and budget.keep_open()
+    finally:
+        if not left_open:
+            reader.close()
     problems = [f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else []
     if ring_rows or ring_records:  # the count the merge reports of what only the crash ring held
         problems.append(f"{path.name}: {ring_rows} points and {ring_records} journal records recovered from "
                         "its crash ring (accepted before it died, not yet flushed)")
     return ShardInfo(path, rank, attempt, start, end, records, tables,
                      last_time=last_time if last_time > -math.inf else math.nan,
-                     problems=problems, run_id=run_id, rows=kept)
+                     problems=problems, run_id=run_id, rows=kept, reader=reader if left_open else None)
 
 
 class ShardHasher:

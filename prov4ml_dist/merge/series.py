@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import MergeError
 from ..shard import ShardReader
 from . import layout
+from .rowstage import RowWriter
 from .scan import BAD_SHARD, RowCountMismatch, ShardInfo, as_text, local_index, read_rows
 
 _SERIES_FIELDS = ("kind", "time", "table", "id", "key", "context", "source")
@@ -82,10 +83,10 @@ def build_index(table: str, shards: list[ShardInfo]) -> SeriesIndex:
 
 
 def copy_rows(chunks: Iterable[np.ndarray], declared: np.ndarray, rank: int, ids: np.ndarray, series: np.ndarray,
-              cursor: np.ndarray, rows: np.ndarray, where: str) -> float:
+              cursor: np.ndarray, rows: RowWriter, where: str) -> float:
     """Copy one shard's rows of one table (``chunks``, in logging order) into ``rows`` (the
-    table's merged rows: a memory map, which several processes may write at once, each its
-    own series' ranges); returns the latest row time seen (NaN if none).
+    table's staged rows, which several processes may write at once, each its own series'
+    ranges); returns the latest row time seen (NaN if none).
 
     ``ids`` is the global series id of each series the shard declared (``declared``, sorted);
     ``series`` their summary rows and ``cursor`` the next row to write of each, both in that
@@ -114,7 +115,7 @@ def copy_rows(chunks: Iterable[np.ndarray], declared: np.ndarray, rank: int, ids
         segments = slot[starts]
         if (cursor[segments] + lengths > series["row_stop"][segments]).any():
             raise RowCountMismatch(f"{where}: more rows of a series than counted")
-        rows[np.repeat(cursor[segments] - starts, lengths) + np.arange(len(out))] = out
+        rows.scatter(out, starts, cursor[segments], lengths)
         cursor[segments] += lengths
         _summarise(series, out, starts, lengths, segments)
         latest = max(latest, float(out["time"].max()))
@@ -139,12 +140,17 @@ def table_plan(index: SeriesIndex, shard: ShardInfo, shard_no: int) -> TablePlan
     return TablePlan(decl.ids, decl.rows, ids, index.series[ids])
 
 
-def copy_shard(shard: ShardInfo, tables: dict[str, TablePlan], rows: dict[str, np.ndarray]) -> None:
-    """Copy every table of one shard (its rows kept by the scan, else read again), filling the
-    plans' summaries and ``shard.last_time``; the kept rows are freed."""
+def copy_shard(shard: ShardInfo, tables: dict[str, TablePlan], rows: dict[str, RowWriter]) -> None:
+    """Copy every table of one shard (its rows kept by the scan, else from the reader it left
+    open, else opened again), filling the plans' summaries and ``shard.last_time``; what the
+    scan kept is released."""
     with contextlib.ExitStack() as stack:
         try:
-            reader = stack.enter_context(ShardReader(shard.path)) if shard.rows is None else None
+            reader = shard.reader if shard.rows is None else None
+            if reader is None and shard.rows is None:
+                reader = ShardReader(shard.path)
+            if reader is not None:
+                stack.callback(reader.close)
             for table, plan in tables.items():
                 chunks = (read_rows(reader, table, plan.limit) if reader is not None
                           else _blocks(shard.rows[table][:plan.limit]))
@@ -156,7 +162,7 @@ def copy_shard(shard: ShardInfo, tables: dict[str, TablePlan], rows: dict[str, n
                 shard.last_time = float(np.fmax(shard.last_time, latest))
         except BAD_SHARD as exc:
             raise MergeError(f"shard changed while it was merged: {exc}") from None
-    shard.rows = None
+    shard.rows, shard.reader = None, None
 
 
 def _blocks(rows: np.ndarray, size: int = 1 << 18) -> Iterator[np.ndarray]:
