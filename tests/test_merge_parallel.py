@@ -105,7 +105,7 @@ def test_a_worker_that_dies_fails_the_merge_without_a_hang(tmp_path: Path) -> No
     """A worker killed (the OOM killer, a signal): the merge fails with a MergeError at once."""
     _varied_run(tmp_path)
     with MergeWorkers(2) as workers:
-        workers._procs[1].kill()
-        workers._procs[1].wait()
+        workers._procs[0].kill()  # worker 1 (worker 0 is this process)
+        workers._procs[0].wait()
         with pytest.raises(MergeError, match="merge worker 1 died"):
             workers.scan(sorted((tmp_path / "shards").glob("*.h5")), [], lambda n: None)

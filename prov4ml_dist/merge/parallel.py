@@ -40,7 +40,7 @@ from ..errors import MergeError
 from . import layout
 from .crossrank import CrossRank
 from .rowstage import RowStage, RowWriter, open_rows
-from .scan import ROW_CACHE_BYTES, RowBudget, RowCountMismatch, ShardInfo, read_shards
+from .scan import ROW_CACHE_BYTES, RowBudget, ShardInfo, read_shards
 from .series import SeriesIndex, TablePlan, copy_shard, table_plan
 from .store import Appender, ArraySink
 
@@ -51,21 +51,24 @@ CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "r
 
 
 class MergeWorkers:
-    """``jobs`` worker processes, started at once (their imports overlap the parent's work).
+    """``jobs`` workers: this process (worker 0, which would otherwise only wait) and
+    ``jobs - 1`` processes, started at once so that their imports overlap worker 0's work.
 
-    Each is a fresh interpreter running ``python -c 'serve(fd)'`` on one end of a socket pair:
-    not ``multiprocessing``'s spawn, which imports the caller's main script again (a training
-    script without a ``__main__`` guard would start training in every worker), nor fork, as the
-    parent has threads."""
+    Each process is a fresh interpreter running ``python -c 'serve(fd)'`` on one end of a
+    socket pair: not ``multiprocessing``'s spawn, which imports the caller's main script again
+    (a training script without a ``__main__`` guard would start training in every worker), nor
+    fork, as the parent may have threads."""
 
     def __init__(self, jobs: int) -> None:
-        self._conns: list[Connection] = []
+        self.jobs = jobs
+        self._conns: list[Connection] = []  # workers 1..jobs-1
         self._procs: list[subprocess.Popen] = []
+        self._kept: dict[Path, ShardInfo] = {}  # worker 0's shards
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])  # this copy of prov4ml_dist, not another
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
-            for _ in range(jobs):
+            for _ in range(jobs - 1):
                 mine, theirs = socket.socketpair()
                 code = f"from prov4ml_dist.merge.parallel import serve; serve({theirs.fileno()})"
                 self._procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
@@ -99,8 +102,8 @@ class MergeWorkers:
     def scan(self, paths: Sequence[Path], problems: list[str], tick: Tick) -> list[ShardInfo]:
         """``read_shards`` of ``paths``, each worker a contiguous range of them (path order)."""
         ordered = sorted(Path(p) for p in paths)
-        parts = np.array_split(np.arange(len(ordered)), len(self._conns))
-        budget = ROW_CACHE_BYTES // len(self._conns)
+        parts = np.array_split(np.arange(len(ordered)), self.jobs)
+        budget = ROW_CACHE_BYTES // self.jobs
         answers = self._ask([("scan", [ordered[i] for i in part], budget) for part in parts], tick)
         found: list[ShardInfo] = []
         for n, (infos, worker_problems) in enumerate(answers):
@@ -112,7 +115,7 @@ class MergeWorkers:
     def copy(self, shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, tick: Tick) -> None:
         """Every row of every shard, by the worker that read it; the summaries come back."""
         files = {index.table: stage.where[index.table] for index in indexes}
-        work: list[list[tuple[Path, dict[str, Any], dict[str, TablePlan]]]] = [[] for _ in self._conns]
+        work: list[list[tuple[Path, dict[str, Any], dict[str, TablePlan]]]] = [[] for _ in range(self.jobs)]
         for n, shard in enumerate(shards):
             # The parent's counts are the truth (a recount may have replaced the worker's).
             tables = {index.table: table_plan(index, shard, n) for index in indexes}
@@ -129,7 +132,7 @@ class MergeWorkers:
     def crossrank(self, group: h5py.Group, index: SeriesIndex, stage: RowStage) -> None:
         """``CrossRank`` of one table, its groups split into ranges of about equal rows."""
         groups = index.groups
-        bounds = _ranges(groups["row_stop"], len(self._conns))
+        bounds = _ranges(groups["row_stop"], self.jobs)
         light = replace(index, series=recfunctions.repack_fields(index.series[CROSSRANK_SERIES_FIELDS]),
                         global_ids=[])
         files = stage.where[index.table]
@@ -146,24 +149,33 @@ class MergeWorkers:
         slowest.flush()
 
     def _ask(self, messages: list[tuple], tick: Tick) -> list[Any]:
-        """Send each worker its message; gather the answers, passing on progress ticks."""
-        for n, (conn, message) in enumerate(zip(self._conns, messages, strict=True)):
+        """Send each worker its message (worker 0's is handled here, meanwhile); gather the
+        answers, passing on progress ticks. Every worker answers before a failure is raised."""
+        for n, (conn, message) in enumerate(zip(self._conns, messages[1:], strict=True), start=1):
             try:
                 conn.send(message)
             except OSError:
-                raise MergeError(f"merge worker {n} died (exit status {self._procs[n].wait()})") from None
+                raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
+        ticks = [0] * self.jobs
         answers: dict[int, Any] = {}
-        ticks = [0] * len(self._conns)
-        pending = {conn: n for n, conn in enumerate(self._conns)}
         failure: BaseException | None = None
+
+        def local_tick(done: int) -> None:
+            ticks[0] = done
+            tick(sum(ticks))
+
+        try:
+            answers[0] = _handle(messages[0], self._kept, local_tick)
+        except MergeError as exc:
+            failure = exc
+        pending = {conn: n for n, conn in enumerate(self._conns, start=1)}
         while pending:
             for conn in wait(list(pending)):
                 n = pending[conn]
                 try:
                     kind, payload = conn.recv()
                 except (EOFError, OSError):
-                    code = self._procs[n].wait()
-                    raise MergeError(f"merge worker {n} died (exit status {code})") from None
+                    raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
                 if kind == "tick":
                     ticks[n] = payload
                     tick(sum(ticks))
@@ -171,11 +183,11 @@ class MergeWorkers:
                 del pending[conn]
                 if kind == "done":
                     answers[n] = payload
-                elif failure is None:  # the first failure, once every worker has answered
+                elif failure is None:
                     failure = payload
         if failure is not None:
             raise failure
-        return [answers[n] for n in range(len(self._conns))]
+        return [answers[n] for n in range(self.jobs)]
 
 
 def _ranges(row_stop: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -200,7 +212,7 @@ def serve(fd: int) -> None:
             return
         try:
             answer = _handle(request, kept, lambda n: conn.send(("tick", n)))
-        except (MergeError, RowCountMismatch) as exc:
+        except MergeError as exc:  # RowCountMismatch too: the parent recounts
             conn.send(("error", exc))
             continue
         except Exception as exc:  # noqa: BLE001 - anything else: the parent reports it, with where it came from
