@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..merge import load_merged, merge_run
+from ..merge.parallel import PARALLEL_MIN_BYTES, default_jobs
 from ..merge.prune import remove_merged_shards
 from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
@@ -45,10 +46,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.set_defaults(func=run)
 
 
-# Below it, starting worker processes (an interpreter each) costs more than they save.
-PARALLEL_MIN_BYTES = 64 << 20
-
-
 def _jobs(text: str) -> int:
     try:
         jobs = int(text)
@@ -57,17 +54,6 @@ def _jobs(text: str) -> int:
     if jobs < 1:
         raise argparse.ArgumentTypeError(f"--jobs wants a whole number of processes, at least 1 (got {text!r})")
     return jobs
-
-
-def default_jobs(paths: list[Path]) -> int:
-    """The cores this process may run on, for a run large enough to gain from them."""
-    size = 0
-    for path in paths:
-        try:
-            size += path.stat().st_size
-        except OSError:
-            continue
-    return len(os.sched_getaffinity(0)) if size >= PARALLEL_MIN_BYTES else 1
 
 
 def run(args: argparse.Namespace) -> int:

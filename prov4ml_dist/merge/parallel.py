@@ -48,6 +48,19 @@ Tick = Callable[[int], None]
 JOIN_SECONDS = 10.0
 # What a cross-rank worker needs of the series (the strings stay in the parent).
 CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "runs"]
+# Below it, starting worker processes (an interpreter each) costs more than they save.
+PARALLEL_MIN_BYTES = 64 << 20
+
+
+def default_jobs(paths: Sequence[Path]) -> int:
+    """The cores this process may run on, for a run large enough to gain from them; else 1."""
+    size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            continue
+    return len(os.sched_getaffinity(0)) if size >= PARALLEL_MIN_BYTES else 1
 
 
 class MergeWorkers:
