@@ -434,6 +434,33 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     assert ("copy", 2, 2) in seen
 
 
+@pytest.mark.parametrize("budget", ["rows kept", "left open", "opened again"])
+def test_each_shard_is_opened_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: str) -> None:
+    """Opening and checking a shard was most of the merge of thousands of small shards: the scan
+    keeps a small shard's rows, or leaves a larger one open; only past both budgets is a shard
+    opened a second time."""
+    from prov4ml_dist.shard import ShardReader
+
+    _write_run(tmp_path, 4)
+    if budget != "rows kept":
+        monkeypatch.setattr(scan, "SMALL_SHARD_BYTES", 0)
+    if budget == "opened again":
+        monkeypatch.setattr(scan, "OPEN_SHARDS", 1)
+    opened: list[Path] = []
+    init = ShardReader.__init__
+
+    def counting(self: ShardReader, path: Path) -> None:
+        opened.append(Path(path))
+        init(self, path)
+
+    monkeypatch.setattr(ShardReader, "__init__", counting)
+    result = merge_run(tmp_path)
+    assert not result.problems
+    twice = {p.name for p in opened if opened.count(p) > 1}
+    assert len(opened) == 4 + len(twice) and len(twice) == {"opened again": 3}.get(budget, 0), opened
+    assert [s.count for s in load_merged(result.merged_h5).series if s.key == "loss"] == [200] * 4
+
+
 def test_undeclared_series_rows_are_dropped_and_reported(tmp_path: Path) -> None:
     w = open_shard(tmp_path, 0, 1)
     log_series(w, "loss", [(0, 1.0, T0)])

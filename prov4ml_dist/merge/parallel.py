@@ -27,7 +27,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ JOIN_SECONDS = 10.0
 CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "runs"]
 # Below it, starting worker processes (an interpreter each) costs more than they save.
 PARALLEL_MIN_BYTES = 64 << 20
+SCAN_BATCH = 64  # shards per scan request (fewer for a small run: about 4 batches per worker)
 
 
 def default_jobs(paths: Sequence[Path]) -> int:
@@ -76,7 +77,7 @@ class MergeWorkers:
         self.jobs = jobs
         self._conns: list[Connection] = []  # workers 1..jobs-1
         self._procs: list[subprocess.Popen] = []
-        self._kept: dict[Path, ShardInfo] = {}  # worker 0's shards
+        self._state = _State()  # worker 0's
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])  # this copy of prov4ml_dist, not another
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -113,15 +114,44 @@ class MergeWorkers:
             conn.close()
 
     def scan(self, paths: Sequence[Path], problems: list[str], tick: Tick) -> list[ShardInfo]:
-        """``read_shards`` of ``paths``, each worker a contiguous range of them (path order)."""
+        """``read_shards`` of ``paths`` (path order), in batches handed to whichever worker is
+        free: a worker still importing, or slowed by a busy core, takes fewer."""
         ordered = sorted(Path(p) for p in paths)
-        parts = np.array_split(np.arange(len(ordered)), self.jobs)
-        budget = ROW_CACHE_BYTES // self.jobs
-        answers = self._ask([("scan", [ordered[i] for i in part], budget) for part in parts], tick)
+        size = max(1, min(SCAN_BATCH, -(-len(ordered) // (4 * self.jobs))))
+        batches = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        request = lambda b: ("scan", batches[b], ROW_CACHE_BYTES // self.jobs)  # noqa: E731
+        done: dict[int, tuple[int, tuple[list[ShardInfo], list[str]]]] = {}  # batch → worker, answer
+        next_batch, in_flight, failure = 0, {}, None
+        for conn in self._conns:
+            if next_batch < len(batches):
+                self._send(conn, request(next_batch))
+                in_flight[conn], next_batch = next_batch, next_batch + 1
+        while in_flight or (next_batch < len(batches) and failure is None):
+            for conn in wait(list(in_flight), timeout=0 if next_batch < len(batches) else None):
+                n = self._conns.index(conn) + 1
+                kind, payload = self._receive(conn, n)
+                if kind == "tick":
+                    continue
+                b = in_flight.pop(conn)
+                if kind == "done":
+                    done[b] = (n, payload)
+                    tick(sum(len(batches[i]) for i in done))
+                    if next_batch < len(batches) and failure is None:
+                        self._send(conn, request(next_batch))
+                        in_flight[conn], next_batch = next_batch, next_batch + 1
+                elif failure is None:
+                    failure = payload
+            if next_batch < len(batches) and failure is None:  # worker 0: one batch, then look again
+                b, next_batch = next_batch, next_batch + 1
+                done[b] = (0, _handle(request(b), self._state, lambda n: None))
+                tick(sum(len(batches[i]) for i in done))
+        if failure is not None:
+            raise failure
         found: list[ShardInfo] = []
-        for n, (infos, worker_problems) in enumerate(answers):
+        for b in range(len(batches)):
+            n, (infos, batch_problems) = done[b]
             found += infos
-            problems += worker_problems
+            problems += batch_problems
             self._owner.update((info.path, n) for info in infos)
         return found
 
@@ -164,11 +194,8 @@ class MergeWorkers:
     def _ask(self, messages: list[tuple], tick: Tick) -> list[Any]:
         """Send each worker its message (worker 0's is handled here, meanwhile); gather the
         answers, passing on progress ticks. Every worker answers before a failure is raised."""
-        for n, (conn, message) in enumerate(zip(self._conns, messages[1:], strict=True), start=1):
-            try:
-                conn.send(message)
-            except OSError:
-                raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
+        for conn, message in zip(self._conns, messages[1:], strict=True):
+            self._send(conn, message)
         ticks = [0] * self.jobs
         answers: dict[int, Any] = {}
         failure: BaseException | None = None
@@ -178,17 +205,14 @@ class MergeWorkers:
             tick(sum(ticks))
 
         try:
-            answers[0] = _handle(messages[0], self._kept, local_tick)
+            answers[0] = _handle(messages[0], self._state, local_tick)
         except MergeError as exc:
             failure = exc
         pending = {conn: n for n, conn in enumerate(self._conns, start=1)}
         while pending:
             for conn in wait(list(pending)):
                 n = pending[conn]
-                try:
-                    kind, payload = conn.recv()
-                except (EOFError, OSError):
-                    raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
+                kind, payload = self._receive(conn, n)
                 if kind == "tick":
                     ticks[n] = payload
                     tick(sum(ticks))
@@ -201,6 +225,19 @@ class MergeWorkers:
         if failure is not None:
             raise failure
         return [answers[n] for n in range(self.jobs)]
+
+    def _send(self, conn: Connection, message: tuple) -> None:
+        try:
+            conn.send(message)
+        except OSError:
+            n = self._conns.index(conn) + 1
+            raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
+
+    def _receive(self, conn: Connection, n: int) -> tuple[str, Any]:
+        try:
+            return conn.recv()
+        except (EOFError, OSError):
+            raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
 
 
 def _ranges(row_stop: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -215,7 +252,7 @@ def _ranges(row_stop: np.ndarray, parts: int) -> list[tuple[int, int]]:
 def serve(fd: int) -> None:
     """A worker's loop on its socket: the parent's requests, one at a time, until ``stop``."""
     conn = Connection(fd)
-    kept: dict[Path, ShardInfo] = {}
+    state = _State()
     while True:
         try:
             request = conn.recv()
@@ -224,7 +261,7 @@ def serve(fd: int) -> None:
         if request[0] == "stop":
             return
         try:
-            answer = _handle(request, kept, lambda n: conn.send(("tick", n)))
+            answer = _handle(request, state, lambda n: conn.send(("tick", n)))
         except MergeError as exc:  # RowCountMismatch too: the parent recounts
             conn.send(("error", exc))
             continue
@@ -235,12 +272,23 @@ def serve(fd: int) -> None:
         conn.send(("done", answer))
 
 
-def _handle(request: tuple, kept: dict[Path, ShardInfo], tick: Tick) -> Any:
+@dataclass
+class _State:
+    """What a worker keeps between requests: the shards it read, and its scan budget."""
+
+    kept: dict[Path, ShardInfo] = field(default_factory=dict)
+    budget: RowBudget | None = None
+
+
+def _handle(request: tuple, state: _State, tick: Tick) -> Any:
     kind = request[0]
+    kept = state.kept
     if kind == "scan":
         _, paths, budget = request
+        if state.budget is None:
+            state.budget = RowBudget(budget)
         problems: list[str] = []
-        infos = read_shards(paths, problems, RowBudget(budget), tick)
+        infos = read_shards(paths, problems, state.budget, tick)
         kept.update((info.path, info) for info in infos)
         return [replace(info, rows=None, reader=None) for info in infos], problems
     if kind == "copy":

@@ -73,9 +73,9 @@ class ShardInfo:
 class RowBudget:
     """What is left of ``ROW_CACHE_BYTES`` and ``OPEN_SHARDS`` for what the scan keeps."""
 
-    def __init__(self, limit: int = ROW_CACHE_BYTES, open_shards: int = OPEN_SHARDS) -> None:
-        self.left = limit
-        self.open_left = open_shards
+    def __init__(self, limit: int | None = None, open_shards: int | None = None) -> None:
+        self.left = ROW_CACHE_BYTES if limit is None else limit
+        self.open_left = OPEN_SHARDS if open_shards is None else open_shards
 
     def keep_rows(self, nbytes: int) -> bool:
         if nbytes > min(self.left, SMALL_SHARD_BYTES):
