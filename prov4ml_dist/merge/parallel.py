@@ -40,7 +40,7 @@ from ..errors import MergeError
 from . import layout
 from .crossrank import CrossRank
 from .rowstage import RowStage, RowWriter, open_rows
-from .scan import ROW_CACHE_BYTES, RowBudget, ShardInfo, read_shards
+from .scan import ROW_CACHE_BYTES, RowBudget, ShardInfo, close_kept, read_shards
 from .series import SeriesIndex, TablePlan, copy_shard, table_plan
 from .store import Appender, ArraySink
 
@@ -92,7 +92,8 @@ class MergeWorkers:
         except OSError as exc:
             self.close()
             raise MergeError(f"cannot start merge workers: {exc}") from None
-        self._owner: dict[Path, int] = {}
+        self._owner: dict[Path, int] = {}  # the worker that holds each shard's ShardInfo
+        self._pinned: set[Path] = set()  # shards whose rows their worker kept in memory
 
     def __enter__(self) -> MergeWorkers:
         return self
@@ -101,6 +102,7 @@ class MergeWorkers:
         self.close()
 
     def close(self) -> None:
+        close_kept(list(self._state.kept.values()))
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.send(("stop",))
@@ -149,20 +151,35 @@ class MergeWorkers:
             raise failure
         found: list[ShardInfo] = []
         for b in range(len(batches)):
-            n, (infos, batch_problems) = done[b]
+            n, (infos, batch_problems, pinned) = done[b]
             found += infos
             problems += batch_problems
             self._owner.update((info.path, n) for info in infos)
+            self._pinned.update(pinned)
         return found
 
     def copy(self, shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, tick: Tick) -> None:
-        """Every row of every shard, by the worker that read it; the summaries come back."""
+        """Every row of every shard; the summaries come back. A shard whose rows a worker kept
+        is copied by it; the others (large: their rows dwarf opening them again) are spread so
+        that each worker copies about as many rows, whoever scanned them."""
         files = {index.table: stage.where[index.table] for index in indexes}
-        work: list[list[tuple[Path, dict[str, Any], dict[str, TablePlan]]]] = [[] for _ in range(self.jobs)]
-        for n, shard in enumerate(shards):
+        work: list[list[tuple[Path, ShardInfo | None, dict[str, TablePlan]]]] = [[] for _ in range(self.jobs)]
+        load = [0] * self.jobs
+        rows_of = {shard.path: sum(decl.rows for decl in shard.tables.values()) for shard in shards}
+        order = sorted(range(len(shards)), key=lambda n: (shards[n].path not in self._pinned, -rows_of[shards[n].path]))
+        for n in order:
+            shard = shards[n]
             # The parent's counts are the truth (a recount may have replaced the worker's).
             tables = {index.table: table_plan(index, shard, n) for index in indexes}
-            work[self._owner[shard.path]].append((shard.path, shard.tables, tables))
+            owner = self._owner[shard.path]
+            worker = owner if shard.path in self._pinned else min(range(self.jobs), key=load.__getitem__)
+            load[worker] += rows_of[shard.path]
+            work[worker].append((shard.path, None if worker == owner else replace(shard, rows=None, reader=None),
+                                 tables))
+            if worker != owner:
+                self._owner[shard.path] = worker
+        for items in work:
+            items.sort(key=lambda item: str(item[0]))
         answers = self._ask([("copy", items, files) for items in work], tick)
         last_times = {path: when for answer in answers for path, when, _ in answer}
         filled = {path: tables for answer in answers for path, _, tables in answer}
@@ -290,21 +307,25 @@ def _handle(request: tuple, state: _State, tick: Tick) -> Any:
         problems: list[str] = []
         infos = read_shards(paths, problems, state.budget, tick)
         kept.update((info.path, info) for info in infos)
-        return [replace(info, rows=None, reader=None) for info in infos], problems
+        pinned = [info.path for info in infos if info.rows is not None]
+        return [replace(info, rows=None, reader=None) for info in infos], problems, pinned
     if kind == "copy":
         _, items, files = request
         writers = {table: RowWriter(where) for table, where in files.items()}
         done = []
         try:
-            for n, (path, tables, plans) in enumerate(items):
+            for n, (path, given, plans) in enumerate(items):
                 tick(n)
-                shard = kept[path]
-                shard.tables = tables
+                shard = kept.get(path) if given is None else given
+                if shard is None:
+                    raise MergeError(f"merge worker has no shard {path}")
+                kept[path] = shard
                 copy_shard(shard, plans, writers)
                 done.append((path, shard.last_time, plans))
         finally:
             for writer in writers.values():
                 writer.close()
+            close_kept(list(kept.values()))  # those copied elsewhere: no file left open
         return done
     if kind == "crossrank":
         _, index, where, first, stop = request
