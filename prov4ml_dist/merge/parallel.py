@@ -131,9 +131,7 @@ class MergeWorkers:
         while in_flight or (next_batch < len(batches) and failure is None):
             for conn in wait(list(in_flight), timeout=0 if next_batch < len(batches) else None):
                 n = self._conns.index(conn) + 1
-                kind, payload = self._receive(conn, n)
-                if kind == "tick":
-                    continue
+                kind, payload = self._receive(conn, n)  # no ticks: a scan batch answers once
                 b = in_flight.pop(conn)
                 if kind == "done":
                     done[b] = (n, payload)
@@ -305,7 +303,7 @@ def _handle(request: tuple, state: _State, tick: Tick) -> Any:
         if state.budget is None:
             state.budget = RowBudget(budget)
         problems: list[str] = []
-        infos = read_shards(paths, problems, state.budget, tick)
+        infos = read_shards(paths, problems, state.budget)  # progress: the parent counts batches
         kept.update((info.path, info) for info in infos)
         pinned = [info.path for info in infos if info.rows is not None]
         return [replace(info, rows=None, reader=None) for info in infos], problems, pinned
