@@ -6,12 +6,14 @@ known offset in the file, and never filled: so its bytes can be written without 
 writes each chunk's series with ``pwrite`` (one call per series; an HDF5 union selection cost
 more than the copy) or, for many short series, one scattered assignment to a memory map; and
 the processes of a parallel merge (``parallel.py``) write their shards' series ranges into the
-same file at once, which HDF5 itself cannot do. The cross-rank pass reads a memory map of the
-rows (no HDF5 call per block); compression reads the dataset with plain h5py.
+same file at once, which HDF5 itself cannot do. The space is reserved (``posix_fallocate``) when
+the dataset is made, so a full disk fails the merge there, cleanly. The cross-rank pass reads a
+memory map of the rows (no HDF5 call per block); compression reads the dataset with plain h5py.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ class RowsAt:
     path: Path
     offset: int
     rows: int
+    reserved: bool = True  # its blocks are allocated: a memory map may write it (else pwrite only)
 
 
 class RowStage:
@@ -55,7 +58,8 @@ class RowStage:
         if offset is None:
             raise OSError(f"no space allocated for the staged rows of {table!r}")
         self.stage.flush()
-        self.where[table] = RowsAt(Path(self.stage.filename), int(offset), rows)
+        path = Path(self.stage.filename)
+        self.where[table] = RowsAt(path, int(offset), rows, _reserve(path, int(offset), rows))
 
     def rows(self, table: str) -> np.ndarray:
         """The table's rows as a read-only memory map (an empty array for an empty table)."""
@@ -81,7 +85,7 @@ class RowWriter:
         """``data[sources[i]:sources[i] + lengths[i]]`` to rows ``dests[i]`` on, for every i."""
         if not len(lengths):
             return
-        if len(data) >= LONG_PIECE_ROWS * len(lengths):
+        if len(data) >= LONG_PIECE_ROWS * len(lengths) or not self.where.reserved:
             size = layout.ROW_DTYPE.itemsize
             for source, dest, n in zip(sources.tolist(), dests.tolist(), lengths.tolist(), strict=True):
                 piece = data[source:source + n]
@@ -96,6 +100,23 @@ class RowWriter:
         if isinstance(self._map, np.memmap):
             self._map.flush()
         os.close(self._fd)
+
+
+def _reserve(path: Path, offset: int, rows: int) -> bool:
+    """Allocate the rows' blocks now: a full disk is then an ``OSError`` here, never a SIGBUS
+    when a memory map writes to a sparse hole later. False where the filesystem cannot."""
+    if rows == 0:
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, offset, rows * layout.ROW_DTYPE.itemsize)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    finally:
+        os.close(fd)
 
 
 def open_rows(where: RowsAt, writable: bool = False) -> np.ndarray:
