@@ -21,6 +21,7 @@ with a ``MergeError``, never a hang: the parent notices a closed pipe.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -50,6 +51,7 @@ JOIN_SECONDS = 10.0
 CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "runs"]
 # Below it, starting worker processes (an interpreter each) costs more than they save.
 PARALLEL_MIN_BYTES = 64 << 20
+SYS_PATH_VARIABLE = "PROV4ML_MERGE_WORKER_SYS_PATH"
 SCAN_BATCH = 64  # shards per scan request (fewer for a small run: about 4 batches per worker)
 
 
@@ -78,13 +80,13 @@ class MergeWorkers:
         self._conns: list[Connection] = []  # workers 1..jobs-1
         self._procs: list[subprocess.Popen] = []
         self._state = _State()  # worker 0's
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])  # this copy of prov4ml_dist, not another
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # The workers import exactly what this process imported: its sys.path, in its order.
+        env = {**os.environ, SYS_PATH_VARIABLE: json.dumps(sys.path)}
         try:
             for _ in range(jobs - 1):
                 mine, theirs = socket.socketpair()
-                code = f"from prov4ml_dist.merge.parallel import serve; serve({theirs.fileno()})"
+                code = (f"import json, os, sys; sys.path[:] = json.loads(os.environ.pop({SYS_PATH_VARIABLE!r})); "
+                        f"from prov4ml_dist.merge.parallel import serve; serve({theirs.fileno()})")
                 self._procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
                                                     env=env, stdin=subprocess.DEVNULL))
                 theirs.close()
