@@ -1,7 +1,7 @@
 """Merge throughput against a raw h5py read of the same shards, 2,000 keys per rank, and
 rank 0's peak RSS.
 
-    python benchmarks/bench_merge.py [--quick]
+    python benchmarks/bench_merge.py [--quick] [--case 1024x1000 ...] [--repeat N] [--baseline DIR]
 
 Shards get their journal (start record, series declarations) from the real ShardWriter;
 the rows are then appended in bulk with h5py, in the writer's layout, so that building
@@ -14,7 +14,11 @@ Columns, all measured in the same run:
   that keeps every point must do, before sorting, statistics or checksums;
 - ``sha s``: sha256 of the shard files (the merge does it in a background thread);
 - ``ratio`` = raw / merge (1.0 = as fast as reading), ``ceiling`` = raw / floor (the best
-  ``ratio`` any such merge could reach), ``of floor`` = floor / merge.
+  ``ratio`` any such merge could reach), ``x floor`` = merge / floor;
+- ``jobs 2 s``: the same merge with ``jobs=2`` (``prov4ml-dist merge --jobs 2``), ``speedup`` =
+  merge / jobs 2;
+- with ``--baseline DIR``: ``before s``, the merge of the prov4ml_dist in DIR on the same shards,
+  interleaved with the others (``--repeat N``: the fastest of N each), and ``before/now``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import os
 import resource
 import shutil
 import subprocess
@@ -116,19 +122,24 @@ def sha256_all(run_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def merge_in_child(run_dir: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--merge-child", str(run_dir)], check=True,
-                         capture_output=True, text=True)
+def merge_in_child(run_dir: Path, jobs: int = 1, code: Path | None = None) -> dict[str, float]:
+    """One merge in a fresh interpreter; ``code``: another checkout's prov4ml_dist (an A/B)."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, __file__, "--merge-child", str(run_dir), "--jobs", str(jobs)], check=True,
+                         capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def child(run_dir: Path) -> None:
+def child(run_dir: Path, jobs: int) -> None:
     import prov4ml_dist.provenance  # noqa: F401 - imported lazily by merge_run; not part of its time
     from prov4ml_dist.merge import merge_run
 
     stages: dict[str, float] = {}
     started = time.perf_counter()
-    result = merge_run(run_dir, progress=lambda stage, done, total: stages.setdefault(stage, time.perf_counter()))
+    result = merge_run(run_dir, progress=lambda stage, done, total: stages.setdefault(stage, time.perf_counter()),
+                       **({"jobs": jobs} if jobs > 1 else {}))  # an older merge_run has no jobs
     seconds = time.perf_counter() - started
     assert not result.problems, result.problems
     print(json.dumps({"seconds": seconds, "prov_s": time.perf_counter() - stages["prov"],
@@ -136,19 +147,29 @@ def child(run_dir: Path) -> None:
                       "prov_kb": result.prov_json.stat().st_size / 1024}))
 
 
-def measure(base: Path, ranks: int, points: int, keys: int) -> dict[str, float]:
+def measure(base: Path, ranks: int, points: int, keys: int, repeat: int = 1,
+            baseline: Path | None = None) -> dict[str, float]:
     run_dir = base / f"r{ranks}-p{points}-k{keys}"
     make_run(run_dir, ranks, points, keys)
     raw = min(raw_read(run_dir), raw_read(run_dir))
     floor = min(floor_copy(run_dir), floor_copy(run_dir))
     sha = sha256_all(run_dir)
-    merged = merge_in_child(run_dir)
+    merged, two, old = {}, {}, {}
+    for _ in range(repeat):  # interleaved, so that a busy spell slows every variant alike
+        for found, run in ((merged, lambda: merge_in_child(run_dir)), (two, lambda: merge_in_child(run_dir, 2)),
+                           (old, (lambda: merge_in_child(run_dir, 1, baseline)) if baseline else None)):
+            if run is not None:
+                m = run()
+                if not found or m["seconds"] < found["seconds"]:
+                    found.update(m)
     shard_mb = sum(p.stat().st_size for p in (run_dir / schema.SHARDS_DIR).glob("*.h5")) / 2**20
     shutil.rmtree(run_dir)
     rows = ranks * points
     return {"ranks": ranks, "points": points, "keys": keys, "shard_mb": shard_mb, "raw_s": raw, "floor_s": floor,
             "sha_s": sha, "merge_s": merged["seconds"], "prov_s": merged["prov_s"], "ratio": raw / merged["seconds"],
-            "ceiling": raw / floor, "of_floor": floor / merged["seconds"],
+            "ceiling": raw / floor, "x_floor": merged["seconds"] / floor, "jobs2_s": two["seconds"],
+            "speedup": merged["seconds"] / two["seconds"], "old_s": old.get("seconds", math.nan),
+            "old_ratio": old.get("seconds", math.nan) / merged["seconds"],
             "mrows_s": rows / merged["seconds"] / 1e6, "ns_row": merged["seconds"] / rows * 1e9,
             "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
 
@@ -156,29 +177,40 @@ def measure(base: Path, ranks: int, points: int, keys: int) -> dict[str, float]:
 COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys", "keys", 5, ""),
            ("shards MB", "shard_mb", 9, ".1f"), ("raw s", "raw_s", 7, ".3f"), ("floor s", "floor_s", 7, ".3f"),
            ("sha s", "sha_s", 6, ".3f"), ("merge s", "merge_s", 8, ".3f"), ("of it PROV s", "prov_s", 12, ".3f"),
-           ("ratio", "ratio", 6, ".3f"), ("ceiling", "ceiling", 7, ".2f"), ("of floor", "of_floor", 8, ".2f"),
-           ("Mrows/s", "mrows_s", 8, ".2f"),
+           ("ratio", "ratio", 6, ".3f"), ("ceiling", "ceiling", 7, ".2f"), ("x floor", "x_floor", 7, ".2f"),
+           ("jobs 2 s", "jobs2_s", 8, ".3f"), ("speedup", "speedup", 7, ".2f"), ("before s", "old_s", 8, ".3f"),
+           ("before/now", "old_ratio", 10, ".2f"), ("Mrows/s", "mrows_s", 8, ".2f"),
            ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller set (seconds)")
+    parser.add_argument("--case", action="append", default=[], metavar="RANKSxPOINTS[xKEYS]",
+                        help="measure only these cases (e.g. 1024x1000, 32x1000000x4); repeatable")
+    parser.add_argument("--repeat", type=int, default=1, help="merges per variant; the fastest counts")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="a directory holding another prov4ml_dist (e.g. `git archive` of an older commit): "
+                             "its merge is timed on the same shards, column 'before s'")
     parser.add_argument("--merge-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.merge_child:
-        child(args.merge_child)
+        child(args.merge_child, args.jobs)
         return
-    if args.quick:
+    if args.case:
+        cases = [tuple(int(v) for v in (case.split("x") + ["4"])[:3]) for case in args.case]
+    elif args.quick:
         cases = [(2, 10**4, 4), (8, 10**4, 4), (2, 10**5, 4), (8, 10**5, 4), (256, 10**3, 4), (8, 20 * 500, 500),
                  (8, 20 * 2000, 2000)]
     else:
         cases = [(r, p, 4) for p in (10**5, 10**6) for r in (2, 8, 32)]
-        cases += [(1024, 10**3, 4), (8, 50 * 500, 500), (8, 50 * 2000, 2000), (8, 200 * 2000, 2000)]
+        cases += [(1024, 10**3, 4), (4096, 10**3, 4), (8, 50 * 500, 500), (8, 50 * 2000, 2000),
+                  (8, 200 * 2000, 2000)]
     print(" ".join(f"{title:>{width}}" for title, _, width, _ in COLUMNS))
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
         for ranks, points, keys in cases:
-            m = measure(Path(tmp), ranks, points, keys)
+            m = measure(Path(tmp), ranks, points, keys, args.repeat, args.baseline)
             print(" ".join(f"{m[key]:>{width}{spec}}" for _, key, width, spec in COLUMNS), flush=True)
 
 

@@ -261,8 +261,14 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
               "not_transferred": plan.not_transferred, "problems": plan.problems}
     _write_json(run.run_dir / AGGREGATE_REPORT, report)
     from .merge import merge_run
+    from .merge.parallel import default_jobs
+    from .merge.scan import default_shards
 
-    result = merge_run(run.run_dir, world_size=transport.world_size, missing_ranks=plan.missing)
+    # The whole allocation waits for this merge: rank 0 uses the cores it may run on (its node's
+    # other ranks are idle, waiting for it), for a run large enough to gain from them. Not under
+    # MPI, where some interconnect drivers forbid a rank to start processes.
+    jobs = 1 if transport.name == "mpi" else default_jobs(default_shards(run.run_dir))
+    result = merge_run(run.run_dir, world_size=transport.world_size, missing_ranks=plan.missing, jobs=jobs)
     for problem in plan.problems + list(result.problems):
         log.warning("prov4ml_dist: merge of %s: %s", run.run_dir, problem)
     if plan.missing or plan.not_transferred:

@@ -282,7 +282,7 @@ def test_rank_that_closed_without_end_run_is_incomplete(tmp_path: Path) -> None:
     assert [s.count for s in run.series if s.key == "loss"] == [10, 10]  # its points are all merged
 
 
-def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path) -> None:
     """Only the crashed shard, which has no end record with its row counts, is counted row by row."""
     w = open_shard(tmp_path, 0, 2)
     log_series(w, "loss", [(s, 0.5, T0 + s) for s in range(100)])
@@ -290,11 +290,9 @@ def test_crashed_rank_is_incomplete_but_merged(tmp_path: Path, monkeypatch: pyte
     child = multiprocessing.get_context("fork").Process(target=_crashing_rank, args=(tmp_path,))
     child.start()
     child.join(30)
-    counted = []
-    read_rows = scan.read_rows
-    monkeypatch.setattr(scan, "read_rows", lambda reader, *a: counted.append(reader.rank) or read_rows(reader, *a))
+    shards = scan.scan_shards(scan.default_shards(tmp_path), [])
+    assert [(s.rank, s.tables["metrics"].from_end) for s in shards] == [(0, True), (1, False)]
     result = merge_run(tmp_path)
-    assert set(counted) == {1}
     assert any("rank 1 attempt 0: incomplete" in p for p in result.problems)
     run = load_merged(result.merged_h5)
     crashed = [r for r in run.ranks if r.rank == 1][0]
@@ -446,6 +444,33 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     assert ("copy", 2, 2) in seen
 
 
+@pytest.mark.parametrize("budget", ["rows kept", "left open", "opened again"])
+def test_each_shard_is_opened_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: str) -> None:
+    """Opening and checking a shard was most of the merge of thousands of small shards: the scan
+    keeps a small shard's rows, or leaves a larger one open; only past both budgets is a shard
+    opened a second time."""
+    from prov4ml_dist.shard import ShardReader
+
+    _write_run(tmp_path, 4)
+    if budget != "rows kept":
+        monkeypatch.setattr(scan, "SMALL_SHARD_BYTES", 0)
+    if budget == "opened again":
+        monkeypatch.setattr(scan, "OPEN_SHARDS", 1)
+    opened: list[Path] = []
+    init = ShardReader.__init__
+
+    def counting(self: ShardReader, path: Path) -> None:
+        opened.append(Path(path))
+        init(self, path)
+
+    monkeypatch.setattr(ShardReader, "__init__", counting)
+    result = merge_run(tmp_path)
+    assert not result.problems
+    twice = {p.name for p in opened if opened.count(p) > 1}
+    assert len(opened) == 4 + len(twice) and len(twice) == {"opened again": 3}.get(budget, 0), opened
+    assert [s.count for s in load_merged(result.merged_h5).series if s.key == "loss"] == [200] * 4
+
+
 def test_undeclared_series_rows_are_dropped_and_reported(tmp_path: Path) -> None:
     w = open_shard(tmp_path, 0, 1)
     log_series(w, "loss", [(0, 1.0, T0)])
@@ -464,11 +489,8 @@ def test_copied_shards_merge_anywhere(tmp_path: Path) -> None:
         merge_run(tmp_path / "b").prov_json.read_bytes())
 
 
-def test_thousands_of_keys_per_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many series per chunk go out in batched scattered writes; every point lands in place."""
-    from prov4ml_dist.merge import store
-
-    monkeypatch.setattr(store, "SCATTER_BATCH", 7)
+def test_thousands_of_keys_per_chunk(tmp_path: Path) -> None:
+    """Many series per chunk go out in one scattered write; every point lands in place."""
     for r in range(2):
         w = open_shard(tmp_path, r, 2)
         ids = [w.metrics.register(f"k{k:04d}", "TRAINING", "") for k in range(300)]

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..merge import load_merged, merge_run
+from ..merge.parallel import PARALLEL_MIN_BYTES, default_jobs
 from ..merge.prune import remove_merged_shards
 from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
@@ -38,17 +39,31 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--remove-shards", action="store_true",
                    help="after the merge, remove each shard whose sha256 merged.h5 records (the file merged "
                         "is the file removed); shards with a crash ring beside them are kept")
+    p.add_argument("--jobs", type=_jobs, default=None, metavar="N",
+                   help="processes to merge with (default: the cores available to this process, for a run "
+                        f"of at least {PARALLEL_MIN_BYTES >> 20} MiB of shards; 1 below); the files are the "
+                        "same whatever N")
     p.set_defaults(func=run)
+
+
+def _jobs(text: str) -> int:
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"--jobs wants a whole number of processes, at least 1 (got {text!r})")
+    return jobs
 
 
 def run(args: argparse.Namespace) -> int:
     run_dir = existing_directory(args.run_dir)
     if not (run_dir / schema.SHARDS_DIR).is_dir() and not args.local_dirs:
         run_dir = one_run_in(run_dir) or run_dir  # an experiment directory holding one run
-    run_id = expected_run_id(run_dir, list(shard_identities(default_shards(run_dir)).values()))
     refused = 0
     if args.local_dirs:
         _check_writable(run_dir)
+        run_id = expected_run_id(run_dir, list(shard_identities(default_shards(run_dir)).values()))
         report = import_local_dirs(run_dir, args.local_dirs, run_id)
         warn_all(report.problems)
         refused = len(report.problems)
@@ -58,13 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{run_dir} is not a run directory with shards (no {schema.SHARDS_DIR}/rank-*.h5); "
                        "shards left on node-local disks are brought in with --local-dirs")
     _check_writable(run_dir)
-    ids = {path: identity[0] for path, identity in shard_identities(paths).items()}
-    foreign = {p for p in paths if ids.get(p, run_id) != run_id}
-    warn_all([f"skipped shard {path}: it belongs to run {ids[path]!r}, not {run_id!r}" for path in sorted(foreign)])
+    jobs = args.jobs or default_jobs(paths)
     started = time.monotonic()
     progress = MergeProgress(sys.stderr)
-    try:
-        result = merge_run(run_dir, shard_paths=[p for p in paths if p not in foreign], progress=progress)
+    try:  # shards of another run are left out by the merge, and listed among its problems
+        result = merge_run(run_dir, shard_paths=paths, progress=progress, jobs=jobs)
     finally:
         progress.finish()
     warn_all(result.problems, rest=" (merged.h5 keeps them all, in its 'problems' attribute)")

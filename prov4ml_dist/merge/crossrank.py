@@ -30,7 +30,7 @@ import numpy as np
 from . import layout
 from .means import SCALE, UNSCALE, mean_from_sums
 from .series import SeriesIndex
-from .store import Appender
+from .store import Appender, Sink
 
 WINDOW_ROWS = 1 << 19
 LOCKSTEP_MIN_ROWS = 1 << 12  # below it, a group goes into a window with its neighbours
@@ -199,21 +199,32 @@ class _Cursor:
 class CrossRank:
     """Writes ``crossrank`` and ``slowest`` of one table and fills the groups' report columns."""
 
-    def __init__(self, parent: h5py.Group, index: SeriesIndex, rows: h5py.Dataset) -> None:
+    def __init__(self, index: SeriesIndex, rows: np.ndarray, stats: Sink, slowest: Sink) -> None:
         self.index = index
-        self.rows = rows  # the table's merged rows (staged uncompressed: see compress.py)
-        self.stats = Appender(parent, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
-        self.slowest = Appender(parent, layout.SLOWEST, layout.SLOWEST_DTYPE)
+        self.rows = rows  # the table's merged rows, a memory map of the staged file (rowstage.py)
+        self.stats = stats  # crossrank rows; ``stat_start`` of the groups counts from its first row
+        self.slowest = slowest
         self.group_of = index.series["group"]
         self.tallies: dict[int, _Tally] = {}
+        self._frontier = 0  # where the crossrank rows of the last group finished end
 
-    def run(self) -> None:
+    @classmethod
+    def into(cls, parent: h5py.Group, index: SeriesIndex, rows: np.ndarray) -> CrossRank:
+        """Writing ``crossrank`` and ``slowest`` of ``parent`` (a table's group of merged.h5)."""
+        return cls(index, rows, Appender(parent, layout.CROSSRANK, layout.CROSSRANK_DTYPE),
+                   Appender(parent, layout.SLOWEST, layout.SLOWEST_DTYPE))
+
+    def run(self, first: int = 0, stop: int | None = None) -> None:
+        """The groups ``first`` to ``stop`` (all by default): a parallel merge gives each process
+        a range, and each group's statistics are the same whichever range it is in."""
         groups = self.index.groups
+        stop = len(groups) if stop is None else stop
         # One rank: nothing to compare, its series is its statistics.
         compared = groups["series_stop"] - groups["series_start"] >= 2
         lockstep_next = self._lockstep_candidates(compared)
-        g = 0
-        while g < len(groups):
+        self._frontier = self.stats.size
+        g = first
+        while g < stop:
             if not compared[g]:
                 self._finish(g, _Tally())
                 g += 1
@@ -227,7 +238,7 @@ class CrossRank:
                 g += 1
                 continue
             last = int(np.searchsorted(groups["row_stop"], start + WINDOW_ROWS, side="right"))
-            last = min(last, int(lockstep_next[g + 1]))
+            last = min(last, int(lockstep_next[g + 1]), stop)
             rows = self.rows[start:int(groups["row_stop"][last - 1])]
             p = partials(rows, self.group_of)
             self._emit(iter([aggregate(p.take(compared[p.columns["group"]]))]), range(g, last))
@@ -310,7 +321,10 @@ class CrossRank:
 
     def _finish(self, g: int, tally: _Tally) -> None:
         row = self.index.groups[g:g + 1]
-        start = tally.start if tally.steps else self.stats.size
+        # A group without steps gets the empty range where its rows would be, after the previous
+        # group's: the same however the groups were batched (or split between processes).
+        start = tally.start if tally.steps else self._frontier
+        self._frontier = start + tally.steps
         row["stat_start"], row["stat_stop"] = start, start + tally.steps
         row["multi_rank_steps"] = tally.multi
         row["skew_mean"] = min(tally.skew_sum / tally.timed * UNSCALE, tally.skew_max) if tally.timed else math.nan
@@ -406,7 +420,7 @@ class CrossRank:
         """Row ranges where the step never decreases (a second read of this series only)."""
         bounds, previous = [start], None
         for a in range(start, stop, WINDOW_ROWS):
-            steps = self.rows.fields("step")[a:min(stop, a + WINDOW_ROWS)]
+            steps = self.rows["step"][a:min(stop, a + WINDOW_ROWS)]
             if previous is not None and steps[0] < previous:
                 bounds.append(a)
             bounds += (np.flatnonzero(steps[1:] < steps[:-1]) + 1 + a).tolist()

@@ -8,6 +8,7 @@ second merge replaces the first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,19 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from .. import __version__  # the code that merged, also when run from a checkout
 from ..errors import MergeError
 from ..paths import atomic_target, remove_stale_temporaries
-from ..shard import ShardReader, schema
+from ..shard import schema
 from ..shard.reader import MAX_RANK
 from . import compress, layout
 from .crossrank import CrossRank
 from .journal import Journal, dumps, hostname, node_rank, rank_number
 from .load import load_merged
-from .scan import BAD_SHARD, RowCountMismatch, ShardHasher, ShardInfo, default_shards, recount, scan_shards
-from .series import SeriesIndex, build_index, copy_rows
+from .parallel import MergeWorkers
+from .rowstage import RowStage
+from .scan import (
+    RowBudget,
+    RowCountMismatch,
+    ShardHasher,
+    ShardInfo,
+    close_kept,
+    default_shards,
+    read_shards,
+    recount,
+    select_shards,
+)
+from .series import SeriesIndex, build_index, copy_shard, table_plan
 from .store import write_table
 
 Progress = Callable[[str, int, int], None]
@@ -65,8 +77,10 @@ def recorded_missing_ranks(run_dir: Path) -> dict[int, str]:
 
 def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
               missing_ranks: Mapping[int, str] | None = None, world_size: int | None = None,
-              progress: Progress | None = None) -> MergeResult:
+              progress: Progress | None = None, jobs: int = 1) -> MergeResult:
     """Merge the shards of ``run_dir``; bad shards are reported in ``problems``, not raised.
+    ``jobs`` > 1 reads, copies and compares the shards in that many processes
+    (``parallel.py``); the files are the same as with one.
 
     Raises ``MergeError`` only when no shard of the run can be read or the outputs cannot
     be written.
@@ -78,28 +92,36 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
     report = progress or _silent
     problems: list[str] = []
     paths = list(shard_paths) if shard_paths is not None else default_shards(run_dir)
-    report("scan", 0, len(paths))
-    shards = scan_shards(paths, problems, run_dir.name)
-    report("scan", len(paths), len(paths))
-    if not shards:
-        raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
-                         + (": " + "; ".join(problems) if problems else ""))
-    merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
-    for name in remove_stale_temporaries(run_dir):  # a merge that crashed: its space is needed now
-        log.warning("prov4ml_dist: removed %s, left by a merge that did not finish", name)
-    _check_space(run_dir, shards)
-    try:
-        with atomic_target(merged) as tmp_merged, atomic_target(prov) as tmp_prov:
-            with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
-                missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
-                _write(out, run_dir, shards, world_size, problems, report)
-                hasher.fill(problems)
-                _write_ranks(out, shards, missing, problems)
-            report("prov", 0, 1)
-            write_prov_json(build_prov_json(load_merged(tmp_merged)), tmp_prov)
-            report("prov", 1, 1)
-    except OSError as exc:
-        raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
+    jobs = max(1, min(int(jobs), len(paths)))
+    with contextlib.ExitStack() as stack:
+        workers = stack.enter_context(MergeWorkers(jobs)) if jobs > 1 else None
+        report("scan", 0, len(paths))
+        if workers is not None:
+            found = workers.scan(paths, problems, lambda n: report("scan", n, len(paths)))
+        else:
+            found = read_shards(paths, problems, RowBudget(), lambda n: report("scan", n, len(paths)))
+        stack.callback(close_kept, found)
+        shards = select_shards(found, problems, run_dir.name)
+        report("scan", len(paths), len(paths))
+        if not shards:
+            raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
+                             + (": " + "; ".join(problems) if problems else ""))
+        merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
+        for name in remove_stale_temporaries(run_dir):  # a merge that crashed: its space is needed now
+            log.warning("prov4ml_dist: removed %s, left by a merge that did not finish", name)
+        _check_space(run_dir, shards)
+        try:
+            with atomic_target(merged) as tmp_merged, atomic_target(prov) as tmp_prov:
+                with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
+                    missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
+                    _write(out, run_dir, shards, world_size, problems, report, workers)
+                    hasher.fill(problems)
+                    _write_ranks(out, shards, missing, problems)
+                report("prov", 0, 1)
+                write_prov_json(build_prov_json(load_merged(tmp_merged)), tmp_prov)
+                report("prov", 1, 1)
+        except OSError as exc:
+            raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
     return MergeResult(merged, prov, problems)
 
 
@@ -123,7 +145,7 @@ def _silent(stage: str, done: int, total: int) -> None:
 
 
 def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: int | None, problems: list[str],
-           report: Progress) -> None:
+           report: Progress, workers: MergeWorkers | None) -> None:
     first = shards[0].start
     out.attrs["format"] = layout.FORMAT
     out.attrs["layout_version"] = layout.LAYOUT_VERSION
@@ -145,16 +167,20 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
         problems.extend(_shard_problems(shard))
     journal.write(out)
 
-    with compress.staging(run_dir) as stage:  # the rows, uncompressed until complete
-        indexes = _copy_all(stage, shards, problems, report)
+    # The rows, staged uncompressed until complete (rowstage.py), then compressed into merged.h5.
+    with compress.staging(run_dir) as stage:
+        rows = RowStage(stage)
+        indexes = _copy_all(rows, shards, problems, report, workers)
         for done, index in enumerate(indexes):
             report("crossrank", done, len(indexes))
             group = out.create_group(index.table)
-            rows = stage[index.table][layout.ROWS]
-            CrossRank(group, index, rows).run()
+            if workers is not None:
+                workers.crossrank(group, index, rows)
+            else:
+                CrossRank.into(group, index, rows.rows(index.table)).run()
             write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
             write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-            compress.write_compressed(group, layout.ROWS, rows)
+            compress.write_compressed(group, layout.ROWS, rows.dataset(index.table))
         report("crossrank", len(indexes), len(indexes))
 
 
@@ -166,18 +192,20 @@ def _write_ranks(out: h5py.File, shards: list[ShardInfo], missing: dict[int, str
     out.attrs[layout.PROBLEMS_ATTR] = json.dumps(problems)
 
 
-def _copy_all(out: h5py.File, shards: list[ShardInfo], problems: list[str], report: Progress) -> list[SeriesIndex]:
+def _copy_all(stage: RowStage, shards: list[ShardInfo], problems: list[str], report: Progress,
+              workers: MergeWorkers | None) -> list[SeriesIndex]:
     """Lay out and copy every row. Row counts from end records are checked on the way; if
     one was wrong, those shards are counted and the copy is done again."""
     while True:  # twice at most: a recount leaves no count from an end record
         indexes = [build_index(table, shards) for table in schema.TABLES]
         for index in indexes:
-            if index.table in out:
-                del out[index.table]
-            out.create_group(index.table).create_dataset(layout.ROWS, shape=(index.total_rows,),
-                                                         dtype=layout.ROW_DTYPE)
+            stage.create(index.table, index.total_rows)
         try:
-            _copy(out, shards, indexes, report)
+            if workers is not None:
+                workers.copy(shards, indexes, stage, lambda n: report("copy", n, len(shards)))
+            else:
+                _copy(shards, indexes, stage, report)
+            report("copy", len(shards), len(shards))
             return indexes
         except RowCountMismatch as exc:
             trusted = [s for s in shards if any(decl.from_end for decl in s.tables.values())]
@@ -187,22 +215,19 @@ def _copy_all(out: h5py.File, shards: list[ShardInfo], problems: list[str], repo
             recount(trusted)
 
 
-def _copy(out: h5py.File, shards: list[ShardInfo], indexes: list[SeriesIndex], report: Progress) -> None:
-    """Every row of every shard, each shard opened once."""
-    cursors = [index.series["row_start"].copy() for index in indexes]
-    for n, shard in enumerate(shards):
-        report("copy", n, len(shards))
-        try:
-            with ShardReader(shard.path) as reader:
-                for index, cursor in zip(indexes, cursors, strict=True):
-                    latest = copy_rows(reader, shard, n, index, out[index.table][layout.ROWS], cursor)
-                    shard.last_time = float(np.fmax(shard.last_time, latest))
-        except BAD_SHARD as exc:
-            raise MergeError(f"shard changed while it was merged: {exc}") from None
-    report("copy", len(shards), len(shards))
-    for index, cursor in zip(indexes, cursors, strict=True):
-        if not np.array_equal(cursor, index.series["row_stop"]):
-            raise RowCountMismatch(f"a shard changed while it was merged: table {index.table!r} lost rows")
+def _copy(shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, report: Progress) -> None:
+    """Every row of every shard, in this process."""
+    writers = {index.table: stage.writer(index.table) for index in indexes}
+    try:
+        for n, shard in enumerate(shards):
+            report("copy", n, len(shards))
+            tables = {index.table: table_plan(index, shard, n) for index in indexes}
+            copy_shard(shard, tables, writers)
+            for index in indexes:
+                index.series[tables[index.table].ids] = tables[index.table].series
+    finally:
+        for writer in writers.values():
+            writer.close()
 
 
 def _shard_problems(shard: ShardInfo) -> list[str]:

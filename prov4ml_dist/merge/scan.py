@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,13 @@ from ..shard import ShardReader, schema
 # file gets past the reader's checks (e.g. a chunk index cut off by truncation).
 BAD_SHARD = (ShardError, OSError, RuntimeError)
 HASH_THREADS = 4
+# The copy must not open and check a shard again (with thousands of small shards, opening
+# them was most of a merge): the scan keeps the rows of a small shard in memory, and leaves a
+# larger one open. Past these budgets a shard is opened again by the copy, where its own rows
+# then dwarf the cost of opening it.
+ROW_CACHE_BYTES = 512 << 20
+SMALL_SHARD_BYTES = 4 << 20  # rows kept in memory up to this size; above, reading them twice costs more
+OPEN_SHARDS = 256  # shards left open (file descriptors)
 
 
 @dataclass
@@ -59,6 +66,36 @@ class ShardInfo:
     problems: list[str] = field(default_factory=list)
     sha256: str = ""  # of the shard file as merged (ShardHasher): validate checks the file against it
     run_id: str = ""
+    rows: dict[str, np.ndarray] | None = None  # the tables' rows, read by the scan when they fit its budget
+    reader: ShardReader | None = None  # left open by the scan for the copy, when its budget allowed
+
+
+class RowBudget:
+    """What is left of ``ROW_CACHE_BYTES`` and ``OPEN_SHARDS`` for what the scan keeps."""
+
+    def __init__(self, limit: int | None = None, open_shards: int | None = None) -> None:
+        self.left = ROW_CACHE_BYTES if limit is None else limit
+        self.open_left = OPEN_SHARDS if open_shards is None else open_shards
+
+    def keep_rows(self, nbytes: int) -> bool:
+        if nbytes > min(self.left, SMALL_SHARD_BYTES):
+            return False
+        self.left -= nbytes
+        return True
+
+    def keep_open(self) -> bool:
+        if self.open_left <= 0:
+            return False
+        self.open_left -= 1
+        return True
+
+
+def close_kept(shards: Sequence[ShardInfo]) -> None:
+    """Close the shards the scan left open (and drop kept rows): the copy is done or failed."""
+    for shard in shards:
+        if shard.reader is not None:
+            shard.reader.close()
+        shard.reader, shard.rows = None, None
 
 
 def default_shards(run_dir: Path) -> list[Path]:
@@ -76,15 +113,30 @@ def choose_run_id(directory_name: str, identities: Sequence[tuple[str, int, int]
     return min((rank, attempt, rid) for rid, rank, attempt in identities if votes[rid] == top)[2]
 
 
-def scan_shards(paths: Sequence[Path], problems: list[str], directory_name: str = "") -> list[ShardInfo]:
+def scan_shards(paths: Sequence[Path], problems: list[str], directory_name: str = "",
+                budget: RowBudget | None = None, progress: Callable[[int], None] | None = None) -> list[ShardInfo]:
     """The readable shards of the run (see ``choose_run_id``), sorted by (rank, attempt).
-    Each is opened once here (a thousand shards made opening them a large part of a merge)."""
+    Each is opened and checked once here; its rows are kept while ``budget`` allows, so that
+    the copy need not open it again."""
+    return select_shards(read_shards(paths, problems, budget, progress), problems, directory_name)
+
+
+def read_shards(paths: Sequence[Path], problems: list[str], budget: RowBudget | None = None,
+                progress: Callable[[int], None] | None = None) -> list[ShardInfo]:
+    """``_read_shard`` of each path, in path order; unreadable ones become problems."""
     found: list[ShardInfo] = []
-    for path in sorted(Path(p) for p in paths):
+    for n, path in enumerate(sorted(Path(p) for p in paths)):
+        if progress is not None:
+            progress(n)
         try:
-            found.append(_read_shard(path))
+            found.append(_read_shard(path, budget))
         except BAD_SHARD as exc:
             problems.append(f"skipped shard: {_described(exc, path)}")
+    return found
+
+
+def select_shards(found: list[ShardInfo], problems: list[str], directory_name: str) -> list[ShardInfo]:
+    """The shards of the run's id, one per (rank, attempt), sorted by (rank, attempt)."""
     if not found:
         return []
     run_id = choose_run_id(directory_name, [(s.run_id, s.rank, s.attempt) for s in found])
@@ -106,10 +158,13 @@ def _described(exc: BaseException, path: Path) -> str:
     return str(exc) if isinstance(exc, ShardError) else f"{path}: unreadable ({type(exc).__name__}: {exc})"
 
 
-def _read_shard(path: Path) -> ShardInfo:
+def _read_shard(path: Path, budget: RowBudget | None = None) -> ShardInfo:
     """Identity, journal and per-series row counts: from the end record of a shard that was
-    closed, else counted (the first full read of the rows)."""
-    with ShardReader(path) as reader:
+    closed, else counted (the first full read of the rows); the rows too when ``budget`` has
+    room for them."""
+    reader = ShardReader(path)
+    left_open = False
+    try:
         run_id, rank, attempt = reader.run_id, reader.rank, reader.attempt
         start, end, decls, records = None, None, {name: {} for name in schema.TABLES}, []
         last_time = -math.inf
@@ -131,15 +186,23 @@ def _read_shard(path: Path) -> ShardInfo:
                 records.append(record)
         if start is None:
             raise ShardError(f"{path}: no start record (killed before its first flush?)")
-        tables = {name: _count(reader, name, decls[name], end) for name in schema.TABLES}
+        row_bytes = sum(reader.rows(name) for name in schema.TABLES) * schema.ROW_DTYPE.itemsize
+        kept = ({name: reader.read_table(name) for name in schema.TABLES}
+                if budget is not None and budget.keep_rows(row_bytes) else None)
+        tables = {name: _count(reader, name, decls[name], end, None if kept is None else kept[name])
+                  for name in schema.TABLES}
         corrupt, ring_rows, ring_records = reader.corrupt_records, sum(reader.ring_rows.values()), reader.ring_records
+        left_open = kept is None and budget is not None and budget.keep_open()
+    finally:
+        if not left_open:
+            reader.close()
     problems = [f"{path.name}: {corrupt} corrupt journal records skipped"] if corrupt else []
     if ring_rows or ring_records:  # the count the merge reports of what only the crash ring held
         problems.append(f"{path.name}: {ring_rows} points and {ring_records} journal records recovered from "
                         "its crash ring (accepted before it died, not yet flushed)")
     return ShardInfo(path, rank, attempt, start, end, records, tables,
                      last_time=last_time if last_time > -math.inf else math.nan,
-                     problems=problems, run_id=run_id)
+                     problems=problems, run_id=run_id, rows=kept, reader=reader if left_open else None)
 
 
 class ShardHasher:
@@ -185,9 +248,10 @@ def recount(shards: Sequence[ShardInfo]) -> None:
 
 
 def _count(reader: ShardReader, table: str, declared: dict[int, dict[str, Any]],
-           end: dict[str, Any] | None) -> TableDecl:
+           end: dict[str, Any] | None, kept: np.ndarray | None = None) -> TableDecl:
+    """Rows per declared series of ``table``, counted in ``kept`` when the scan read the rows."""
     ids = np.array(sorted(declared), dtype=np.int64)
-    rows = reader.rows(table)
+    rows = reader.rows(table) if kept is None else len(kept)
     known = _counts_in(end, table, rows)
     if known is not None:
         counts = np.zeros(len(ids), dtype=np.int64)
@@ -197,7 +261,7 @@ def _count(reader: ShardReader, table: str, declared: dict[int, dict[str, Any]],
                          from_end=True)
     counts = np.zeros(len(ids), dtype=np.int64)
     undeclared = 0
-    for chunk in read_rows(reader, table, rows):
+    for chunk in read_rows(reader, table, rows) if kept is None else [kept]:
         idx, valid = local_index(ids, chunk["series"])
         counts += np.bincount(idx[valid], minlength=len(ids))
         undeclared += int(len(chunk) - np.count_nonzero(valid))

@@ -2,24 +2,27 @@
 
 Rows are laid out by cross-rank group (key, context, source, attempt), then rank: the
 row counts from the scan give every series its range before any row is written, so each
-chunk read from a shard is sorted by series and written with one scattered HDF5 write.
+chunk read from a shard is sorted by series and written with one scattered write into a
+memory map of the staged rows (see ``rowstage.py``).
 Per-series summaries (count, min, max, first/last step, last value) are computed on the
 way, vectorised per chunk, so 2,000 keys cost no more passes than one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 
+from ..errors import MergeError
 from ..shard import ShardReader
 from . import layout
-from .scan import RowCountMismatch, ShardInfo, as_text, local_index, read_rows
-from .store import write_scattered
+from .rowstage import RowWriter
+from .scan import BAD_SHARD, RowCountMismatch, ShardInfo, as_text, local_index, read_rows
 
 _SERIES_FIELDS = ("kind", "time", "table", "id", "key", "context", "source")
 
@@ -79,42 +82,93 @@ def build_index(table: str, shards: list[ShardInfo]) -> SeriesIndex:
     return SeriesIndex(table, series, groups, global_ids)
 
 
-def copy_rows(reader: ShardReader, shard: ShardInfo, shard_no: int, index: SeriesIndex, rows: h5py.Dataset,
-              cursor: np.ndarray) -> float:
-    """Copy one shard's table into ``rows``; returns the latest row time seen (NaN if none).
+def copy_rows(chunks: Iterable[np.ndarray], declared: np.ndarray, rank: int, ids: np.ndarray, series: np.ndarray,
+              cursor: np.ndarray, rows: RowWriter, where: str) -> float:
+    """Copy one shard's rows of one table (``chunks``, in logging order) into ``rows`` (the
+    table's staged rows, which several processes may write at once, each its own series'
+    ranges); returns the latest row time seen (NaN if none).
 
-    ``cursor`` holds, per global series, the next row to write; it advances here.
+    ``ids`` is the global series id of each series the shard declared (``declared``, sorted);
+    ``series`` their summary rows and ``cursor`` the next row to write of each, both in that
+    order: the summaries are filled and the cursors advance here. ``where`` names the shard.
     """
-    decl = shard.tables[index.table]
-    global_ids = index.global_ids[shard_no]
-    # Sort key: each declared id's position in global order, dense, so segments come out in
-    # ascending destination order (what a union selection needs) and radix-sortable.
-    order_of = np.empty(len(global_ids), dtype=np.uint16 if len(global_ids) <= 1 << 16 else np.int64)
-    order_of[np.argsort(global_ids)] = np.arange(len(global_ids))
+    # Sort key: each declared series' position in global order, dense, so segments come out in
+    # ascending destination order and radix-sortable.
+    order_of = np.empty(len(ids), dtype=np.uint16 if len(ids) <= 1 << 16 else np.int64)
+    order_of[np.argsort(ids)] = np.arange(len(ids))
     latest = -math.inf
-    for chunk in read_rows(reader, index.table, decl.rows):
-        idx, valid = local_index(decl.ids, chunk["series"])
+    for chunk in chunks:
+        slot, valid = local_index(declared, chunk["series"])
         if not valid.all():
-            chunk, idx = chunk[valid], idx[valid]
+            chunk, slot = chunk[valid], slot[valid]
         if not len(chunk):
             continue
-        order = np.argsort(order_of[idx], kind="stable")
-        gid = global_ids[idx[order]]
+        order = np.argsort(order_of[slot], kind="stable")
+        slot = slot[order]
         out = np.empty(len(chunk), dtype=layout.ROW_DTYPE)
-        out["series"] = gid
-        out["rank"] = shard.rank
+        out["series"] = ids[slot]
+        out["rank"] = rank
         for name in ("step", "value", "time"):
             out[name] = chunk[name].take(order)
-        starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+        starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
         lengths = np.diff(np.r_[starts, len(out)])
-        segments = gid[starts]
-        if (cursor[segments] + lengths > index.series["row_stop"][segments]).any():
-            raise RowCountMismatch(f"{shard.path.name}: more rows of a series of {index.table!r} than counted")
-        write_scattered(rows, out, cursor[segments], lengths)
+        segments = slot[starts]
+        if (cursor[segments] + lengths > series["row_stop"][segments]).any():
+            raise RowCountMismatch(f"{where}: more rows of a series than counted")
+        rows.scatter(out, starts, cursor[segments], lengths)
         cursor[segments] += lengths
-        _summarise(index.series, out, starts, lengths, segments)
+        _summarise(series, out, starts, lengths, segments)
         latest = max(latest, float(out["time"].max()))
     return latest if latest > -math.inf else math.nan
+
+
+@dataclass
+class TablePlan:
+    """What copying one shard's table needs, picklable for a worker process: the series ids it
+    declared (sorted), how many rows to read, their global ids and their summary rows."""
+
+    declared: np.ndarray
+    limit: int
+    ids: np.ndarray
+    series: np.ndarray  # layout.SERIES_DTYPE rows of ``ids``: row ranges in, summaries out
+
+
+def table_plan(index: SeriesIndex, shard: ShardInfo, shard_no: int) -> TablePlan:
+    """``index``'s plan for one shard."""
+    ids = index.global_ids[shard_no]
+    decl = shard.tables[index.table]
+    return TablePlan(decl.ids, decl.rows, ids, index.series[ids])
+
+
+def copy_shard(shard: ShardInfo, tables: dict[str, TablePlan], rows: dict[str, RowWriter]) -> None:
+    """Copy every table of one shard (its rows kept by the scan, else from the reader it left
+    open, else opened again), filling the plans' summaries and ``shard.last_time``; what the
+    scan kept is released."""
+    with contextlib.ExitStack() as stack:
+        try:
+            reader = shard.reader if shard.rows is None else None
+            if reader is None and shard.rows is None:
+                reader = ShardReader(shard.path)
+            if reader is not None:
+                stack.callback(reader.close)
+            for table, plan in tables.items():
+                chunks = (read_rows(reader, table, plan.limit) if reader is not None
+                          else _blocks(shard.rows[table][:plan.limit]))
+                cursor = plan.series["row_start"].copy()
+                latest = copy_rows(chunks, plan.declared, shard.rank, plan.ids, plan.series, cursor, rows[table],
+                                   shard.path.name)
+                if not np.array_equal(cursor, plan.series["row_stop"]):
+                    raise RowCountMismatch(f"{shard.path.name}: fewer rows of a series of {table!r} than counted")
+                shard.last_time = float(np.fmax(shard.last_time, latest))
+        except BAD_SHARD as exc:
+            raise MergeError(f"shard changed while it was merged: {exc}") from None
+    shard.rows, shard.reader = None, None
+
+
+def _blocks(rows: np.ndarray, size: int = 1 << 18) -> Iterator[np.ndarray]:
+    """Kept rows in the reader's slice size: the copy's temporaries stay bounded."""
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
 
 
 def _summarise(series: np.ndarray, out: np.ndarray, starts: np.ndarray, lengths: np.ndarray,

@@ -3,21 +3,68 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import h5py
 import numpy as np
-from h5py import h5s
 
 from .layout import TABLE_CHUNK_ROWS
 
 APPEND_BUFFER_ROWS = 65536
-SCATTER_BATCH = 128
 
 
 def write_table(parent: h5py.Group, name: str, dtype: np.dtype, rows: Sequence[tuple] | np.ndarray) -> h5py.Dataset:
     """A small table written at once (possibly empty)."""
     data = rows if isinstance(rows, np.ndarray) else np.array(list(rows), dtype=dtype)
     return parent.create_dataset(name, data=data.astype(dtype, copy=False), dtype=dtype)
+
+
+class Sink(Protocol):
+    """Where rows computed in blocks go: an ``Appender`` (a table of merged.h5) or an
+    ``ArraySink`` (memory, in a worker of a parallel merge)."""
+
+    size: int
+
+    def add(self, row: tuple) -> None: ...
+
+    def extend(self, rows: np.ndarray) -> None: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class ArraySink:
+    """A ``Sink`` in memory, for rows sent back to the process writing merged.h5."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self._parts: list[np.ndarray] = []
+        self._tuples: list[tuple] = []
+        self.size = 0
+
+    def add(self, row: tuple) -> None:
+        self._tuples.append(row)
+        self.size += 1
+
+    def extend(self, rows: np.ndarray) -> None:
+        self.flush()
+        self._parts.append(np.asarray(rows, dtype=self.dtype))
+        self.size += len(rows)
+
+    def truncate(self, size: int) -> None:
+        self.size = size
+        self._parts = [self.array()[:size]]
+
+    def flush(self) -> None:
+        if self._tuples:
+            self._parts.append(np.array(self._tuples, dtype=self.dtype))
+            self._tuples = []
+
+    def array(self) -> np.ndarray:
+        """Every row so far."""
+        self.flush()
+        return np.concatenate(self._parts) if self._parts else np.empty(0, dtype=self.dtype)
 
 
 class Appender:
@@ -69,22 +116,3 @@ class Appender:
             self._ds.resize((start + len(data),))
             self._ds[start:] = data
             self._arrays, self._buffered = [], 0
-
-
-def write_scattered(ds: h5py.Dataset, data: np.ndarray, dest: np.ndarray, lengths: np.ndarray) -> None:
-    """Write consecutive pieces of ``data`` to ascending, disjoint row ranges, a batch of
-    pieces per HDF5 call.
-
-    One union selection per batch instead of one write per piece: with thousands of series
-    per chunk, per-piece writes cost ~100x more (h5py overhead per call). Batches, because
-    HDF5 builds a union of n hyperslabs in O(n^2): 16,000 pieces in one union take seconds.
-    """
-    offsets = np.r_[0, np.cumsum(lengths)]
-    space = ds.id.get_space()
-    for first in range(0, len(dest), SCATTER_BATCH):
-        last = min(len(dest), first + SCATTER_BATCH)
-        space.select_none()
-        for start, count in zip(dest[first:last].tolist(), lengths[first:last].tolist(), strict=True):
-            space.select_hyperslab((start,), (count,), op=h5s.SELECT_OR)
-        piece = data[offsets[first]:offsets[last]]
-        ds.id.write(h5s.create_simple((len(piece),)), space, piece)

@@ -53,8 +53,8 @@ class ShardReader:
         self._file = self._open()
         try:
             self.attrs = self._check_attrs()
-            self._datasets = self._check_layout()
-            self._limits = {name: self._readable_length(ds) for name, ds in self._datasets.items()}
+            self._datasets, dtypes = self._check_layout()
+            self._limits = {name: self._readable_length(ds, dtypes[name]) for name, ds in self._datasets.items()}
             self._ring = {name: ring.recover_rows(self.path, name, self._limits[name]) for name in schema.TABLES}
         except ValueError as exc:
             self._file.close()
@@ -85,17 +85,17 @@ class ShardReader:
         except OSError as exc:
             raise ShardError(f"{self.path}: not a readable HDF5 shard ({_first_line(exc)})") from None
 
-    def _readable_length(self, ds: h5py.Dataset) -> int:
+    def _readable_length(self, ds: h5py.Dataset, dtype: np.dtype) -> int:
         """Rows backed by bytes that exist: SWMR-read skips HDF5's end-of-file check, and a
         truncated copy of a crashed shard would otherwise read as zeros."""
-        limit = min(int(ds.shape[0]), ds.id.get_storage_size() // _dtype_of(ds).itemsize)  # rows the file holds
+        limit = min(int(ds.id.shape[0]), ds.id.get_storage_size() // dtype.itemsize)  # rows the file holds
         if self.recovered:
             size = self.path.stat().st_size
             for i in range(ds.id.get_num_chunks()):
                 info = ds.id.get_chunk_info(i)
                 if info.byte_offset is None or info.byte_offset + info.size > size:
                     limit = min(limit, int(info.chunk_offset[0]))
-        return _without_unwritten_tail(ds, limit)
+        return _without_unwritten_tail(ds, limit, dtype)
 
     def _check_attrs(self) -> dict[str, Any]:
         try:
@@ -115,21 +115,26 @@ class ShardReader:
                 raise ShardError(f"{self.path}: attribute {key!r} out of range: {attrs[key]}")
         return attrs
 
-    def _check_layout(self) -> dict[str, h5py.Dataset]:
-        """The tables and the journal, each looked up once: with a thousand shards, h5py's
-        per-lookup cost was most of a merge's time."""
-        datasets = {}
+    def _check_layout(self) -> tuple[dict[str, h5py.Dataset], dict[str, np.dtype]]:
+        """The tables and the journal, and their dtypes, each looked up once through h5py's
+        low-level API: with thousands of shards, h5py's per-lookup cost was most of a merge."""
+        datasets, dtypes = {}, {}
         expected = {**dict.fromkeys(schema.TABLES, schema.ROW_DTYPE), schema.JOURNAL: np.dtype(np.uint8)}
         for name, dtype in expected.items():
-            ds = self._file.get(name)
-            if not isinstance(ds, h5py.Dataset) or _dtype_of(ds) != dtype or ds.ndim != 1:
-                what = "journal" if name == schema.JOURNAL else f"table {name!r}"
+            what = "journal" if name == schema.JOURNAL else f"table {name!r}"
+            try:
+                oid = h5py.h5o.open(self._file.id, name.encode())
+            except KeyError:
+                raise ShardError(f"{self.path}: {what} missing or of the wrong type") from None
+            if not isinstance(oid, h5py.h5d.DatasetID) or oid.dtype != dtype or oid.rank != 1:
                 raise ShardError(f"{self.path}: {what} missing or of the wrong type")
-            if ds.chunks is None or ds.chunks[0] * dtype.itemsize > MAX_CHUNK_BYTES:
-                raise ShardError(f"{self.path}: {ds.name!r} is not stored in chunks of at most "
+            plist = oid.get_create_plist()
+            chunks = plist.get_chunk() if plist.get_layout() == h5py.h5d.CHUNKED else None
+            if chunks is None or chunks[0] * dtype.itemsize > MAX_CHUNK_BYTES:
+                raise ShardError(f"{self.path}: '/{name}' is not stored in chunks of at most "
                                  f"{MAX_CHUNK_BYTES} bytes")
-            datasets[name] = ds
-        return datasets
+            datasets[name], dtypes[name] = h5py.Dataset(oid), dtype
+        return datasets, dtypes
 
     def __enter__(self) -> ShardReader:
         return self
@@ -268,7 +273,7 @@ def _open_swmr_read(path: Path) -> h5py.File:
     return h5py.File(fid)
 
 
-def _without_unwritten_tail(ds: h5py.Dataset, limit: int) -> int:
+def _without_unwritten_tail(ds: h5py.Dataset, limit: int, dtype: np.dtype) -> int:
     """``limit`` less a tail of all-zero rows (bytes, for the journal): rows HDF5 counts but
     whose data never reached the disk, when a flush failed (disk full) and the file was then
     closed or abandoned. A real row is never all zero (its time is ``time.time()``), nor is a
@@ -277,7 +282,7 @@ def _without_unwritten_tail(ds: h5py.Dataset, limit: int) -> int:
     while limit > 0:
         start = max(0, limit - scan)
         try:
-            block = read_slice(ds, start, limit, _dtype_of(ds))
+            block = read_slice(ds, start, limit, dtype)
         except OSError:
             return limit  # reading the rows reports it
         written = np.flatnonzero(block.view(np.uint8).reshape(len(block), -1).any(axis=1))
@@ -296,11 +301,6 @@ def read_slice(ds: h5py.Dataset, start: int, stop: int, dtype: np.dtype) -> np.n
         space.select_hyperslab((start,), (stop - start,))
         ds.id.read(h5py.h5s.create_simple((stop - start,)), space, out)
     return out
-
-
-def _dtype_of(ds: h5py.Dataset) -> np.dtype:
-    """A dataset's dtype, read once: h5py rebuilds it on every ``Dataset.dtype``."""
-    return ds.id.dtype
 
 
 def _plain(value: Any) -> Any:
