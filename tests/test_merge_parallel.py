@@ -4,6 +4,7 @@ the same merged.h5 and prov.json as one process, whatever the shards hold."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from prov4ml_dist.errors import MergeError
 from prov4ml_dist.merge import merge_run, scan
-from prov4ml_dist.merge.parallel import MergeWorkers
+from prov4ml_dist.merge.parallel import PARALLEL_MIN_SHARDS, MergeWorkers, default_jobs
 
 from .test_cli_support import cli, merged_content, prov_structure
 from .test_merge_support import T0, crash, log_series, open_shard
@@ -111,3 +112,12 @@ def test_a_worker_that_dies_fails_the_merge_without_a_hang(tmp_path: Path) -> No
         workers._procs[0].wait()
         with pytest.raises(MergeError, match="merge worker 1 died"):
             workers.scan(sorted((tmp_path / "shards").glob("*.h5")), [], lambda n: None)
+
+
+def test_the_default_is_parallel_only_for_runs_of_many_shards(tmp_path):
+    """Workers share the per-shard cost, not the per-point one: a run of a few huge shards
+    merges in one process, a run of many ranks with the cores this process may use."""
+    few = [tmp_path / f"rank-{r:05d}.h5" for r in range(PARALLEL_MIN_SHARDS - 1)]
+    many = [*few, tmp_path / "rank-99999.h5"]
+    assert default_jobs(few) == 1
+    assert default_jobs(many) == len(os.sched_getaffinity(0))

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..merge import load_merged, merge_run
-from ..merge.parallel import PARALLEL_MIN_BYTES, default_jobs
+from ..merge.parallel import PARALLEL_MIN_SHARDS, default_jobs
 from ..merge.prune import remove_merged_shards
 from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
@@ -41,7 +41,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                         "is the file removed); shards with a crash ring beside them are kept")
     p.add_argument("--jobs", type=_jobs, default=None, metavar="N",
                    help="processes to merge with (default: the cores available to this process, for a run "
-                        f"of at least {PARALLEL_MIN_BYTES >> 20} MiB of shards; 1 below); the files are the "
+                        f"of at least {PARALLEL_MIN_SHARDS} shards; 1 below); the files are the "
                         "same whatever N")
     p.set_defaults(func=run)
 
