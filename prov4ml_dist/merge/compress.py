@@ -51,19 +51,23 @@ def staging(run_dir: Path) -> Iterator[h5py.File]:
             path.unlink()
 
 
-def _compressed_chunk(source: h5py.Dataset, start: int, rows: int, level: int) -> bytes:
+def _compressed_chunk(source: np.ndarray | h5py.Dataset, start: int, rows: int, level: int) -> bytes:
     """One chunk as HDF5's shuffle then deflate filters store it (a last, partial chunk padded
     to the full chunk with zero rows, as HDF5 does)."""
-    data = np.zeros(rows, dtype=source.dtype)
-    stop = min(start + rows, source.shape[0])
-    source.read_direct(data, np.s_[start:stop], np.s_[0:stop - start])
-    shuffled = data.view(np.uint8).reshape(rows, source.dtype.itemsize).T.tobytes()
+    data = source[start:start + rows]
+    if len(data) < rows:
+        padded = np.zeros(rows, dtype=source.dtype)
+        padded[:len(data)] = data
+        data = padded
+    shuffled = np.ascontiguousarray(data).view(np.uint8).reshape(rows, source.dtype.itemsize).T.tobytes()
     return _deflate.compress(shuffled, level)
 
 
-def write_compressed(parent: h5py.Group, name: str, source: h5py.Dataset) -> h5py.Dataset:
+def write_compressed(parent: h5py.Group, name: str, source: np.ndarray | h5py.Dataset) -> h5py.Dataset:
     """Copy the 1-d ``source`` into ``parent[name]`` with shuffle + deflate, in chunks of at
-    most ``layout.ROWS_CHUNK_ROWS`` rows and never more than the data."""
+    most ``layout.ROWS_CHUNK_ROWS`` rows and never more than the data. A memory map of the
+    staged rows (``rowstage.open_rows``) lets the threads read and shuffle in parallel (numpy
+    lets the GIL go while it copies); an HDF5 dataset is read under h5py's one lock."""
     n = source.shape[0]
     if n == 0:
         return parent.create_dataset(name, shape=(0,), dtype=source.dtype)
@@ -74,7 +78,7 @@ def write_compressed(parent: h5py.Group, name: str, source: h5py.Dataset) -> h5p
     starts = range(0, n, chunk)
     threads = max(1, min(MAX_THREADS, os.cpu_count() or 1, len(starts)))
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prov4ml-deflate") as pool:
-        # h5py serialises HDF5 calls; the reads are short, the compression runs in parallel.
+        # Reading, shuffling and deflating run in parallel; HDF5's chunk writes here, in order.
         for start, data in zip(starts, pool.map(lambda s: _compressed_chunk(source, s, chunk, level), starts),
                                strict=True):
             out.id.write_direct_chunk((start,), data)

@@ -180,7 +180,7 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
                 CrossRank.into(group, index, rows.rows(index.table)).run()
             write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
             write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-            compress.write_compressed(group, layout.ROWS, rows.dataset(index.table))
+            compress.write_compressed(group, layout.ROWS, rows.rows(index.table))
         report("crossrank", len(indexes), len(indexes))
 
 

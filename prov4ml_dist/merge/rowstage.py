@@ -8,7 +8,7 @@ more than the copy) or, for many short series, one scattered assignment to a mem
 the processes of a parallel merge (``parallel.py``) write their shards' series ranges into the
 same file at once, which HDF5 itself cannot do. The space is reserved (``posix_fallocate``) when
 the dataset is made, so a full disk fails the merge there, cleanly. The cross-rank pass reads a
-memory map of the rows (no HDF5 call per block); compression reads the dataset with plain h5py.
+memory map of the rows (no HDF5 call per block), and so does compression (in threads).
 """
 
 from __future__ import annotations
@@ -67,10 +67,6 @@ class RowStage:
 
     def writer(self, table: str) -> RowWriter:
         return RowWriter(self.where[table])
-
-    def dataset(self, table: str) -> h5py.Dataset:
-        """The table's rows as an HDF5 dataset (once every row is written)."""
-        return self.stage[table]
 
 
 class RowWriter:
