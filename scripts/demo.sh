@@ -17,6 +17,7 @@ cat <<NEXT
 
 What next: the run is in $run_dir (merged.h5, prov.json, shards/, artifacts/). Try
   source ${venv#"$PWD/"}/bin/activate; RUN=$run_dir
+  prov4ml-dist report \$RUN                             # the HTML report (written below), opens offline
   prov4ml-dist plot \$RUN -o plots                      # PNGs: every metric, system series, energy
   prov4ml-dist export \$RUN --format csv -o points.csv  # every point as CSV
   prov4ml-dist export \$RUN --format svg                # the PROV graph as prov.svg (needs Graphviz)
