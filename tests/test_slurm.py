@@ -772,8 +772,15 @@ def test_requeued_job_keeps_both_attempts(slurm_cluster, tmp_path):
         assert f"merged provenance: {run_dir / 'prov.json'}" in job.stdout
         assert sorted(p.name for p in (run_dir / "shards").iterdir()) == [
             "rank-00000.h5", "rank-00000.requeue-1.h5", "rank-00001.h5", "rank-00001.requeue-1.h5"]
-        assert _merged_attempts(run_dir) == [(0, 0, "killed-by-SIGTERM"), (0, 1000, "ok"),
-                                             (1, 0, "killed-by-SIGTERM"), (1, 1000, "ok")]
+        # The first attempt of each rank closed its shard on the requeue's SIGTERM, or just before
+        # it: a rank whose peer got the signal first leaves on the failed collective (DDP over
+        # gloo raises), closing its shard at exit. Either way closed, never missing.
+        attempts = _merged_attempts(run_dir)
+        assert [(rank, attempt) for rank, attempt, _ in attempts] == [(0, 0), (0, 1000), (1, 0), (1, 1000)]
+        first, second = attempts[0::2], attempts[1::2]
+        assert {status for *_, status in second} == {"ok"}
+        assert {status for *_, status in first} <= {"killed-by-SIGTERM", "exited-without-end_run"}
+        assert "killed-by-SIGTERM" in {status for *_, status in first}  # the requeue's signal reached the job
         rec = read_run(job, run_dir)
         assert sorted(rec.agents) == [0, 1] and rec.run["world_size"] == 2
         for rank, agent in rec.agents.items():
