@@ -759,10 +759,17 @@ def test_requeued_job_keeps_both_attempts(slurm_cluster, tmp_path):
         wait_until_logging(slurm_cluster, job_id, run_dir, 2)
         deadline = time.monotonic() + 60
         slurm_cluster.run(["scontrol", "requeue", str(job_id)])
-        # Slurm holds a requeued job back for two minutes (Reason=BeginTime): release it now.
+        # Slurm holds a requeued job back for two minutes (Reason=BeginTime): release it sooner, but
+        # only once its nodes have finished the first instance and a second has passed: slurmd
+        # revoked the job's credential then, to the second, and refuses any credential made in the
+        # same second ("Killing non-startable batch job: Job credential revoked", seen in CI).
         while (info := slurm_cluster.job_info(job_id)).get("JobState") != "PENDING":
             assert info.get("JobState") not in FINISHED and time.monotonic() < deadline, info
             time.sleep(0.25)
+        while "comp" in slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%t"]).stdout:
+            assert time.monotonic() < deadline, "nodes still completing the first instance"
+            time.sleep(0.25)
+        time.sleep(2.0)
         slurm_cluster.run(["scontrol", "update", f"job={job_id}", "StartTime=now"])
         job = slurm_cluster.collect(job_id, tmp_path, *slurm_cluster.wait(job_id))
     finally:
