@@ -38,3 +38,33 @@ def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
         end = reader.end_record()
     assert steps.tolist() == list(range(rows))
     assert end["ring_waits"]["metrics"] >= 1 and end["lost_rows"]["metrics"] == 0
+
+
+def test_a_full_ring_never_waits_forever_for_a_flusher_that_is_gone(tmp_path, monkeypatch):
+    """The flusher thread died (here: at once): a logging call that finds the ring full flushes
+    in its own thread instead of waiting for it forever, and no row is lost."""
+    monkeypatch.setitem(ring.CAPACITY, "metrics", 64)
+
+    def dies(self: writer.ShardWriter) -> None:
+        raise RuntimeError("the flusher thread died")
+
+    monkeypatch.setattr(writer.ShardWriter, "_run", dies)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # its traceback is expected
+    path = tmp_path / "s.h5"
+    w = ShardWriter(path, ATTRS, flush_interval=60)
+    sid = w.metrics.register("x", "c", "")
+    rows = 10 * 64
+
+    def burst() -> None:
+        for step in range(rows):
+            w.metrics.append(sid, step, float(step), 1.0)
+
+    logger = threading.Thread(target=burst, daemon=True)
+    logger.start()
+    logger.join(30)
+    stuck = logger.is_alive()
+    w.close()
+    assert not stuck, "a logging call waited forever for a dead flusher"
+    with ShardReader(path) as reader:
+        steps = reader.read_table("metrics")["step"]
+    assert steps.tolist() == list(range(rows))

@@ -48,9 +48,13 @@ RING_DTYPE = np.dtype({"names": ["series", "step", "value", "time", "seq"],
                        "offsets": [0, 4, 12, 20, 28], "itemsize": ROW_BYTES})
 PACK = struct.Struct("<iqddQ").pack_into  # series, step, value, time, then the commit mark
 _U8 = struct.Struct("<q")
-# Rows per ring: 2.5 MiB and 160 KiB of file, allocated at start (a page written into a hole of
+# Rows per ring: 10 MiB and 160 KiB of file, allocated at start (a page written into a hole of
 # a full disk would be SIGBUS) and removed at a clean close. Halved while the disk refuses them.
-CAPACITY = {"metrics": 1 << 16, "system": 1 << 12}
+# The metrics ring holds four flush pieces (writer.FLUSH_PIECE_ROWS): a logger in a tight loop
+# (~650k points/s here) fills it in 0.4 s, longer than the flusher takes to drain it while it
+# shares the GIL; at 2^16 rows, calls that found it full (each a multi-ms stall) were 26-59 per
+# 10^6 points, at 2^17 4-24, at 2^18 none (bench_log_metric.py, README "Zero loss").
+CAPACITY = {"metrics": 1 << 18, "system": 1 << 12}
 MIN_CAPACITY_SHIFT = 6  # at most 1/64 of CAPACITY, before giving up
 JOURNAL_DELTA = len(schema.TABLES)  # header field index of the journal's delta
 WAL_FRAME = struct.Struct("<II")
@@ -126,10 +130,11 @@ class Ring:
         """Back-pressure: the ring is full (the flusher is ``capacity`` rows behind); wait until
         it drained enough for ``slot`` (never overwrite a row that is not in HDF5 yet)."""
         self.waits += 1
-        if self.on_full is not None:  # the flusher may be asleep until its next poll
-            self.on_full()
         while slot >= self.limit:
-            time.sleep(BACKPRESSURE_SLEEP_S)
+            if self.on_full is not None:  # the flusher may be asleep until its next poll, or gone
+                self.on_full()
+            if slot >= self.limit:
+                time.sleep(BACKPRESSURE_SLEEP_S)
 
     def committed(self, at_least: int = 1) -> bool:
         """Whether ``at_least`` rows wait to be drained (O(1): checks the last of them)."""

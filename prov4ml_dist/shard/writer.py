@@ -41,13 +41,15 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BUFFER_ROWS = 8192
 BUFFER_POLL_S = 0.02
 # A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece, and after GIL_SLICE_S of
-# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. Unbroken, a
-# flush of 50k rows held the GIL for a whole switch interval (5 ms) and more, and a logging call
-# waited as long. A piece runs without letting the GIL go (~2 ms at 16,384 rows under load), but
-# smaller pieces drain too slowly: after each sleep the flusher waits a switch interval for the
-# GIL, and the ring filled (calls that waited for it per 10⁶ points: ~200 with 4,096 rows, 71-110
-# with 8,192, 0-27 with 16,384; bench_log_metric.py).
-FLUSH_PIECE_ROWS = 16384
+# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. What a piece
+# costs the logging threads is not its size: h5py (3.16) and numpy let the GIL go while they copy
+# and write, so a piece holds the GIL only for its Python steps. What a piece costs the flusher is
+# the GIL coming back: each time it let the GIL go to a logging thread that runs Python without
+# pause, it waits a switch interval (5 ms) to get it back, several times per piece whatever its
+# size. Larger pieces therefore drain faster: per 10^6 points logged in a tight loop, calls that
+# found the ring full were 56-59 with 16,384-row pieces, 24-29 with 32,768, 0-26 with 65,536 (the
+# last with a ring of 2^16 rows; none with 2^18; bench_log_metric.py).
+FLUSH_PIECE_ROWS = 65536
 GIL_SLICE_S = 0.001
 GIL_YIELD_S = 0.0002
 MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
@@ -169,7 +171,7 @@ class ShardWriter:
         self._journal_lines = 0  # lines in the HDF5 journal
         self.tables = {name: SeriesTable(name, self.record, self.crash.rings[name]) for name in schema.TABLES}
         for ring in self.crash.rings.values():
-            ring.on_full = self._wake.set
+            ring.on_full = self._ring_full
         self.metrics = self.tables["metrics"]
         self.system = self.tables["system"]
         self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
@@ -263,6 +265,14 @@ class ShardWriter:
     def _drop_in_child(self) -> None:
         """A flush asked for in a forked child: nothing may reach the parent's file; drop."""
         self._journal_buf = []
+
+    def _ring_full(self) -> None:
+        """A logging call found a ring full and waits until slots are free: wake the flusher, or,
+        when its thread is gone (it died, or stopped while another thread still logs), flush in
+        this thread, so that the call never waits forever (the rows stay safe in the ring)."""
+        self._wake.set()
+        if not self._thread.is_alive() and self._file is not None and not self.inherited():
+            self.flush()
 
     def _run(self) -> None:
         """Flush every ``flush_interval``, as soon as a buffer holds ``max_buffer_rows`` (and
