@@ -16,8 +16,7 @@ import pytest
 
 from prov4ml_dist.errors import MergeError
 from prov4ml_dist.merge import combine, load_merged, merge_run, parts
-from prov4ml_dist.merge.combine import combine_parts
-from prov4ml_dist.merge.parts import write_part
+from prov4ml_dist.merge.hierarchy import merge_nodes
 
 from .test_cli_support import cli, merged_content, prov_structure
 from .test_merge import _artifact
@@ -63,32 +62,28 @@ def _run(run_dir: Path) -> None:
     (run_dir / "shards" / "rank-00009.h5").write_bytes(b"not an HDF5 file")
 
 
-def assert_same_merge(hierarchical: Path, single: Path) -> None:
-    """merged.h5 and prov.json content-equal; ``crossrank.mean`` within ``MEAN_RTOL``."""
+def assert_same_merge(hierarchical: Path, single: Path, merged_in: Path | None = None) -> None:
+    """merged.h5 and prov.json content-equal; ``crossrank.mean`` within ``MEAN_RTOL``
+    (``merged_in``: where ``hierarchical`` was when it was merged, if it moved since)."""
     a, b = merged_content(hierarchical / "merged.h5"), merged_content(single / "merged.h5")
     for table in ("metrics", "system"):
         means = [np.array([math.nan if v == "nan" else v for v in c[f"{table}/crossrank"].pop("mean")], dtype=float)
                  for c in (a, b)]
         np.testing.assert_allclose(means[0], means[1], rtol=MEAN_RTOL, atol=0)
-    for content, run_dir in ((a, hierarchical), (b, single)):  # problems name the shards' paths
+    for content, run_dir in ((a, merged_in or hierarchical), (b, single)):  # problems name the shards' paths
         content["/"]["problems"] = content["/"]["problems"].replace(str(run_dir), "RUN")
     assert a == b
     assert prov_structure(hierarchical / "prov.json") == prov_structure(single / "prov.json")
 
 
-def _hierarchical(source: Path, target: Path, nodes: list[list[int]]) -> list[Path]:
+def _hierarchical(source: Path, target: Path, nodes: list[list[int]], single_file: bool = False) -> None:
     """``source`` copied to ``target`` and merged there through one part per node (each node
-    its ranks' shards, the unreadable one on the last node), parts kept outside the run."""
+    its ranks' shards, the unreadable one on the last node)."""
     shutil.copytree(source, target)
     shards = sorted((target / "shards").glob("rank-*.h5"))
-    paths = []
-    for n, ranks in enumerate(nodes):
-        paths.append(target.parent / f"{target.name}-node{n}.h5")
-        write_part([p for p in shards if int(p.name[5:10]) in ranks or (n == len(nodes) - 1
-                                                                         and int(p.name[5:10]) >= WORLD)],
-                   paths[-1], target.name)
-    combine_parts(target, paths)
-    return paths
+    last = len(nodes) - 1
+    merge_nodes(target, [[p for p in shards if int(p.name[5:10]) in ranks or (n == last and int(p.name[5:10]) >= WORLD)]
+                         for n, ranks in enumerate(nodes)], single_file=single_file)
 
 
 @pytest.fixture(scope="module")
@@ -101,27 +96,34 @@ def varied(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base / "src", base / "single"
 
 
-@pytest.mark.parametrize("nodes", [
-    [[0, 1, 2, 3], [4, 5, 6, 7]],  # block placement: one piece per (group, node)
-    [[0, 2, 4, 6], [1, 3, 5, 7]],  # cyclic placement: a node's ranks interleave with the other's
-    [[0], [1, 2, 3, 4, 5], [6, 7]],
+@pytest.mark.parametrize(("nodes", "single_file"), [
+    ([[0, 1, 2, 3], [4, 5, 6, 7]], False),  # block placement: one piece per (group, node)
+    ([[0, 1, 2, 3], [4, 5, 6, 7]], True),
+    ([[0, 2, 4, 6], [1, 3, 5, 7]], False),  # cyclic placement: a node's ranks interleave with the other's
+    ([[0], [1, 2, 3, 4, 5], [6, 7]], True),
 ])
-def test_parts_combine_to_the_single_process_merge(tmp_path, varied, nodes, monkeypatch):
+def test_parts_combine_to_the_single_process_merge(tmp_path, varied, nodes, single_file, monkeypatch):
     source, single = varied
     # Windows of a few hundred rows: the parts' and rank 0's slabs of steps are exercised.
     monkeypatch.setattr(parts, "WINDOW_ROWS", 700)
     monkeypatch.setattr(combine, "WINDOW_ROWS", 700)
-    _hierarchical(source, tmp_path / "run", nodes)
+    _hierarchical(source, tmp_path / "run", nodes, single_file)
     assert_same_merge(tmp_path / "run", single)
+    with h5py.File(tmp_path / "run" / "merged.h5") as f:
+        assert f["metrics"]["rows"].is_virtual is not single_file
+    assert (tmp_path / "run" / "parts").exists() is not single_file
     with h5py.File(single / "merged.h5") as f:  # the case covers what it claims
         assert "incomplete" in {s.decode() for s in f["ranks"]["status"]}
         assert "skipped shard" in f.attrs["problems"] and len(f["metrics"]["crossrank"]) > 3000
         assert np.isinf(f["metrics"]["crossrank"]["max"]).any()
 
 
-def test_readers_take_the_combined_merge(tmp_path, varied):
-    """load_merged and the CLI read the hierarchical merged.h5 like any other."""
-    _hierarchical(varied[0], tmp_path / "run", [[0, 1, 2, 3], [4, 5, 6, 7]])
+def test_readers_take_the_combined_merge_where_the_run_moved(tmp_path, varied):
+    """load_merged and the CLI read the hierarchical merged.h5 like any other, also once the
+    run directory is moved: its virtual rows name the parts relative to it."""
+    _hierarchical(varied[0], tmp_path / "first", [[0, 1, 2, 3], [4, 5, 6, 7]])
+    shutil.move(tmp_path / "first", tmp_path / "run")
+    assert_same_merge(tmp_path / "run", varied[1], merged_in=tmp_path / "first")
     run = load_merged(tmp_path / "run" / "merged.h5")
     assert run.world_size == WORLD and {p.key for p in run.params} == {"lr"}
     done = cli("summary", tmp_path / "run")
@@ -134,8 +136,18 @@ def test_overlapping_parts_are_refused(tmp_path, varied):
     """A (rank, attempt) in two parts would count twice in the cross-rank statistics."""
     run = Path(shutil.copytree(varied[0], tmp_path / "run"))
     shards = sorted((run / "shards").glob("rank-0000[0-3]*.h5"))
-    write_part(shards[:3], tmp_path / "a.h5", run.name)
-    write_part(shards[2:], tmp_path / "b.h5", run.name)
     with pytest.raises(MergeError, match="overlap"):
-        combine_parts(run, [tmp_path / "a.h5", tmp_path / "b.h5"])
+        merge_nodes(run, [shards[:3], shards[2:]])
     assert not (run / "merged.h5").exists()
+
+
+def test_cli_single_file_copies_the_parts_rows_into_merged_h5(tmp_path, varied):
+    """``prov4ml-dist merge --single-file`` on a run merged over node parts: one self-contained
+    merged.h5, the same content, the parts gone."""
+    _hierarchical(varied[0], tmp_path / "run", [[0, 1, 2, 3], [4, 5, 6, 7]])
+    done = cli("merge", tmp_path / "run", "--single-file")
+    assert done.returncode == 0 and "2 node part(s)" in done.stdout, done.stdout + done.stderr
+    assert not list((tmp_path / "run" / "parts").glob("*.h5"))
+    with h5py.File(tmp_path / "run" / "merged.h5") as f:
+        assert not f["metrics"]["rows"].is_virtual
+    assert_same_merge(tmp_path / "run", varied[1])

@@ -12,7 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 from ..merge import load_merged, merge_run
+from ..merge.combine import combine_parts
+from ..merge.hierarchy import node_parts
 from ..merge.parallel import PARALLEL_MIN_SHARDS, default_jobs
+from ..merge.parts import PARTS_DIR
 from ..merge.prune import remove_merged_shards
 from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
@@ -43,6 +46,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="processes to merge with (default: the cores available to this process, for a run "
                         f"of at least {PARALLEL_MIN_SHARDS} shards; 1 below); the files are the "
                         "same whatever N")
+    p.add_argument("--single-file", action="store_true",
+                   help="for a run merged hierarchically at end_run (merged.h5's rows point into the node parts "
+                        f"under RUN_DIR/{PARTS_DIR}): copy the rows into one self-contained merged.h5, from the "
+                        "parts, and remove them; other runs' merged.h5 is self-contained already")
     p.set_defaults(func=run)
 
 
@@ -68,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         warn_all(report.problems)
         refused = len(report.problems)
         print(f"--local-dirs: {report.copied} files copied into {run_dir}, {report.present} already there")
+    if args.single_file and node_parts(run_dir):
+        return _single_file(run_dir)
     paths = default_shards(run_dir)
     if not paths:
         raise CliError(f"{run_dir} is not a run directory with shards (no {schema.SHARDS_DIR}/rank-*.h5); "
@@ -94,6 +103,24 @@ def run(args: argparse.Namespace) -> int:
         warn_all(kept)
         print(f"--remove-shards: {len(removed)} shard(s) removed, {len(kept)} kept")
     return EXIT_PROBLEMS if skipped or refused else EXIT_OK
+
+
+def _single_file(run_dir: Path) -> int:
+    """merged.h5 made self-contained from the node parts its rows point into; the parts removed."""
+    _check_writable(run_dir)
+    parts = node_parts(run_dir)
+    started = time.monotonic()
+    progress = MergeProgress(sys.stderr)
+    try:
+        result = combine_parts(run_dir, parts, single_file=True, progress=progress)
+    finally:
+        progress.finish()
+    warn_all(result.problems, rest=" (merged.h5 keeps them all, in its 'problems' attribute)")
+    for path in parts:
+        path.unlink()
+    print(f"--single-file: the rows of {len(parts)} node part(s) copied into {result.merged_h5} in "
+          f"{duration(time.monotonic() - started)}; the parts removed")
+    return EXIT_OK
 
 
 def shard_identities(paths: list[Path]) -> dict[Path, tuple[str, int, int]]:

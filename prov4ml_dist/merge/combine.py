@@ -4,8 +4,10 @@ The result has the layout every reader knows and the content ``merge_run`` gives
 same shards; the one difference allowed is the last bits of ``crossrank.mean``, whose sums
 are added node by node (README, "What the merge computes, exactly"). Rank 0 never opens a
 shard: the journal tables come from the shards' journals the parts carry, the cross-rank
-statistics from the parts' per-(group, step) partials (parts x keys x steps rows), and the
-rows are copied once, renumbered, from the parts into one self-contained merged.h5.
+statistics from the parts' per-(group, step) partials (parts x keys x steps rows). The rows,
+which the leaders numbered as merged.h5 does (``numbering.py``), are not touched by default:
+merged.h5's ``rows`` is an HDF5 virtual dataset over the parts' rows, one mapping per run of
+a node's series (about groups x nodes). ``single_file`` copies them into merged.h5 instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from ..errors import MergeError
 from ..shard import schema
 from . import compress, layout
-from .crossrank import WINDOW_ROWS, CrossRank
+from .crossrank import WINDOW_ROWS, CrossRank, Partials
 from .merger import (
     MergeResult,
     _silent,
@@ -30,11 +32,11 @@ from .merger import (
     write_header,
     write_journal,
 )
-from .parts import DECL, PART_FORMAT, SHARDS, STEPS, PartProblems, shard_info
-from .rowstage import RowStage
+from .parts import GLOBAL, PART_FORMAT, SHARDS, STEPS, PartProblems, shard_info
+from .rowstage import RowStage, RowWriter
 from .scan import ShardInfo, choose_run_id
 from .series import SeriesIndex, group_table
-from .steps import STEP_DTYPE, merge_sorted, step_slabs, to_crossrank
+from .steps import STEP_FIELDS, empty, merge_sorted, step_slabs, to_crossrank
 from .store import write_table
 
 Progress = Callable[[str, int, int], None]
@@ -43,10 +45,15 @@ COPY_SLAB_ROWS = 1 << 20  # rows read from a part at a time
 STEP_BUFFER_ROWS = 1 << 18  # partials read from a part at a time
 
 
-def combine_parts(run_dir: Path, part_paths: Sequence[Path], *, missing_ranks: Mapping[int, str] | None = None,
-                  world_size: int | None = None, progress: Progress | None = None) -> MergeResult:
+def combine_parts(run_dir: Path, part_paths: Sequence[Path], *, single_file: bool = False,
+                  missing_ranks: Mapping[int, str] | None = None, world_size: int | None = None,
+                  progress: Progress | None = None) -> MergeResult:
     """Combine the parts of ``run_dir``'s nodes (in the order given: the nodes' order) into
     ``run_dir``'s merged.h5 and prov.json, as ``merge_run`` would from their shards.
+
+    By default merged.h5's rows are a virtual dataset over the parts' rows, which must then be
+    under ``run_dir`` (``PARTS_DIR``) and stay there; ``single_file`` copies them into merged.h5
+    instead (the parts may then be anywhere, and removed afterwards).
 
     Raises ``MergeError`` when a part is not one, when the parts overlap (a (rank, attempt)
     in two, or shards of different runs: merge the shards with ``merge_run`` then), when no
@@ -67,11 +74,11 @@ def combine_parts(run_dir: Path, part_paths: Sequence[Path], *, missing_ranks: M
             missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
             write_header(out, shards, world_size)
             write_journal(out, run_dir, shards, problems)
-            with compress.staging(run_dir) as stage:
-                rows = RowStage(stage)
+            with compress.staging(run_dir) if single_file else contextlib.nullcontext() as stage:
+                rows = RowStage(stage) if stage is not None else None
                 for n, table in enumerate(schema.TABLES):
                     report("combine", n, len(schema.TABLES))
-                    _combine_table(out.create_group(table), table, parts, rows)
+                    _combine_table(out.create_group(table), table, parts, run_dir, rows)
                 report("combine", len(schema.TABLES), len(schema.TABLES))
             problems += [p for n in notes for p in n.copy]
             problems += [p[2] for p in sorted(p for n in notes for p in n.hash)]
@@ -106,41 +113,42 @@ def _shards(parts: list[h5py.File], directory_name: str) -> list[ShardInfo]:
     return sorted(shards, key=lambda s: (s.rank, s.attempt))
 
 
-def _combine_table(out: h5py.Group, table: str, parts: list[h5py.File], stage: RowStage) -> None:
-    """One table of merged.h5 from the parts' same table."""
+def _combine_table(out: h5py.Group, table: str, parts: list[h5py.File], run_dir: Path,
+                   stage: RowStage | None) -> None:
+    """One table of merged.h5 from the parts' same table: rows copied into ``stage`` then
+    compressed into merged.h5, or (no stage) a virtual dataset over the parts' rows."""
     tables = [f[table] for f in parts]
-    series, origin = _global_series(tables)
-    stage.create(table, int((series["row_stop"] - series["row_start"]).sum()))
-    _copy_rows(tables, series, origin, stage.writer(table))
-    # Now the series' row ranges are merged.h5's: the part-local ranges were needed for the copy.
+    series, local_starts = _global_series(tables)
     lengths = series["row_stop"] - series["row_start"]
     series["row_stop"] = np.cumsum(lengths)
     series["row_start"] = series["row_stop"] - lengths
     groups = group_table(series, np.flatnonzero(_new_group(series)))
     index = SeriesIndex(table, series, groups, [])
-    CrossRank.into(out, index, stage.rows(table)).write_combined(_crossrank_batches(tables, groups))
+    CrossRank.into(out, index, np.empty(0, dtype=layout.ROW_DTYPE)).write_combined(_crossrank_batches(tables, groups))
     write_table(out, layout.SERIES, layout.SERIES_DTYPE, index.series)
     write_table(out, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-    compress.write_compressed(out, layout.ROWS, stage.rows(table))
+    if stage is None:
+        _virtual_rows(out, tables, series, local_starts, run_dir)
+    else:
+        stage.create(table, int(lengths.sum()))
+        _copy_rows(tables, series, local_starts, stage.writer(table))
+        compress.write_compressed(out, layout.ROWS, stage.rows(table))
 
 
 def _global_series(tables: list[h5py.Group]) -> tuple[np.ndarray, np.ndarray]:
-    """Every part's series in merged.h5's order (key, context, source, attempt, rank, id in the
-    shard), with their part-local row ranges; and each one's (part, local index)."""
-    local = [t[layout.SERIES][()] for t in tables]
-    decl = [t[DECL][()] for t in tables]
-    keys: list[tuple] = []
-    for p, (s, d) in enumerate(zip(local, decl, strict=True)):
-        keys += zip(s["key"].tolist(), s["context"].tolist(), s["source"].tolist(), s["attempt"].tolist(),
-                    s["rank"].tolist(), d.tolist(), [p] * len(s), range(len(s)), strict=True)
-    keys.sort()
-    origin = np.array([k[6:] for k in keys], dtype=np.int64).reshape(-1, 2)
-    series = np.empty(len(keys), dtype=layout.SERIES_DTYPE)
-    for p, s in enumerate(local):
-        chosen = origin[:, 0] == p
-        series[chosen] = s[origin[chosen, 1]]
+    """Every part's series at its number in merged.h5 (row ranges still the parts'), the
+    group column filled; and where each series' rows start in its part."""
+    ids = [t[GLOBAL][()] for t in tables]
+    total = sum(len(i) for i in ids)
+    series = np.empty(total, dtype=layout.SERIES_DTYPE)
+    seen = np.zeros(total, dtype=bool)
+    for t, numbers in zip(tables, ids, strict=True):
+        if len(numbers) and (numbers.min() < 0 or numbers.max() >= total or seen[numbers].any()):
+            raise MergeError(f"{t.file.filename}: its series numbers overlap another part's or leave gaps")
+        seen[numbers] = True
+        series[numbers] = t[layout.SERIES][()]
     series["group"] = np.cumsum(_new_group(series)) - 1
-    return series, origin
+    return series, series["row_start"].copy()
 
 
 def _new_group(series: np.ndarray) -> np.ndarray:
@@ -154,43 +162,66 @@ def _new_group(series: np.ndarray) -> np.ndarray:
     return new
 
 
-def _copy_rows(tables: list[h5py.Group], series: np.ndarray, origin: np.ndarray, writer) -> None:
-    """Each part's rows to their place in merged.h5's order, series renumbered. A part's series
-    that are neighbours in merged.h5 too (the ranks of one node, in one group) move as one piece."""
-    lengths = series["row_stop"] - series["row_start"]
-    dest = np.cumsum(lengths) - lengths
+def _pieces(numbers: np.ndarray, series: np.ndarray, local_starts: np.ndarray) -> list[tuple[int, int, int]]:
+    """A part's rows as (part row, merged.h5 row, rows): its series that are neighbours in
+    merged.h5 too (one node's ranks in one group) make one piece."""
+    order = np.argsort(numbers)
+    numbers = numbers[order]
+    if not len(numbers):
+        return []
+    breaks = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1] + 1])
+    ends = np.r_[breaks[1:], len(numbers)] - 1
+    first, last = numbers[breaks], numbers[ends]
+    sizes = series["row_stop"][last] - series["row_start"][first]
+    return [(int(a), int(b), int(n)) for a, b, n in zip(local_starts[first], series["row_start"][first], sizes,
+                                                         strict=True) if n]
+
+
+def _virtual_rows(out: h5py.Group, tables: list[h5py.Group], series: np.ndarray, local_starts: np.ndarray,
+                  run_dir: Path) -> None:
+    """``rows`` as an HDF5 virtual dataset over the parts' rows, each part named relative to the
+    run directory (HDF5 looks for it beside merged.h5: the run directory may move)."""
+    total = int(series["row_stop"][-1]) if len(series) else 0
+    virtual = h5py.VirtualLayout(shape=(total,), dtype=layout.ROW_DTYPE)
+    for t in tables:
+        name = Path(t.file.filename).resolve().relative_to(run_dir.resolve()).as_posix()
+        source = h5py.VirtualSource(name, t[layout.ROWS].name, shape=t[layout.ROWS].shape)
+        for a, b, n in _pieces(t[GLOBAL][()], series, local_starts):
+            virtual[b:b + n] = source[a:a + n]
+    fill = np.zeros((), dtype=layout.ROW_DTYPE)
+    fill["series"] = layout.NO_VALUE  # what a reader gets where a part is missing
+    out.create_virtual_dataset(layout.ROWS, virtual, fillvalue=fill)
+
+
+def _copy_rows(tables: list[h5py.Group], series: np.ndarray, local_starts: np.ndarray, writer: RowWriter) -> None:
+    """Each part's rows (numbered as in merged.h5 already) to their place in merged.h5's order."""
     try:
-        for p, t in enumerate(tables):
-            chosen = np.flatnonzero(origin[:, 0] == p)
-            number = np.empty(len(chosen), dtype=np.int32)  # local series → merged.h5's
-            number[origin[chosen, 1]] = chosen
-            shift = np.empty(len(chosen), dtype=np.int64)  # local row → merged.h5's row
-            shift[origin[chosen, 1]] = dest[chosen] - series["row_start"][chosen]
+        for t in tables:
+            pieces = _pieces(t[GLOBAL][()], series, local_starts)
             rows = t[layout.ROWS]
-            for a in range(0, rows.shape[0], COPY_SLAB_ROWS):
-                data = rows[a:a + COPY_SLAB_ROWS]
-                local = data["series"]
-                to = np.arange(a, a + len(data)) + shift[local]
-                data["series"] = number[local]
-                starts = np.flatnonzero(np.r_[True, to[1:] != to[:-1] + 1])
-                writer.scatter(data, starts, to[starts], np.diff(np.r_[starts, len(data)]))
+            for a, b, n in pieces:
+                for x in range(0, n, COPY_SLAB_ROWS):
+                    data = rows[a + x:a + min(n, x + COPY_SLAB_ROWS)]
+                    writer.scatter(data, np.zeros(1, np.int64), np.array([b + x]), np.array([len(data)]))
     finally:
         writer.close()
 
 
 class _Sequential:
-    """Slices of a part's ``steps``, read in buffers: rank 0 asks for them in order."""
+    """Slices of a part's ``steps`` columns, read in buffers: rank 0 asks for them in order."""
 
-    def __init__(self, dataset: h5py.Dataset) -> None:
-        self.dataset = dataset
-        self.start, self.buffer = 0, np.empty(0, dtype=STEP_DTYPE)
+    def __init__(self, steps: h5py.Group) -> None:
+        self.columns = {name: steps[name] for name in STEP_FIELDS}
+        self.total = self.columns["step"].shape[0]
+        self.start, self.buffer = 0, empty()
 
-    def get(self, a: int, b: int) -> np.ndarray:
+    def get(self, a: int, b: int) -> Partials:
         if b - a > STEP_BUFFER_ROWS:
-            return self.dataset[a:b]
+            return Partials({name: column[a:b] for name, column in self.columns.items()})
         if a < self.start or b > self.start + len(self.buffer):
-            self.start, self.buffer = a, self.dataset[a:min(self.dataset.shape[0], a + STEP_BUFFER_ROWS)]
-        return self.buffer[a - self.start:b - self.start]
+            stop = min(self.total, a + STEP_BUFFER_ROWS)
+            self.start, self.buffer = a, Partials({name: column[a:stop] for name, column in self.columns.items()})
+        return Partials({name: column[a - self.start:b - self.start] for name, column in self.buffer.columns.items()})
 
 
 def _crossrank_batches(tables: list[h5py.Group], groups: np.ndarray) -> Iterator[tuple[np.ndarray, range]]:
@@ -216,8 +247,8 @@ def _crossrank_batches(tables: list[h5py.Group], groups: np.ndarray) -> Iterator
             if pending:
                 yield np.concatenate(pending), range(done, g)
                 pending, size, done = [], 0, g
-            for slab in step_slabs([b["step"] for b in blocks], WINDOW_ROWS):
-                pieces = [b[x:y] for b, (x, y) in zip(blocks, slab, strict=True)]
+            for slab in step_slabs([b.columns["step"] for b in blocks], WINDOW_ROWS):
+                pieces = [b.take(slice(x, y)) for b, (x, y) in zip(blocks, slab, strict=True)]
                 yield to_crossrank(merge_sorted(pieces), g), range(g, g)
         if size >= WINDOW_ROWS:
             yield np.concatenate(pending), range(done, g + 1)
@@ -238,5 +269,5 @@ def part_summary(path: Path) -> dict[str, int]:
     """Shards and rows a part holds (for the benchmark's and end_run's reports)."""
     with h5py.File(path, "r") as f:
         return {"shards": len(f[SHARDS]), "rows": sum(f[t][layout.ROWS].shape[0] for t in schema.TABLES),
-                "partials": sum(f[t][STEPS].shape[0] for t in schema.TABLES)}
+                "partials": sum(f[t][STEPS]["step"].shape[0] for t in schema.TABLES)}
 

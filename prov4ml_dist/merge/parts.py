@@ -1,8 +1,9 @@
 """A node's part of a hierarchical merge: its shards merged into one file for rank 0.
 
-``write_part`` is what a node leader does at end_run (``hierarchy.py``), and what
-``combine.py``'s tests and benchmark do offline: it reads the node's shards once (from its
-node-local disk when there is no shared filesystem), copies their rows, and keeps, per
+``scan_node`` then ``write_part`` is what a node leader does (``merge_nodes`` offline): it
+reads the node's shards once (from its node-local disk when there is no shared filesystem),
+tells rank 0 its series and gets their numbers in merged.h5 (``numbering.py``), copies their
+rows, and keeps, per
 (group, step), the partial cross-rank aggregates of ``steps.py`` (never a mean). Rank 0 then
 combines the parts (``combine.combine_parts``) with work that grows with parts x keys x steps,
 not with ranks x points. The part carries each shard's journal as read (start and end records,
@@ -16,17 +17,18 @@ Layout of a part file (HDF5; names in this module only):
   ``copy`` [text], ``hash`` [rank, attempt, text]);
 - ``shards``: one JSON string per shard merged, in (rank, attempt) order;
 - per table (``metrics``, ``system``): ``series`` and ``groups`` as in merged.h5 but numbered
-  within the part (rows ranges into the part's ``rows``; a group's ``stat_start``/``stat_stop``
-  into ``steps``), ``decl`` (each series' id in its shard, the last sort key of merged.h5's
-  series order), ``rows`` (``ROW_DTYPE``, ``series`` numbered within the part, shuffle +
-  deflate) and ``steps`` (``steps.STEP_DTYPE``, sorted by group then step).
+  within the part (row ranges into the part's ``rows``; a group's ``stat_start``/``stat_stop``
+  into ``steps``), ``global`` (each series' number in merged.h5, from rank 0: round one,
+  ``numbering.py``), ``rows`` (``ROW_DTYPE``, ``series`` numbered as in merged.h5, shuffle +
+  deflate: merged.h5 may point at them) and ``steps``, one dataset per ``steps.STEP_FIELDS``,
+  sorted by group then step.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,19 +40,23 @@ from ..errors import MergeError
 from ..paths import atomic_target
 from ..shard import schema
 from . import compress, layout
-from .crossrank import WINDOW_ROWS, partials
+from .crossrank import WINDOW_ROWS, Partials, partials
 from .merger import _copy_all, _silent
-from .rowstage import RowStage
+from .numbering import NODE_SERIES_DTYPE
+from .rowstage import RowsAt, RowStage, open_rows
 from .scan import RowBudget, ShardHasher, ShardInfo, TableDecl, close_kept, read_shards, select_shards
-from .series import SeriesIndex
-from .steps import STEP_DTYPE, from_partials, step_slabs
-from .store import Appender, write_table
+from .series import SeriesIndex, build_index
+from .steps import STEP_FIELDS, empty, from_partials, step_slabs
+from .store import write_table
 
+PARTS_DIR = "parts"  # under the run directory: the parts merged.h5's rows point into
 PART_FORMAT = "prov4ml_dist.part"
 PART_VERSION = 1
 SHARDS = "shards"
-DECL = "decl"
+GLOBAL = "global"
 STEPS = "steps"
+RENUMBER_ROWS = 1 << 20
+STEP_CHUNK_ROWS = 1 << 15  # rank 0 reads the partials in large slices; a small part wastes at most a chunk
 
 Progress = Callable[[str, int, int], None]
 
@@ -74,41 +80,80 @@ class PartProblems:
                             list(raw["copy"]), [tuple(p) for p in raw["hash"]])
 
 
-def write_part(shard_paths: Sequence[Path], part_path: Path, run_dir_name: str,
-               progress: Progress | None = None) -> int:
-    """Merge ``shard_paths`` (one node's) into ``part_path``; returns the shards merged. The
-    part is written under a temporary name and moved into place: a leader that dies leaves
-    none. Raises ``MergeError`` when it cannot be written."""
+@dataclass
+class NodeScan:
+    """A node's shards, opened and checked once (what the scan kept stays for the copy), and
+    the series they declared: what the leader tells rank 0 before it writes its part."""
+
+    run_dir_name: str
+    found: list[ShardInfo]  # every readable shard (closed by ``close``)
+    shards: list[ShardInfo]  # those merged, in (rank, attempt) order
+    indexes: list[SeriesIndex]  # per table, numbered within the node
+    problems: PartProblems
+
+    def series(self) -> dict[str, np.ndarray]:
+        """Round one of the hierarchical merge: the node's series (``numbering.NODE_SERIES_DTYPE``)."""
+        out = {}
+        for index in self.indexes:
+            rows = np.zeros(len(index.series), dtype=NODE_SERIES_DTYPE)
+            for name in ("key", "context", "source", "attempt", "rank"):
+                rows[name] = index.series[name]
+            rows["decl"] = _decl_ids(index, self.shards)
+            rows["rows"] = index.series["row_stop"] - index.series["row_start"]
+            out[index.table] = rows
+        return out
+
+    def close(self) -> None:
+        close_kept(self.found)
+
+
+def scan_node(shard_paths: Sequence[Path], run_dir_name: str, progress: Progress | None = None) -> NodeScan:
+    """Read, check and select a node's shards (as ``merge_run`` does for a whole run, with the
+    run directory's name choosing the run id), and lay out their series."""
     report = progress or _silent
-    part_path = Path(part_path)
     problems = PartProblems([], [], [], [])
     found: list[ShardInfo] = []
     budget = RowBudget()
     paths = sorted(Path(p) for p in shard_paths)
+    for n, path in enumerate(paths):
+        report("scan", n, len(paths))
+        said: list[str] = []
+        found += read_shards([path], said, budget)
+        problems.read += [(path.name, text) for text in said]
+    said = []
+    shards = select_shards(found, said, run_dir_name)
+    dropped = [s for s in sorted(found, key=lambda s: (s.rank, s.attempt, str(s.path)))
+               if not any(s is kept for kept in shards)]
+    problems.select += [(s.rank, s.attempt, str(s.path), text) for s, text in zip(dropped, said, strict=True)]
+    return NodeScan(run_dir_name, found, shards, [build_index(table, shards) for table in schema.TABLES], problems)
+
+
+def write_part(scan: NodeScan, ids: Mapping[str, np.ndarray], part_path: Path,
+               progress: Progress | None = None) -> None:
+    """Copy the node's rows into ``part_path``, numbered as in merged.h5 (``ids``: per table, the
+    merged.h5 series number of each of ``scan.series()``, from ``numbering.number_series``), with
+    their partial cross-rank aggregates and the shards' journals. Written under a temporary name
+    and moved into place: a leader that dies leaves none. Closes ``scan``. Raises
+    ``MergeError`` when it cannot be written, or when a shard's row counts turned out other than
+    its scan said (the numbering would be wrong: merge the shards themselves then)."""
+    report = progress or _silent
+    part_path = Path(part_path)
+    shards, problems = scan.shards, scan.problems
     try:
-        for n, path in enumerate(paths):
-            report("scan", n, len(paths))
-            said: list[str] = []
-            found += read_shards([path], said, budget)
-            problems.read += [(path.name, text) for text in said]
-        said = []
-        shards = select_shards(found, said, run_dir_name)
-        dropped = [s for s in sorted(found, key=lambda s: (s.rank, s.attempt, str(s.path)))
-                   if not any(s is kept for kept in shards)]
-        problems.select += [(s.rank, s.attempt, str(s.path), text) for s, text in zip(dropped, said, strict=True)]
         with atomic_target(part_path) as tmp, ShardHasher(shards) as hasher, h5py.File(tmp, "w") as out:
             out.attrs["format"] = PART_FORMAT
             out.attrs["part_version"] = PART_VERSION
-            out.attrs["run_dir_name"] = run_dir_name
+            out.attrs["run_dir_name"] = scan.run_dir_name
             with compress.staging(part_path.parent) as stage:
                 rows = RowStage(stage)
-                indexes = _copy_all(rows, shards, problems.copy, report, None) if shards else [
-                    SeriesIndex(table, np.zeros(0, layout.SERIES_DTYPE), np.zeros(0, layout.GROUP_DTYPE), [])
-                    for table in schema.TABLES]
-                for index in indexes:
+                indexes = _copy_all(rows, shards, problems.copy, report, None) if shards else scan.indexes
+                for index, scanned in zip(indexes, scan.indexes, strict=True):
+                    if not np.array_equal(index.series["row_stop"], scanned.series["row_stop"]):
+                        raise MergeError(f"{part_path}: row counts changed while the node's shards were merged")
                     staged = rows.rows(index.table) if shards else np.empty(0, dtype=layout.ROW_DTYPE)
-                    _write_table(out.create_group(index.table), index, staged, _decl_ids(index, shards))
-            said = []
+                    _write_table(out.create_group(index.table), index, staged, np.asarray(ids[index.table]),
+                                 rows.where.get(index.table))
+            said: list[str] = []
             hasher.fill(said)
             unhashed = [s for s in shards if not s.sha256]
             problems.hash += [(s.rank, s.attempt, text) for s, text in zip(unhashed, said, strict=True)]
@@ -117,8 +162,7 @@ def write_part(shard_paths: Sequence[Path], part_path: Path, run_dir_name: str,
     except OSError as exc:
         raise MergeError(f"cannot write the part {part_path}: {exc}") from None
     finally:
-        close_kept(found)
-    return len(shards)
+        scan.close()
 
 
 def _decl_ids(index: SeriesIndex, shards: list[ShardInfo]) -> np.ndarray:
@@ -129,20 +173,34 @@ def _decl_ids(index: SeriesIndex, shards: list[ShardInfo]) -> np.ndarray:
     return decl
 
 
-def _write_table(group: h5py.Group, index: SeriesIndex, rows: np.ndarray, decl: np.ndarray) -> None:
-    """One table of the part: its partial aggregates, series, groups and rows."""
-    steps = Appender(group, STEPS, STEP_DTYPE)
+def _write_table(group: h5py.Group, index: SeriesIndex, rows: np.ndarray, ids: np.ndarray,
+                 where: RowsAt | None) -> None:
+    """One table of the part: its partial aggregates, series, groups and rows (renumbered)."""
+    steps = group.create_group(STEPS)
+    columns = {name: steps.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                          chunks=(STEP_CHUNK_ROWS,)) for name, dtype in STEP_FIELDS.items()}
+    size = 0
     for first, stop in _batches(index.groups):
         blocks = [from_partials(partials(chunk, index.series["group"])) for chunk in _chunks(index, rows, first, stop)]
-        found = np.concatenate(blocks) if blocks else np.empty(0, dtype=STEP_DTYPE)
-        counts = np.bincount(found["group"] - first, minlength=stop - first)
-        ends = steps.size + np.cumsum(counts)
+        found = Partials.concat(blocks) if blocks else empty()
+        counts = np.bincount(found.columns["group"] - first, minlength=stop - first)
+        ends = size + np.cumsum(counts)
         index.groups["stat_start"][first:stop], index.groups["stat_stop"][first:stop] = ends - counts, ends
-        steps.extend(found)
-    steps.flush()
+        for name, column in columns.items():
+            column.resize((size + len(found),))
+            column[size:] = found.columns[name]
+        size += len(found)
     write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
     write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-    write_table(group, DECL, np.dtype(np.int64), decl)
+    write_table(group, GLOBAL, np.dtype(np.int64), ids)
+    if where is not None and len(rows):  # merged.h5's series numbers, so that rank 0 need not touch the rows
+        del rows
+        writable = open_rows(where, writable=True)
+        for a in range(0, len(writable), RENUMBER_ROWS):
+            piece = writable[a:a + RENUMBER_ROWS]
+            piece["series"] = ids[piece["series"]]
+        writable.flush()
+        rows = open_rows(where)
     compress.write_compressed(group, layout.ROWS, rows)
 
 
