@@ -5,9 +5,14 @@ in the last bits (its sums are added node by node)."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -18,11 +23,13 @@ from prov4ml_dist.errors import MergeError
 from prov4ml_dist.merge import combine, load_merged, merge_run, parts
 from prov4ml_dist.merge.hierarchy import merge_nodes
 
+from .conftest import BIN, child_env
 from .test_cli_support import cli, merged_content, prov_structure
 from .test_merge import _artifact
 from .test_merge_support import T0, crash, log_series, open_shard
 
 WORLD = 8
+WORKER = Path(__file__).parent / "workers" / "hier_worker.py"
 MEAN_RTOL = 1e-12  # crossrank.mean: sums added node by node round differently in the last bits
 
 
@@ -151,3 +158,103 @@ def test_cli_single_file_copies_the_parts_rows_into_merged_h5(tmp_path, varied):
     with h5py.File(tmp_path / "run" / "merged.h5") as f:
         assert not f["metrics"]["rows"].is_virtual
     assert_same_merge(tmp_path / "run", varied[1])
+
+
+# -- at end_run, real processes ------------------------------------------------------------
+def _node_command(nodes: int, per_node: int, save: Path, results: Path, *args: str) -> list[str]:
+    """mpiexec with one group of ranks per emulated node (each its SLURM_NODEID, as Hydra in an
+    allocation sets it)."""
+    worker = [sys.executable, str(WORKER), str(save), str(results), *args]
+    cmd = [str(BIN / "mpiexec")]
+    for node in range(nodes):
+        cmd += [*([":"] if node else []), "-n", str(per_node), "-env", "SLURM_JOB_ID", "77", "-env", "SLURM_STEP_ID",
+                "0", "-env", "SLURM_NODEID", str(node), *worker]
+    return cmd
+
+
+def _single_merge_of(run_dir: Path, local: Path | None, target: Path) -> Path:
+    """The single-process merge of the shards the job left (on the nodes' disks too)."""
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("parts", "merged.h5", "prov.json"))
+    for shard in (local.glob("node-*/*/*/shards/rank-*.h5") if local else []):
+        if not (target / "shards" / shard.name).exists():
+            shutil.copy2(shard, target / "shards" / shard.name)
+    merge_run(target)
+    return target
+
+
+def _check_hierarchical(save: Path, results: Path, local: Path | None, world: int, nodes: int) -> Path:
+    (run_dir,) = [p for p in (save / "hier").iterdir() if p.is_dir()]
+    report = json.loads((run_dir / "aggregate.json").read_text())
+    assert report["hierarchical"] == {"nodes": nodes, "parts": nodes} and report["missing"] == {}, report
+    assert sorted(int(p.stem.split("-")[1]) for p in results.glob("rank-*.json")) == list(range(world))
+    with h5py.File(run_dir / "merged.h5") as f:
+        assert f["metrics"]["rows"].is_virtual and len(f["metrics"]["series"]) > 2 * world
+        assert sorted(set(f["ranks"]["rank"].tolist())) == list(range(world)) and f["ranks"]["complete"].all()
+    if local is not None:  # only the parts crossed: node 1's shards stayed on its disk
+        assert not (run_dir / "shards" / f"rank-{world - 1:05d}.h5").exists()
+        assert (run_dir / "artifacts" / f"rank-{world - 1:05d}").is_dir()  # its artifacts did not
+    assert_same_merge(run_dir, _single_merge_of(run_dir, local, save.parent / "single"))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nodes", "node_local"), [(2, True), (4, False)])
+def test_mpiexec_8_ranks_merge_by_node(tmp_path, nodes, node_local):
+    """8 ranks on 2 emulated nodes with node-local disks (no shared filesystem), or on 4 sharing
+    one: each node's leader merges its node, rank 0 combines; the single-process merge's files."""
+    pytest.importorskip("mpi4py")
+    save, results, local = tmp_path / "save", tmp_path / "results", tmp_path / "local"
+    results.mkdir()
+    cmd = _node_command(nodes, 8 // nodes, save, results, *(["--node-local", str(local)] if node_local else []))
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _check_hierarchical(save, results, local if node_local else None, 8, nodes)
+
+
+@pytest.mark.slow
+def test_torchrun_2_agents_merge_by_node(tmp_path):
+    """torchrun with 2 agents (--nnodes=2, c10d rendezvous on 127.0.0.1), node-local disks."""
+    save, results, local = tmp_path / "save", tmp_path / "results", tmp_path / "local"
+    results.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes=2", f"--node-rank={n}", "--nproc-per-node=2",
+                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hier",
+                                str(WORKER), str(save), str(results), "--node-local", str(local)],
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for n in range(2)]
+    outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-3000:] for o in outputs)
+    _check_hierarchical(save, results, local, 4, 2)
+
+
+@pytest.mark.slow
+def test_a_node_leader_killed_mid_merge_makes_rank_0_merge_the_shards(tmp_path):
+    """Rank 2, node 1's leader, is SIGKILLed while it writes its part (the ranks started by hand
+    with a gloo process group: no launcher takes the others down). Rank 0 waits merge_timeout,
+    no more, then merges the shards itself: complete, and said so in aggregate.json."""
+    pytest.importorskip("torch")
+    save, results, timeout = tmp_path / "save", tmp_path / "results", 4.0
+    results.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(save), str(results), "--merge-timeout", str(timeout),
+                               "--kill-in-part", "2"],
+                              env=child_env(RANK=str(r), WORLD_SIZE="4", LOCAL_RANK=str(r % 2), LOCAL_WORLD_SIZE="2",
+                                            GROUP_RANK=str(r // 2), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(4)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert procs[2].returncode == -signal.SIGKILL
+    assert [p.returncode for p in procs[:2] + procs[3:]] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
+    rank0 = json.loads((results / "rank-0.json").read_text())
+    assert rank0["prov_json"] and rank0["end_seconds"] < 3 * timeout + 20
+    (run_dir,) = [p for p in (save / "hier").iterdir() if p.is_dir()]
+    report = json.loads((run_dir / "aggregate.json").read_text())
+    assert "rank 2" in report["hierarchical"]["fell_back"] and report["missing"] == {}, report
+    assert not (run_dir / "parts").exists()
+    with h5py.File(run_dir / "merged.h5") as f:
+        assert not f["metrics"]["rows"].is_virtual and f["ranks"]["complete"].all() and len(f["ranks"]) == 4
+    assert_same_merge(run_dir, _single_merge_of(run_dir, None, tmp_path / "single"))
