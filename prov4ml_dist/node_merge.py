@@ -1,8 +1,9 @@
 """The hierarchical merge at end_run: each node's leader merges its node's shards into a part,
 in parallel across nodes, and rank 0 combines the parts (``merge/hierarchy.py`` says how).
 
-Used when the job spans two nodes or more with more ranks than nodes (``PROV4ML_HIERARCHICAL_MERGE``:
-``auto``, the default; ``on`` forces it, even on one node; ``off`` never). A node is a
+Used when the job spans two nodes or more with more ranks than nodes
+(``PROV4ML_HIERARCHICAL_MERGE``: ``auto``, the default; ``on`` forces it, even on one node;
+``off`` never). A node is a
 (hostname, node rank) of the ranks' manifests; its leader is its lowest rank. After the file
 transfers of ``aggregate.py`` (artifacts as always; shards only of rank 0's node), every rank
 takes part in three more rank-0-rooted steps, each bounded by ``merge_timeout``:
@@ -14,10 +15,13 @@ takes part in three more rank-0-rooted steps, each bounded by ``merge_timeout``:
 3. the leaders write their parts (rank 0 its own node's, at the same time) and gather where
    they are; a part not already under the run directory is streamed to rank 0, sha256-checked.
 
-Rank 0 then combines the parts. A leader that fails, dies or is late at any step makes rank 0
-fall back to ``merge_run`` over the shards it can read (all of them on a shared filesystem);
-the ranks whose shards it cannot read are merged as missing, and the command that merges
-them later is logged. Nothing waits longer than its timeout.
+Rank 0's own part also takes every shard in the run directory that no leader reads (earlier
+attempts, ranks that left before end_run), as ``merge_run`` would. Rank 0 then combines the
+parts. A leader that fails, dies or is late at any step makes rank 0 fall back to
+``merge_run`` over the shards it can read (all of them on a shared filesystem); the ranks
+whose shards it cannot read are merged as missing, and the command that merges them later is
+logged. Nothing waits longer than its timeout; a rank that never reached end_run is not
+waited for again.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .artifacts import sha256_file
 from .merge.hierarchy import part_path
 from .merge.numbering import NODE_SERIES_DTYPE, number_series
 from .merge.parts import PARTS_DIR, NodeScan, scan_node, write_part
+from .merge.scan import default_shards
 from .transport import FileSpec, Transport, TransportError, read_chunks, receive_files
 
 log = logging.getLogger(__name__)
@@ -135,9 +140,10 @@ def collect_parts(run: Any, transport: Transport, nodes: dict[int, list[int]], m
     """Rank 0's side of the three steps: the parts, in node order, under the run directory; or
     None and why when the merge must fall back (the steps are still taken to their end, so no
     rank waits in vain)."""
-    own = scan_node([Path(p) for p in shard_paths(manifests, nodes[0])], run.run_dir.name)
+    own = scan_node(_own_shards(run.run_dir, nodes, manifests), run.run_dir.name)
+    there = sorted(manifests)  # a rank that never reached end_run is not waited for again
     try:
-        said = transport.gather(None, timeout) or {}
+        said = transport.gather(None, timeout, ranks=there) or {}
         series, why = [], ""
         for leader in nodes:
             message = {"series": _series_message(own)} if leader == 0 else said.get(leader)
@@ -155,7 +161,7 @@ def collect_parts(run: Any, transport: Transport, nodes: dict[int, list[int]], m
         parts = [part_path(run.run_dir, n) for n in range(len(nodes))]
         parts[0].parent.mkdir(parents=True, exist_ok=True)
         write_part(own, numbers[0], parts[0])
-        located = transport.gather(None, timeout) or {}
+        located = transport.gather(None, timeout, ranks=there) or {}
         for n, leader in enumerate(nodes):
             if leader == 0:
                 continue
@@ -174,6 +180,15 @@ def collect_parts(run: Any, transport: Transport, nodes: dict[int, list[int]], m
         return None, f"{type(exc).__name__}: {exc}"
     finally:
         own.close()
+
+
+def _own_shards(run_dir: Path, nodes: dict[int, list[int]], manifests: Mapping[int, Any]) -> list[Path]:
+    """Rank 0's node's shards, and every other shard in the run directory that no leader reads
+    (earlier attempts, ranks that left before end_run): all that ``merge_run`` would merge. A
+    shard's name says its (rank, attempt): a copy of one a leader reads is not taken twice."""
+    read = {Path(p).name for ranks in nodes.values() for p in shard_paths(manifests, ranks)}
+    return [Path(p) for p in shard_paths(manifests, nodes[0])] + [p for p in default_shards(run_dir)
+                                                                   if p.name not in read]
 
 
 def discard_parts(run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """One rank of a hierarchical end-of-run merge test: logs metrics, params and artifacts, then end_run.
 
     hier_worker.py SAVE_DIR RESULTS_DIR [--node-local BASE] [--merge-timeout S] [--kill-in-part RANK]
+                   [--exit-before-end RANK]
 
 The emulated node is the topology's node rank (torchrun's agent's group rank; under mpiexec,
 the SLURM_NODEID each group of ranks is started with, as Hydra inside an allocation gives it;
@@ -8,13 +9,15 @@ started by hand with RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK and MASTER_ADDR/PO
 process group).
 ``--node-local``: the ranks of node N keep their files in BASE/node-N (a node-local disk, no
 shared filesystem). ``--kill-in-part``: that rank SIGKILLs itself once it starts writing its
-node's part (a node leader lost mid-merge). Writes RESULTS_DIR/rank-N.json.
+node's part (a node leader lost mid-merge). ``--exit-before-end``: that rank leaves without
+end_run. Writes RESULTS_DIR/rank-N.json.
 """
 
 import argparse
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def main() -> None:
     p.add_argument("--node-local")
     p.add_argument("--merge-timeout", type=float, default=60.0)
     p.add_argument("--kill-in-part", type=int)
+    p.add_argument("--exit-before-end", type=int)
     args = p.parse_args()
     if "MASTER_ADDR" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
         import torch.distributed as dist  # started by hand, as a launcher that leaves the others running would
@@ -57,6 +61,8 @@ def main() -> None:
         prov4ml.log_metric("rank_value", rank * 1000 + step, prov4ml.Context.TRAINING, step=step)
     if rank % 2:
         prov4ml.log_metric("odd_only", float(rank), prov4ml.Context.VALIDATION, step=0)
+    if rank == args.exit_before_end:
+        sys.exit(0)  # no end_run: its shard is closed by the exit hooks, never handed in
     start = time.monotonic()
     prov_json = prov4ml.end_run()
     (Path(args.results) / f"rank-{rank}.json").write_text(json.dumps({
