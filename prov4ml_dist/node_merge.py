@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import sha256_file
+from .errors import MergeError
 from .merge.hierarchy import part_path
 from .merge.numbering import NODE_SERIES_DTYPE, number_series
 from .merge.parts import PARTS_DIR, NodeScan, scan_node, write_part
@@ -119,9 +120,14 @@ def leader_part(run: Any, transport: Transport, plan: dict[str, Any], timeout: f
             return
         ids = {table: np.asarray(v, dtype=np.int64) for table, v in numbers["ids"][str(transport.rank)].items()}
         target = part_path(run.rank_root, int(node["index"]))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_part(scan, ids, target)
-        scan = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_part(scan, ids, target)
+        except Exception as exc:  # noqa: BLE001 - said to rank 0 at once, which falls back
+            transport.gather({"error": f"{type(exc).__name__}: {exc}"}, timeout)
+            raise
+        finally:
+            scan = None  # write_part closed it
         size, sha = target.stat().st_size, sha256_file(target)[0]
         shared = target.resolve() == part_path(run.run_dir, int(node["index"])).resolve()
         transport.gather({"size": size, "sha256": sha, "stream": not shared}, timeout)
@@ -159,8 +165,11 @@ def collect_parts(run: Any, transport: Transport, nodes: dict[int, list[int]], m
         if why:
             return None, why
         parts = [part_path(run.run_dir, n) for n in range(len(nodes))]
-        parts[0].parent.mkdir(parents=True, exist_ok=True)
-        write_part(own, numbers[0], parts[0])
+        try:
+            parts[0].parent.mkdir(parents=True, exist_ok=True)
+            write_part(own, numbers[0], parts[0])
+        except (MergeError, OSError) as exc:
+            return None, f"rank 0's own part: {exc}"
         located = transport.gather(None, timeout, ranks=there) or {}
         for n, leader in enumerate(nodes):
             if leader == 0:
@@ -168,6 +177,8 @@ def collect_parts(run: Any, transport: Transport, nodes: dict[int, list[int]], m
             where = located.get(leader)
             if not isinstance(where, dict):
                 return None, f"node leader rank {leader}: no part within merge_timeout ({timeout:g} s)"
+            if "error" in where:
+                return None, f"node leader rank {leader}: {str(where['error'])[:300]}"
             if where.get("stream"):
                 outcome = receive_files(transport, leader, [FileSpec(parts[n], int(where["size"]),
                                                                      str(where["sha256"]))], timeout)[0]
