@@ -217,10 +217,18 @@ def test_mpiexec_8_ranks_merge_by_node(tmp_path, nodes, node_local):
     cmd = _node_command(nodes, 8 // nodes, save, results, *extra)
     done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    _check_hierarchical(save, results, local if node_local else None, 8, nodes, None if node_local else 5)
-    if not node_local:
+    run_dir = _check_hierarchical(save, results, local if node_local else None, 8, nodes, None if node_local else 5)
+    if node_local:  # the offline merge must not replace it with a merge of rank 0's node alone
+        refused = cli("merge", run_dir)
+        assert refused.returncode == 2 and "stayed on their nodes" in refused.stderr, refused.stderr
+    else:
         rank0 = json.loads((results / "rank-0.json").read_text())
         assert rank0["end_seconds"] < 2 * timeout + MARGIN_S, rank0
+        # Every shard is there: the offline merge gives a self-contained file; the parts go.
+        assert cli("merge", run_dir).returncode == 0
+        assert not list((run_dir / "parts").glob("*.h5"))
+        with h5py.File(run_dir / "merged.h5") as f:
+            assert not f["metrics"]["rows"].is_virtual
 
 
 @pytest.mark.slow

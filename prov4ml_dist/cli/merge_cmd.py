@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..errors import MergeError
 from ..merge import load_merged, merge_run
 from ..merge.combine import combine_parts
 from ..merge.hierarchy import node_parts
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.single_file and node_parts(run_dir):
         return _single_file(run_dir)
     paths = default_shards(run_dir)
+    _check_parts_covered(run_dir, paths)
     if not paths:
         raise CliError(f"{run_dir} is not a run directory with shards (no {schema.SHARDS_DIR}/rank-*.h5); "
                        "shards left on node-local disks are brought in with --local-dirs")
@@ -98,11 +100,30 @@ def run(args: argparse.Namespace) -> int:
           + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")" if states else "")
           + f", {sum(s.count for s in merged.series)} points in {duration(time.monotonic() - started)}: "
           f"{result.merged_h5} and {result.prov_json.name}")
+    for stale in node_parts(run_dir):  # merged.h5 is self-contained now: nothing points into them
+        stale.unlink()
     if args.remove_shards:
         removed, kept = remove_merged_shards(run_dir, result.merged_h5)
         warn_all(kept)
         print(f"--remove-shards: {len(removed)} shard(s) removed, {len(kept)} kept")
     return EXIT_PROBLEMS if skipped or refused else EXIT_OK
+
+
+def _check_parts_covered(run_dir: Path, paths: list[Path]) -> None:
+    """A run merged by node may hold fewer shards than its merged.h5 (the other nodes' stayed on
+    their disks): merging those alone would replace a complete merged.h5 with a partial one."""
+    if not node_parts(run_dir):
+        return
+    try:
+        listed = {row.shard for row in load_merged(run_dir / "merged.h5").ranks if row.shard}
+    except MergeError:
+        return
+    absent = sorted(listed - {p.name for p in paths})
+    if absent:
+        raise CliError(f"{run_dir} was merged node by node and {len(absent)} of its shards stayed on their nodes "
+                       f"({', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}): merging the rest would "
+                       "leave them out. --single-file makes merged.h5 self-contained from the node parts; "
+                       "--local-dirs brings the shards in")
 
 
 def _single_file(run_dir: Path) -> int:
