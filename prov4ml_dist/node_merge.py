@@ -133,6 +133,7 @@ def leader_part(run: Any, transport: Transport, plan: dict[str, Any], timeout: f
         transport.gather({"size": size, "sha256": sha, "stream": not shared}, timeout)
         if not shared:
             transport.send_stream(0, read_chunks([(target, size)]), timeout, float(plan.get("turn_wait", timeout)))
+            target.unlink()  # the node-local copy: rank 0 has it now (a failed stream keeps it)
     except Exception as exc:  # noqa: BLE001 - rank 0 falls back; this rank only says so
         log.warning("prov4ml_dist: rank %d: the node part of the hierarchical merge failed (%s: %s); rank 0 "
                     "merges without it", transport.rank, type(exc).__name__, exc)

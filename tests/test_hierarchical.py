@@ -138,6 +138,9 @@ def test_readers_take_the_combined_merge_where_the_run_moved(tmp_path, varied):
     assert done.returncode == 0 and "loss" in done.stdout, done.stderr
     done = cli("validate", tmp_path / "run")
     assert done.returncode == 0, done.stdout + done.stderr
+    (tmp_path / "run" / "parts" / "node-00001.h5").unlink()
+    done = cli("validate", tmp_path / "run")
+    assert done.returncode != 0 and "parts/node-00001.h5, which is not beside merged.h5" in done.stdout + done.stderr
 
 
 def test_overlapping_parts_are_refused(tmp_path, varied):
@@ -199,6 +202,7 @@ def _check_hierarchical(save: Path, results: Path, local: Path | None, world: in
             [] if gone is None else [gone])
     if local is not None:  # only the parts crossed: node 1's shards stayed on its disk
         assert not (run_dir / "shards" / f"rank-{world - 1:05d}.h5").exists()
+        assert not list(local.glob("node-*/*/*/parts/*.h5"))  # the leaders' copies, once sent
         assert (run_dir / "artifacts" / f"rank-{world - 1:05d}").is_dir()  # its artifacts did not
     assert_same_merge(run_dir, _single_merge_of(run_dir, local, save.parent / "single"))
     return run_dir

@@ -11,6 +11,10 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import h5py
+
+from ..shard import schema
+from . import layout
 from .combine import combine_parts
 from .merger import MergeResult
 from .numbering import number_series
@@ -20,6 +24,20 @@ from .parts import PARTS_DIR, NodeScan, scan_node, write_part
 def part_path(run_dir: Path, node: int) -> Path:
     """Where node ``node``'s part lies in the run directory."""
     return Path(run_dir) / PARTS_DIR / f"node-{node:05d}.h5"
+
+
+def missing_parts(merged: h5py.File) -> list[str]:
+    """The node parts an open merged.h5's virtual rows name that are not beside it (HDF5 would
+    read fill rows, series -1, in their place)."""
+    found = []
+    base = Path(merged.filename).parent
+    for table in schema.TABLES:
+        rows = merged.get(f"{table}/{layout.ROWS}")
+        if isinstance(rows, h5py.Dataset) and rows.is_virtual:
+            names = sorted({source.file_name for source in rows.virtual_sources()})
+            found += [f"{table}/{layout.ROWS} reads {name}, which is not beside {Path(merged.filename).name}"
+                      for name in names if not (base / name).is_file()]
+    return found
 
 
 def node_parts(run_dir: Path) -> list[Path]:
