@@ -197,7 +197,7 @@ def _contribute(run: Any, transport: Transport) -> None:
             break
     if unsent:
         _not_at_rank_0(run, unsent, "; ".join(why))
-    if plan.get("nodes"):
+    if plan.get("hierarchical"):
         leader_part(run, transport, plan, timeout)
 
 
@@ -255,6 +255,7 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
                     for rank, streams in plan.streams().items()},
         "left_out": {str(rank): {"files": [f["index"] for f in files], "why": plan.left_out_why[rank]}
                      for rank, files in plan.left_out.items()},
+        "hierarchical": bool(nodes),
         "nodes": {str(leader): {"index": n, "shards": shard_paths(manifests, ranks)}
                   for n, (leader, ranks) in enumerate((nodes or {}).items()) if leader != 0}}, timeout)
     streamed_files, streamed_bytes = _fetch(run, transport, plan, timeout)

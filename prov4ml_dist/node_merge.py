@@ -101,7 +101,7 @@ def _series_arrays(message: Any) -> dict[str, np.ndarray]:
 def leader_part(run: Any, transport: Transport, plan: dict[str, Any], timeout: float) -> None:
     """A rank other than 0 after its file transfers: a leader merges its node's part; every
     rank takes its turn in the three steps (a non-leader with nothing to say)."""
-    node = plan["nodes"].get(str(transport.rank))
+    node = plan.get("nodes", {}).get(str(transport.rank))
     scan: NodeScan | None = None
     said: Any = None
     if node is not None:

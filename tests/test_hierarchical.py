@@ -282,3 +282,19 @@ def test_a_node_leader_killed_mid_merge_makes_rank_0_merge_the_shards(tmp_path):
     with h5py.File(run_dir / "merged.h5") as f:
         assert not f["metrics"]["rows"].is_virtual and f["ranks"]["complete"].all() and len(f["ranks"]) == 4
     assert_same_merge(run_dir, _single_merge_of(run_dir, None, tmp_path / "single"))
+
+
+@pytest.mark.slow
+def test_forced_on_one_node(tmp_path):
+    """PROV4ML_HIERARCHICAL_MERGE=on on a one-node job: rank 0 leads the only node; no rank
+    waits for a round it is not part of (merge_timeout 30 s, the whole end_run in seconds)."""
+    pytest.importorskip("mpi4py")
+    save, results = tmp_path / "save", tmp_path / "results"
+    results.mkdir()
+    cmd = [str(BIN / "mpiexec"), "-n", "3", sys.executable, str(WORKER), str(save), str(results), "--merge-timeout",
+           "30"]
+    done = subprocess.run(cmd, env=child_env(PROV4ML_HIERARCHICAL_MERGE="on"), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _check_hierarchical(save, results, None, 3, 1)
+    assert all(json.loads(p.read_text())["end_seconds"] < 15 for p in results.glob("rank-*.json"))
