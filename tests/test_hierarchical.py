@@ -109,6 +109,7 @@ def varied(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ([[0, 1, 2, 3], [4, 5, 6, 7]], True),
     ([[0, 2, 4, 6], [1, 3, 5, 7]], False),  # cyclic placement: a node's ranks interleave with the other's
     ([[0], [1, 2, 3, 4, 5], [6, 7]], True),
+    ([[0, 1, 2, 3], [4, 5, 6, 7], []], False),  # a node whose only shard is unreadable: an empty part
 ])
 def test_parts_combine_to_the_single_process_merge(tmp_path, varied, nodes, single_file, monkeypatch):
     source, single = varied
