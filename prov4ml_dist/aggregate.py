@@ -310,7 +310,11 @@ def _merge_by_nodes(run: Any, transport: Transport, nodes: dict[int, list[int]],
     from .merge.combine import combine_parts
 
     timeout = run.config.merge_timeout
-    parts, why = collect_parts(run, transport, nodes, manifests, timeout)
+    try:
+        parts, why = collect_parts(run, transport, nodes, manifests, timeout)
+    except Exception as exc:  # noqa: BLE001 - rank 0 can still merge the shards itself
+        log.debug("prov4ml_dist: the hierarchical merge failed", exc_info=True)
+        parts, why = None, f"{type(exc).__name__}: {exc}"
     if parts is not None:
         try:
             result = combine_parts(run.run_dir, parts, world_size=transport.world_size, missing_ranks=plan.missing)

@@ -61,6 +61,10 @@ def combine_parts(run_dir: Path, part_paths: Sequence[Path], *, single_file: boo
     """
     run_dir = Path(run_dir)
     report = progress or _silent
+    outside = [p for p in part_paths if not Path(p).resolve().is_relative_to(run_dir.resolve())]
+    if outside and not single_file:
+        raise MergeError(f"{outside[0]} is not under {run_dir}: merged.h5's rows would point out of the run "
+                         "(put the parts under the run directory, or copy their rows: single_file)")
     with contextlib.ExitStack() as stack:
         parts = [stack.enter_context(_open_part(Path(p))) for p in part_paths]
         shards = _shards(parts, run_dir.name)

@@ -150,6 +150,9 @@ def write_part(scan: NodeScan, ids: Mapping[str, np.ndarray], part_path: Path,
                 for index, scanned in zip(indexes, scan.indexes, strict=True):
                     if not np.array_equal(index.series["row_stop"], scanned.series["row_stop"]):
                         raise MergeError(f"{part_path}: row counts changed while the node's shards were merged")
+                    if len(ids[index.table]) != len(index.series):
+                        raise MergeError(f"{part_path}: {len(ids[index.table])} series numbers for "
+                                         f"{len(index.series)} series of {index.table!r}")
                     staged = rows.rows(index.table) if shards else np.empty(0, dtype=layout.ROW_DTYPE)
                     _write_table(out.create_group(index.table), index, staged, np.asarray(ids[index.table]),
                                  rows.where.get(index.table))
