@@ -137,6 +137,9 @@ def test_readers_take_the_combined_merge_where_the_run_moved(tmp_path, varied):
     assert run.world_size == WORLD and {p.key for p in run.params} == {"lr"}
     done = cli("summary", tmp_path / "run")
     assert done.returncode == 0 and "loss" in done.stdout, done.stderr
+    done = cli("export", tmp_path / "run", "--format", "csv", "-o", tmp_path / "points.csv")
+    points = sum(s.count for s in run.series if s.dataset.startswith("/metrics"))
+    assert done.returncode == 0 and len((tmp_path / "points.csv").read_text().splitlines()) == points + 1, done.stderr
     done = cli("validate", tmp_path / "run")
     assert done.returncode == 0, done.stdout + done.stderr
     (tmp_path / "run" / "parts" / "node-00001.h5").unlink()
