@@ -17,6 +17,14 @@ Columns, all measured in the same run:
   ``ratio`` any such merge could reach), ``x floor`` = merge / floor;
 - ``jobs 2 s``: the same merge with ``jobs=2`` (``prov4ml-dist merge --jobs 2``), ``speedup`` =
   merge / jobs 2;
+- ``hier r0 s`` / ``r0 CPU s``: the hierarchical merge (``merge/parts.py``, ``merge/combine.py``)
+  over ``NODES`` emulated nodes (the ranks split in blocks): rank 0's own work (numbering the
+  series, combining the parts into merged.h5 with virtual rows, prov.json) in wall and CPU
+  seconds (every thread); ``1p CPU s`` the single-process merge's CPU seconds, ``r0/1p`` their
+  ratio (the issue's target: at most 1/3); ``node s`` the slowest node's scan and part (the
+  nodes run at once); ``parts MB`` what crosses the network to rank 0 (and stays beside
+  merged.h5), ``merged MB`` what rank 0 writes; ``1f ...``: the same with ``single_file``
+  (rows copied into one self-contained merged.h5 of ``1f MB``);
 - with ``--baseline DIR``: ``before s``, the merge of the prov4ml_dist in DIR on the same shards,
   interleaved with the others (``--repeat N``: the fastest of N each), and ``before/now``.
 """
@@ -45,6 +53,7 @@ from prov4ml_dist.topology import Topology
 
 T0 = 1_700_000_000.0
 BLOCK = 1 << 20
+NODES = 4  # emulated nodes of the hierarchical merge
 
 
 def make_run(run_dir: Path, ranks: int, points: int, keys: int) -> None:
@@ -132,17 +141,64 @@ def merge_in_child(run_dir: Path, jobs: int = 1, code: Path | None = None) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cpu() -> float:
+    """CPU seconds of this process, every thread (the compressing threads count)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def hier_in_child(run_dir: Path, single_file: bool) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--hier-child", str(run_dir)]
+                         + (["--single-file"] if single_file else []), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def hier_child(run_dir: Path, single_file: bool) -> None:
+    """The hierarchical merge: each node's scan and part in turn (a node's time is its own),
+    rank 0's numbering of the series and its combine of the parts timed alone."""
+    import prov4ml_dist.provenance  # noqa: F401 - imported lazily by the merge; not part of its time
+    from prov4ml_dist.merge.combine import combine_parts
+    from prov4ml_dist.merge.hierarchy import part_path
+    from prov4ml_dist.merge.numbering import number_series
+    from prov4ml_dist.merge.parts import scan_node, write_part
+
+    shards = sorted((run_dir / schema.SHARDS_DIR).glob("*.h5"))
+    per_node = -(-len(shards) // NODES)
+    scans, node_s = [], []
+    for n in range(0, len(shards), per_node):
+        started = time.perf_counter()
+        scans.append(scan_node(shards[n:n + per_node], run_dir.name))
+        node_s.append(time.perf_counter() - started)
+    cpu, started = _cpu(), time.perf_counter()
+    numbers = number_series([scan.series() for scan in scans])
+    rank0_s, rank0_cpu = time.perf_counter() - started, _cpu() - cpu
+    parts = [part_path(run_dir, n) for n in range(len(scans))]
+    parts[0].parent.mkdir(exist_ok=True)
+    for n, (scan, ids) in enumerate(zip(scans, numbers, strict=True)):
+        started = time.perf_counter()
+        write_part(scan, ids, parts[n])
+        node_s[n] += time.perf_counter() - started
+    cpu, started = _cpu(), time.perf_counter()
+    result = combine_parts(run_dir, parts, single_file=single_file)
+    rank0_s, rank0_cpu = rank0_s + time.perf_counter() - started, rank0_cpu + _cpu() - cpu
+    assert not result.problems, result.problems
+    print(json.dumps({"seconds": rank0_s, "cpu_s": rank0_cpu, "node_s": max(node_s),
+                      "parts_mb": sum(p.stat().st_size for p in parts) / 2**20,
+                      "merged_mb": result.merged_h5.stat().st_size / 2**20}))
+    shutil.rmtree(parts[0].parent)
+
+
 def child(run_dir: Path, jobs: int) -> None:
     import prov4ml_dist.provenance  # noqa: F401 - imported lazily by merge_run; not part of its time
     from prov4ml_dist.merge import merge_run
 
     stages: dict[str, float] = {}
-    started = time.perf_counter()
+    cpu, started = _cpu(), time.perf_counter()
     result = merge_run(run_dir, progress=lambda stage, done, total: stages.setdefault(stage, time.perf_counter()),
                        **({"jobs": jobs} if jobs > 1 else {}))  # an older merge_run has no jobs
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu() - cpu
     assert not result.problems, result.problems
-    print(json.dumps({"seconds": seconds, "prov_s": time.perf_counter() - stages["prov"],
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "prov_s": time.perf_counter() - stages["prov"],
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "prov_kb": result.prov_json.stat().st_size / 1024}))
 
@@ -162,6 +218,7 @@ def measure(base: Path, ranks: int, points: int, keys: int, repeat: int = 1,
                 m = run()
                 if not found or m["seconds"] < found["seconds"]:
                     found.update(m)
+    hier, copied = hier_in_child(run_dir, False), hier_in_child(run_dir, True)
     shard_mb = sum(p.stat().st_size for p in (run_dir / schema.SHARDS_DIR).glob("*.h5")) / 2**20
     shutil.rmtree(run_dir)
     rows = ranks * points
@@ -171,7 +228,11 @@ def measure(base: Path, ranks: int, points: int, keys: int, repeat: int = 1,
             "speedup": merged["seconds"] / two["seconds"], "old_s": old.get("seconds", math.nan),
             "old_ratio": old.get("seconds", math.nan) / merged["seconds"],
             "mrows_s": rows / merged["seconds"] / 1e6, "ns_row": merged["seconds"] / rows * 1e9,
-            "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
+            "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"], "hier_s": hier["seconds"],
+            "hier_cpu_s": hier["cpu_s"], "cpu_s": merged["cpu_s"], "hier_ratio": hier["cpu_s"] / merged["cpu_s"],
+            "node_s": hier["node_s"], "parts_mb": hier["parts_mb"], "merged_mb": hier["merged_mb"],
+            "single_cpu_s": copied["cpu_s"], "single_ratio": copied["cpu_s"] / merged["cpu_s"],
+            "single_mb": copied["merged_mb"]}
 
 
 COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys", "keys", 5, ""),
@@ -180,7 +241,11 @@ COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys"
            ("ratio", "ratio", 6, ".3f"), ("ceiling", "ceiling", 7, ".2f"), ("x floor", "x_floor", 7, ".2f"),
            ("jobs 2 s", "jobs2_s", 8, ".3f"), ("speedup", "speedup", 7, ".2f"), ("before s", "old_s", 8, ".3f"),
            ("before/now", "old_ratio", 10, ".2f"), ("Mrows/s", "mrows_s", 8, ".2f"),
-           ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f")]
+           ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f"),
+           ("hier r0 s", "hier_s", 9, ".3f"), ("r0 CPU s", "hier_cpu_s", 8, ".3f"), ("1p CPU s", "cpu_s", 8, ".3f"),
+           ("r0/1p", "hier_ratio", 5, ".2f"), ("node s", "node_s", 6, ".3f"), ("parts MB", "parts_mb", 8, ".1f"),
+           ("merged MB", "merged_mb", 9, ".1f"), ("1f r0 CPU s", "single_cpu_s", 11, ".3f"),
+           ("1f r0/1p", "single_ratio", 8, ".2f"), ("1f MB", "single_mb", 6, ".1f")]
 
 
 def main() -> None:
@@ -194,7 +259,12 @@ def main() -> None:
                              "its merge is timed on the same shards, column 'before s'")
     parser.add_argument("--merge-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--hier-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--single-file", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hier_child:
+        hier_child(args.hier_child, args.single_file)
+        return
     if args.merge_child:
         child(args.merge_child, args.jobs)
         return

@@ -41,6 +41,7 @@ from typing import Any
 
 from .artifacts import sha256_file
 from .merge.layout import AGGREGATE_REPORT
+from .node_merge import collect_parts, discard_parts, leader_part, plan_nodes, shard_paths
 from .paths import atomic_target, relative_inside
 from .run import merge_command
 from .shard import schema
@@ -196,6 +197,8 @@ def _contribute(run: Any, transport: Transport) -> None:
             break
     if unsent:
         _not_at_rank_0(run, unsent, "; ".join(why))
+    if plan.get("hierarchical"):
+        leader_part(run, transport, plan, timeout)
 
 
 def _counted(root: Path, files: list[dict[str, Any]], handed: list[int]) -> Iterator[bytes]:
@@ -244,15 +247,20 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
     manifests = transport.gather(build_manifest(run, 0.0), timeout)
     received = time.monotonic()
     plan = make_plan(run.run_dir, manifests, transport.world_size, timeout, waited=time.monotonic() - received)
+    nodes = plan_nodes(manifests)
+    by_leaders = _leave_shards_to_leaders(plan, nodes) if nodes else set()
     transport.broadcast({
         "ranks": sorted(manifests), "turn_wait": TURN_WAIT_FACTOR * timeout,
         "streams": {str(rank): [[f["index"] for f in stream] for stream in streams]
                     for rank, streams in plan.streams().items()},
         "left_out": {str(rank): {"files": [f["index"] for f in files], "why": plan.left_out_why[rank]}
-                     for rank, files in plan.left_out.items()}}, timeout)
+                     for rank, files in plan.left_out.items()},
+        "hierarchical": bool(nodes),
+        "nodes": {str(leader): {"index": n, "shards": shard_paths(manifests, ranks)}
+                  for n, (leader, ranks) in enumerate((nodes or {}).items()) if leader != 0}}, timeout)
     streamed_files, streamed_bytes = _fetch(run, transport, plan, timeout)
     for rank, path in plan.shards.items():
-        if rank not in plan.missing and not path.is_file():
+        if rank not in plan.missing and rank not in by_leaders and not path.is_file():
             plan.missing[rank] = "its shard did not reach rank 0 (see aggregate.json)"
     report = {"transport": transport.name, "world_size": transport.world_size, "ranks": sorted(manifests),
               "missing": {str(r): why for r, why in sorted(plan.missing.items())}, "files_present": plan.present,
@@ -268,7 +276,9 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
     # other ranks are idle, waiting for it), for a run large enough to gain from them. Not under
     # MPI, where some interconnect drivers forbid a rank to start processes.
     jobs = 1 if transport.name == "mpi" else default_jobs(default_shards(run.run_dir))
-    result = merge_run(run.run_dir, world_size=transport.world_size, missing_ranks=plan.missing, jobs=jobs)
+    result = _merge_by_nodes(run, transport, nodes, manifests, plan, report) if nodes else None
+    if result is None:
+        result = merge_run(run.run_dir, world_size=transport.world_size, missing_ranks=plan.missing, jobs=jobs)
     for problem in plan.problems + list(result.problems):
         log.warning("prov4ml_dist: merge of %s: %s", run.run_dir, problem)
     if plan.missing or plan.not_transferred:
@@ -281,6 +291,48 @@ def _collect_and_merge(run: Any, transport: Transport) -> Path | None:
                                               for r, files in plan.not_transferred.items()]),
                     run.run_dir, merge_command(run.run_dir, roots))
     return result.prov_json
+
+
+def _leave_shards_to_leaders(plan: _Plan, nodes: dict[int, list[int]]) -> set[int]:
+    """A hierarchical merge: the shards of ranks on other nodes than rank 0's reach rank 0 in
+    their node's part, not one by one (their artifacts still come). Those ranks."""
+    others = {rank for leader, ranks in nodes.items() if leader != 0 for rank in ranks}
+    plan.fetch = {rank: kept for rank, files in plan.fetch.items()
+                  if (kept := [f for f in files if not (f["kind"] == "shard" and rank in others)])}
+    return others
+
+
+def _merge_by_nodes(run: Any, transport: Transport, nodes: dict[int, list[int]], manifests: dict[int, Any],
+                    plan: _Plan, report: dict[str, Any]) -> Any:
+    """The hierarchical merge (``node_merge.py``); None when rank 0 must merge the shards itself,
+    the ranks whose shards it lacks then marked missing."""
+    from .errors import MergeError
+    from .merge.combine import combine_parts
+
+    timeout = run.config.merge_timeout
+    try:
+        parts, why = collect_parts(run, transport, nodes, manifests, timeout)
+    except Exception as exc:  # noqa: BLE001 - rank 0 can still merge the shards itself
+        log.debug("prov4ml_dist: the hierarchical merge failed", exc_info=True)
+        parts, why = None, f"{type(exc).__name__}: {exc}"
+    if parts is not None:
+        try:
+            result = combine_parts(run.run_dir, parts, world_size=transport.world_size, missing_ranks=plan.missing)
+            report["hierarchical"] = {"nodes": len(nodes), "parts": len(parts)}
+            _write_json(run.run_dir / AGGREGATE_REPORT, report)
+            return result
+        except MergeError as exc:
+            why = str(exc)
+    discard_parts(run.run_dir)
+    log.warning("prov4ml_dist: the hierarchical merge of %s over %d nodes fell back to rank 0 merging the shards "
+                "it can read: %s", run.run_dir, len(nodes), why)
+    for rank, path in plan.shards.items():
+        if rank not in plan.missing and not path.is_file():
+            plan.missing[rank] = f"its shard stayed on its node, whose part did not reach rank 0 ({why[:300]})"
+    report["hierarchical"] = {"nodes": len(nodes), "fell_back": why}
+    report["missing"] = {str(r): reason for r, reason in sorted(plan.missing.items())}
+    _write_json(run.run_dir / AGGREGATE_REPORT, report)
+    return None
 
 
 def make_plan(run_dir: Path, manifests: dict[int, Any], world_size: int, timeout: float,

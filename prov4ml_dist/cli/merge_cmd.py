@@ -11,8 +11,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..errors import MergeError
 from ..merge import load_merged, merge_run
+from ..merge.combine import combine_parts
+from ..merge.hierarchy import node_parts
 from ..merge.parallel import PARALLEL_MIN_SHARDS, default_jobs
+from ..merge.parts import PARTS_DIR
 from ..merge.prune import remove_merged_shards
 from ..merge.scan import BAD_SHARD, choose_run_id, default_shards
 from ..shard import ShardReader, schema
@@ -43,6 +47,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="processes to merge with (default: the cores available to this process, for a run "
                         f"of at least {PARALLEL_MIN_SHARDS} shards; 1 below); the files are the "
                         "same whatever N")
+    p.add_argument("--single-file", action="store_true",
+                   help="for a run merged hierarchically at end_run (merged.h5's rows point into the node parts "
+                        f"under RUN_DIR/{PARTS_DIR}): copy the rows into one self-contained merged.h5, from the "
+                        "parts, and remove them; other runs' merged.h5 is self-contained already")
     p.set_defaults(func=run)
 
 
@@ -68,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
         warn_all(report.problems)
         refused = len(report.problems)
         print(f"--local-dirs: {report.copied} files copied into {run_dir}, {report.present} already there")
+    if args.single_file and node_parts(run_dir):
+        return _single_file(run_dir)
     paths = default_shards(run_dir)
+    _check_parts_covered(run_dir, paths)
     if not paths:
         raise CliError(f"{run_dir} is not a run directory with shards (no {schema.SHARDS_DIR}/rank-*.h5); "
                        "shards left on node-local disks are brought in with --local-dirs")
@@ -89,11 +100,48 @@ def run(args: argparse.Namespace) -> int:
           + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")" if states else "")
           + f", {sum(s.count for s in merged.series)} points in {duration(time.monotonic() - started)}: "
           f"{result.merged_h5} and {result.prov_json.name}")
+    for stale in node_parts(run_dir):  # merged.h5 is self-contained now: nothing points into them
+        stale.unlink()
     if args.remove_shards:
         removed, kept = remove_merged_shards(run_dir, result.merged_h5)
         warn_all(kept)
         print(f"--remove-shards: {len(removed)} shard(s) removed, {len(kept)} kept")
     return EXIT_PROBLEMS if skipped or refused else EXIT_OK
+
+
+def _check_parts_covered(run_dir: Path, paths: list[Path]) -> None:
+    """A run merged by node may hold fewer shards than its merged.h5 (the other nodes' stayed on
+    their disks): merging those alone would replace a complete merged.h5 with a partial one."""
+    if not node_parts(run_dir):
+        return
+    try:
+        listed = {row.shard for row in load_merged(run_dir / "merged.h5").ranks if row.shard}
+    except MergeError:
+        return
+    absent = sorted(listed - {p.name for p in paths})
+    if absent:
+        raise CliError(f"{run_dir} was merged node by node and {len(absent)} of its shards stayed on their nodes "
+                       f"({', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}): merging the rest would "
+                       "leave them out. --single-file makes merged.h5 self-contained from the node parts; "
+                       "--local-dirs brings the shards in")
+
+
+def _single_file(run_dir: Path) -> int:
+    """merged.h5 made self-contained from the node parts its rows point into; the parts removed."""
+    _check_writable(run_dir)
+    parts = node_parts(run_dir)
+    started = time.monotonic()
+    progress = MergeProgress(sys.stderr)
+    try:
+        result = combine_parts(run_dir, parts, single_file=True, progress=progress)
+    finally:
+        progress.finish()
+    warn_all(result.problems, rest=" (merged.h5 keeps them all, in its 'problems' attribute)")
+    for path in parts:
+        path.unlink()
+    print(f"--single-file: the rows of {len(parts)} node part(s) copied into {result.merged_h5} in "
+          f"{duration(time.monotonic() - started)}; the parts removed")
+    return EXIT_OK
 
 
 def shard_identities(paths: list[Path]) -> dict[Path, tuple[str, int, int]]:

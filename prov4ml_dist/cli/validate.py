@@ -26,6 +26,7 @@ from prov.model import Literal, ProvActivity, ProvAgent, ProvDocument, ProvEleme
 from ..artifacts import sha256_file
 from ..errors import MergeError
 from ..merge import load_merged
+from ..merge.hierarchy import missing_parts
 from ..merge.layout import MERGED_NAME, PROV_NAME
 from ..merge.scan import BAD_SHARD
 from ..paths import relative_inside
@@ -215,6 +216,7 @@ class _Checks:
                 self.problems.append(f"{path} is the merge of run {merged.run_id!r}, not {run_id!r}")
             with h5py.File(path, "r") as f:
                 ranges = self._ranges(f)
+                self.problems += missing_parts(f)  # merged by node: its rows lie in the node parts
         except (MergeError, OSError) as exc:
             self.problems.append(f"merged file: {exc}")
             return

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import h5py
@@ -243,6 +243,15 @@ class CrossRank:
             p = partials(rows, self.group_of)
             self._emit(iter([aggregate(p.take(compared[p.columns["group"]]))]), range(g, last))
             g = last
+        self.stats.flush()
+        self.slowest.flush()
+
+    def write_combined(self, batches: Iterable[tuple[np.ndarray, range]]) -> None:
+        """``run`` for rows aggregated elsewhere (the hierarchical merge's node parts, combine.py):
+        batches in group order, each with the groups it completes; the same tables and report."""
+        self._frontier = self.stats.size
+        for rows, done in batches:
+            self._emit(iter([rows] if len(rows) else []), done)
         self.stats.flush()
         self.slowest.flush()
 

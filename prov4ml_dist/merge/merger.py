@@ -15,7 +15,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +85,6 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
     Raises ``MergeError`` only when no shard of the run can be read or the outputs cannot
     be written.
     """
-    # Imported here: provenance builds on merge.model, so a module-level import would be a cycle.
-    from ..provenance import build_prov_json, write_prov_json
-
     run_dir = Path(run_dir)
     report = progress or _silent
     problems: list[str] = []
@@ -106,23 +103,34 @@ def merge_run(run_dir: Path, *, shard_paths: Sequence[Path] | None = None,
         if not shards:
             raise MergeError(f"no readable shard in {run_dir / schema.SHARDS_DIR}"
                              + (": " + "; ".join(problems) if problems else ""))
-        merged, prov = run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME
-        for name in remove_stale_temporaries(run_dir):  # a merge that crashed: its space is needed now
-            log.warning("prov4ml_dist: removed %s, left by a merge that did not finish", name)
-        _check_space(run_dir, shards)
-        try:
-            with atomic_target(merged) as tmp_merged, atomic_target(prov) as tmp_prov:
-                with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
-                    missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
-                    _write(out, run_dir, shards, world_size, problems, report, workers)
-                    hasher.fill(problems)
-                    _write_ranks(out, shards, missing, problems)
-                report("prov", 0, 1)
-                write_prov_json(build_prov_json(load_merged(tmp_merged)), tmp_prov)
-                report("prov", 1, 1)
-        except OSError as exc:
-            raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
-    return MergeResult(merged, prov, problems)
+        with merge_outputs(run_dir, report) as tmp_merged:
+            _check_space(run_dir, shards)
+            with ShardHasher(shards) as hasher, h5py.File(tmp_merged, "w") as out:
+                missing = dict(missing_ranks) if missing_ranks is not None else recorded_missing_ranks(run_dir)
+                _write(out, run_dir, shards, world_size, problems, report, workers)
+                hasher.fill(problems)
+                _write_ranks(out, shards, missing, problems)
+    return MergeResult(run_dir / layout.MERGED_NAME, run_dir / layout.PROV_NAME, problems)
+
+
+@contextlib.contextmanager
+def merge_outputs(run_dir: Path, report: Progress) -> Iterator[Path]:
+    """Where the block writes merged.h5; prov.json is then made from it, and both are moved
+    into place only once complete. An ``OSError`` becomes a ``MergeError``."""
+    # Imported here: provenance builds on merge.model, so a module-level import would be a cycle.
+    from ..provenance import build_prov_json, write_prov_json
+
+    for name in remove_stale_temporaries(run_dir):  # a merge that crashed: its space is needed now
+        log.warning("prov4ml_dist: removed %s, left by a merge that did not finish", name)
+    try:
+        with (atomic_target(run_dir / layout.MERGED_NAME) as tmp_merged,
+              atomic_target(run_dir / layout.PROV_NAME) as tmp_prov):
+            yield tmp_merged
+            report("prov", 0, 1)
+            write_prov_json(build_prov_json(load_merged(tmp_merged)), tmp_prov)
+            report("prov", 1, 1)
+    except OSError as exc:
+        raise MergeError(f"cannot write the merge of {run_dir}: {exc}") from None
 
 
 def _check_space(run_dir: Path, shards: list[ShardInfo]) -> None:
@@ -146,26 +154,8 @@ def _silent(stage: str, done: int, total: int) -> None:
 
 def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: int | None, problems: list[str],
            report: Progress, workers: MergeWorkers | None) -> None:
-    first = shards[0].start
-    out.attrs["format"] = layout.FORMAT
-    out.attrs["layout_version"] = layout.LAYOUT_VERSION
-    out.attrs["run_id"] = str(first.get("run_id", ""))
-    out.attrs["experiment_name"] = str(first.get("experiment_name", ""))
-    namespace = first.get("user_namespace")
-    out.attrs["user_namespace"] = namespace if isinstance(namespace, str) else ""
-    environment = first.get("environment")
-    user = environment.get("user") if isinstance(environment, dict) else None
-    out.attrs["user"] = user if isinstance(user, str) else ""
-    out.attrs["world_size"] = _world_size(shards, world_size)
-    # pid and host: the PROV merge activity is online when they are rank 0's (issue 13).
-    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": __version__, "pid": os.getpid(),
-                                               "host": socket.gethostname()})
-
-    journal = Journal(out, run_dir, problems)
-    for shard in shards:
-        journal.add(shard)
-        problems.extend(_shard_problems(shard))
-    journal.write(out)
+    write_header(out, shards, world_size)
+    write_journal(out, run_dir, shards, problems)
 
     # The rows, staged uncompressed until complete (rowstage.py), then compressed into merged.h5.
     with compress.staging(run_dir) as stage:
@@ -182,6 +172,33 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
             write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
             compress.write_compressed(group, layout.ROWS, rows.rows(index.table))
         report("crossrank", len(indexes), len(indexes))
+
+
+def write_header(out: h5py.File, shards: list[ShardInfo], world_size: int | None) -> None:
+    """The root attributes but the problems (they come last, with the ranks table)."""
+    first = shards[0].start
+    out.attrs["format"] = layout.FORMAT
+    out.attrs["layout_version"] = layout.LAYOUT_VERSION
+    out.attrs["run_id"] = str(first.get("run_id", ""))
+    out.attrs["experiment_name"] = str(first.get("experiment_name", ""))
+    namespace = first.get("user_namespace")
+    out.attrs["user_namespace"] = namespace if isinstance(namespace, str) else ""
+    environment = first.get("environment")
+    user = environment.get("user") if isinstance(environment, dict) else None
+    out.attrs["user"] = user if isinstance(user, str) else ""
+    out.attrs["world_size"] = _world_size(shards, world_size)
+    # pid and host: the PROV merge activity is online when they are rank 0's (issue 13).
+    out.attrs[layout.STAMP_ATTR] = json.dumps({"merged_at": time.time(), "version": __version__, "pid": os.getpid(),
+                                               "host": socket.gethostname()})
+
+
+def write_journal(out: h5py.File, run_dir: Path, shards: list[ShardInfo], problems: list[str]) -> None:
+    """The journal tables, and each shard's own problems, in (rank, attempt) order."""
+    journal = Journal(out, run_dir, problems)
+    for shard in shards:
+        journal.add(shard)
+        problems.extend(_shard_problems(shard))
+    journal.write(out)
 
 
 def _write_ranks(out: h5py.File, shards: list[ShardInfo], missing: dict[int, str], problems: list[str]) -> None:

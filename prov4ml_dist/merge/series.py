@@ -71,15 +71,19 @@ def build_index(table: str, shards: list[ShardInfo]) -> SeriesIndex:
     series["row_start"], series["row_stop"] = stops - counts, stops
     for name in ("min", "max", "last", "first_time", "last_time"):
         series[name] = math.nan
+    return SeriesIndex(table, series, group_table(series, np.array(firsts, dtype=np.int64)), global_ids)
+
+
+def group_table(series: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+    """The ``GROUP_DTYPE`` rows of group-major ``series`` whose groups start at ``firsts``."""
     groups = np.zeros(len(firsts), dtype=layout.GROUP_DTYPE)
-    firsts_arr = np.array(firsts, dtype=np.int64)
-    lasts = np.r_[firsts_arr[1:], len(entries)]
+    lasts = np.r_[firsts[1:], len(series)].astype(np.int64)
     for name in ("key", "context", "source", "attempt"):
-        groups[name] = series[name][firsts_arr]
-    groups["series_start"], groups["series_stop"] = firsts_arr, lasts
-    groups["row_start"] = series["row_start"][firsts_arr]
+        groups[name] = series[name][firsts]
+    groups["series_start"], groups["series_stop"] = firsts, lasts
+    groups["row_start"] = series["row_start"][firsts]
     groups["row_stop"] = series["row_stop"][lasts - 1] if len(firsts) else []
-    return SeriesIndex(table, series, groups, global_ids)
+    return groups
 
 
 def copy_rows(chunks: Iterable[np.ndarray], declared: np.ndarray, rank: int, ids: np.ndarray, series: np.ndarray,

@@ -95,9 +95,11 @@ class Transport(ABC):
         """Rank 0's ``value`` on every rank (the others pass anything, e.g. None)."""
 
     @abstractmethod
-    def gather(self, value: Any, timeout: float) -> dict[int, Any] | None:
+    def gather(self, value: Any, timeout: float, ranks: Collection[int] | None = None) -> dict[int, Any] | None:
         """On rank 0, ``{rank: value}`` of every rank whose value arrived within ``timeout``
-        (its own included); None on the other ranks, which do not wait."""
+        (its own included); None on the other ranks, which do not wait. ``ranks``: the ranks
+        rank 0 waits for (all by default), e.g. those known to be there: one known gone then
+        costs no timeout."""
 
     @abstractmethod
     def send_stream(self, dst: int, chunks: Iterable[bytes], timeout: float, start_timeout: float) -> None:

@@ -166,14 +166,15 @@ class MpiTransport(Transport):
             self._complete(request, data, deadline, f"broadcasting to rank {rank}")
         return value
 
-    def gather(self, value: Any, timeout: float) -> dict[int, Any] | None:
+    def gather(self, value: Any, timeout: float, ranks: Collection[int] | None = None) -> dict[int, Any] | None:
         op, deadline = next(self._ops), Deadline(timeout)
         if self.rank != 0:
             data = self._envelope(op, value)
             self._complete(self._comm.Isend([data, MPI.BYTE], 0, TAG_GATHER), data, deadline, "sending to rank 0")
             return None
         values = {0: value}
-        while len(values) < self.world_size:
+        expected = set(range(self.world_size) if ranks is None else ranks) | {0}
+        while not expected <= values.keys():
             try:
                 sender, got = self._receive_value(MPI.ANY_SOURCE, TAG_GATHER, op, deadline, "gathering")
             except TransportTimeout:

@@ -28,7 +28,7 @@ class NoneTransport(Transport):
         self._alone()
         return value
 
-    def gather(self, value: Any, timeout: float) -> dict[int, Any] | None:
+    def gather(self, value: Any, timeout: float, ranks: Collection[int] | None = None) -> dict[int, Any] | None:
         self._alone()
         return {0: value}
 

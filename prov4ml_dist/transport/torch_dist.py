@@ -149,14 +149,14 @@ class StoreTransport(Transport):
         self._wait(key, timeout, "waiting for rank 0's broadcast")
         return self._take_value(key, delete=False)
 
-    def gather(self, value: Any, timeout: float) -> dict[int, Any] | None:
+    def gather(self, value: Any, timeout: float, ranks: Collection[int] | None = None) -> dict[int, Any] | None:
         prefix = f"gather/{next(self._ops)}"
         if self.rank != 0:
             self._put_value(f"{prefix}/{self.rank}", value)
             return None
         deadline = Deadline(timeout)
         values = {0: value}
-        for rank in range(1, self.world_size):
+        for rank in range(1, self.world_size) if ranks is None else sorted(set(ranks) - {0}):
             key = f"{prefix}/{rank}"
             if self._arrived(key, deadline):
                 values[rank] = self._take_value(key, delete=True)
