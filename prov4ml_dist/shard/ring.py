@@ -57,7 +57,6 @@ _U8 = struct.Struct("<q")
 CAPACITY = {"metrics": 1 << 18, "system": 1 << 12}
 MIN_CAPACITY_SHIFT = 6  # at most 1/64 of CAPACITY, before giving up
 JOURNAL_DELTA = len(schema.TABLES)  # header field index of the journal's delta
-ROW_FIELDS = list(schema.ROW_DTYPE.names)  # a ring row's fields that the shard stores
 WAL_FRAME = struct.Struct("<II")
 MAX_WAL_RECORD = 16 << 20
 BACKPRESSURE_SLEEP_S = 0.0005
@@ -143,17 +142,16 @@ class Ring:
         return int(self._view["seq"][slot & self.mask]) == slot + 1
 
     def pending(self, max_rows: int) -> np.ndarray:
-        """The committed rows from ``drained`` on: at most ``max_rows``, up to the first slot not
-        yet written and to the ring's end (the next call goes on after the wrap). A view of the
-        ring with ``schema.ROW_DTYPE``'s fields (not packed: HDF5 gathers them while it writes,
-        with the GIL let go; copying them here took four numpy calls, each a GIL round trip for
-        the flusher). Valid until ``release``, which frees the slots."""
+        """The committed rows from ``drained`` on, as ``schema.ROW_DTYPE``: at most ``max_rows``,
+        up to the first slot not yet written and to the ring's end (the next call goes on
+        after the wrap). One contiguous slice, no gather: the flusher holds the GIL for a
+        bounded time per piece. The rows stay in the ring until ``release``."""
         start = self.drained
         at = start & self.mask
         n = min(max_rows, self.capacity - at)
         expected = np.arange(start + 1, start + 1 + n, dtype=np.uint64)
         torn = np.flatnonzero(self._view["seq"][at:at + n] != expected)
-        return self._view[at:at + (int(torn[0]) if len(torn) else n)][ROW_FIELDS]
+        return as_rows(self._view[at:at + (int(torn[0]) if len(torn) else n)])
 
     def issued(self) -> int:
         """Slots handed out so far (the counter's value, read without advancing it)."""
@@ -192,7 +190,7 @@ class Ring:
 
 def as_rows(ring_rows: np.ndarray) -> np.ndarray:
     out = np.empty(len(ring_rows), dtype=schema.ROW_DTYPE)
-    for name in ROW_FIELDS:
+    for name in schema.ROW_DTYPE.names:
         out[name] = ring_rows[name]
     return out
 

@@ -115,8 +115,8 @@ class SeriesTable:
         self.series_rows[:len(counts)] += counts
 
     def take(self, max_rows: int) -> np.ndarray:
-        """At most ``max_rows`` rows waiting in the ring, as a view of it (see ``Ring.pending``),
-        valid until they are released.
+        """At most ``max_rows`` rows waiting in the ring, as a structured array (see
+        ``Ring.pending``); they stay there until released.
         Rows the ring refused since the last call (the API lets none through) are counted and
         reported, once per flush."""
         refused, self.ring.unstorable = self.ring.unstorable, 0
