@@ -41,14 +41,13 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BUFFER_ROWS = 8192
 BUFFER_POLL_S = 0.02
 # A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece, and after GIL_SLICE_S of
-# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. What a piece
-# costs the logging threads is not its size: h5py (3.16) and numpy let the GIL go while they copy
-# and write, so a piece holds the GIL only for its Python steps. What a piece costs the flusher is
-# the GIL coming back: each time it let the GIL go to a logging thread that runs Python without
-# pause, it waits a switch interval (5 ms) to get it back, several times per piece whatever its
-# size. Larger pieces therefore drain faster: per 10^6 points logged in a tight loop, calls that
-# found the ring full were 56-59 with 16,384-row pieces, 24-29 with 32,768, 0-26 with 65,536 (the
-# last with a ring of 2^16 rows; none with 2^18; bench_log_metric.py).
+# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. h5py holds
+# the GIL while HDF5 writes, so a logging call may wait for one piece's write (65,536 rows: under
+# 2 ms on an idle core). Each time the flusher lets the GIL go (numpy copies, the sleep) it waits a
+# switch interval (5 ms) to get it back from a logger that runs Python without pause, a few times
+# per piece whatever its size, so larger pieces drain faster: per 10^6 points logged in a tight
+# loop, calls that found the ring full (each a stall of several ms) were 56-59 with 16,384-row
+# pieces and a ring of 2^16 rows, 0-4 with 65,536-row pieces and 2^18 (bench_log_metric.py).
 FLUSH_PIECE_ROWS = 65536
 GIL_SLICE_S = 0.001
 GIL_YIELD_S = 0.0002
