@@ -53,7 +53,9 @@ _U8 = struct.Struct("<q")
 # The metrics ring holds four flush pieces (writer.FLUSH_PIECE_ROWS): a logger in a tight loop
 # (~650k points/s here) fills it in 0.4 s, longer than the flusher takes to drain it while it
 # shares the GIL; at 2^16 rows, calls that found it full (each a multi-ms stall) were 26-59 per
-# 10^6 points, at 2^17 4-24, at 2^18 none (bench_log_metric.py, README "Zero loss").
+# 10^6 points, at 2^17 4-24, at 2^18 0-4 (bench_log_metric.py, README "Zero loss"). On a
+# filesystem without fallocate, glibc writes the 10 MiB at start_run: shards belong on node-local
+# disks there (start_run(local_dir=...)).
 CAPACITY = {"metrics": 1 << 18, "system": 1 << 12}
 MIN_CAPACITY_SHIFT = 6  # at most 1/64 of CAPACITY, before giving up
 JOURNAL_DELTA = len(schema.TABLES)  # header field index of the journal's delta
