@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from prov4ml_dist.errors import MergeError
-from prov4ml_dist.merge import merge_run, scan
+from prov4ml_dist.merge import compress, layout, merge_run, scan
 from prov4ml_dist.merge.parallel import PARALLEL_MIN_SHARDS, MergeWorkers, default_jobs
 
 from .test_cli_support import cli, merged_content, prov_structure
@@ -121,3 +121,23 @@ def test_the_default_is_parallel_only_for_runs_of_many_shards(tmp_path):
     many = [*few, tmp_path / "rank-99999.h5"]
     assert default_jobs(few) == 1
     assert default_jobs(many) == len(os.sched_getaffinity(0))
+
+
+def test_workers_compress_their_share_of_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --jobs 2 the per-point work is split, deflate included: this process compresses
+    only its share of the rows' chunks, the worker the rest (into a file of its own, removed
+    after); merged.h5 is what one process writes, and plain h5py reads it."""
+    _varied_run(tmp_path / "src")
+    monkeypatch.setattr(layout, "ROWS_CHUNK_ROWS", 1000)
+    one = _merge_copy(tmp_path / "src", tmp_path / "one", 1)
+    here: list[int] = []
+    real = compress.compressed_chunk
+    monkeypatch.setattr(compress, "compressed_chunk", lambda source, start, rows, *rest: here.append(start)
+                        or real(source, start, rows, *rest))
+    two = _merge_copy(tmp_path / "src", tmp_path / "two", 2)
+    with h5py.File(two / "merged.h5") as f:
+        chunks = -(-len(f["metrics/rows"]) // 1000)
+        assert f["metrics/rows"].chunks == (1000,) and chunks >= 20
+    assert 0 < len(here) < chunks  # its share; the worker did the rest
+    assert merged_content(two / "merged.h5") == merged_content(one / "merged.h5")
+    assert sorted(p.name for p in two.iterdir()) == ["merged.h5", "prov.json", "shards"]

@@ -174,13 +174,14 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
         rows = RowStage(stage)
         indexes, compressors = _copy_all(out, rows, shards, problems, report, workers, pool)
         try:
-            for compressor in compressors.values():
-                compressor.submit_all()  # what the copy did not complete (a parallel merge: all)
+            if workers is None:
+                for compressor in compressors.values():
+                    compressor.submit_all()  # what the copy did not complete
             for done, index in enumerate(indexes):
                 report("crossrank", done, len(indexes))
                 group = out[index.table]
                 if workers is not None:
-                    workers.crossrank(group, index, rows)
+                    workers.crossrank(group, index, rows, compressors[index.table])
                 else:
                     CrossRank.into(group, index, rows.rows(index.table)).run()
                 write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)

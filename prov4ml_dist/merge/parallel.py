@@ -39,6 +39,7 @@ from numpy.lib import recfunctions
 
 from ..errors import MergeError
 from . import layout
+from .compress import ChunkFile, RowCompressor
 from .crossrank import CrossRank
 from .rowstage import RowStage, RowWriter, open_rows
 from .scan import ROW_CACHE_BYTES, RowBudget, ShardInfo, close_kept, read_shards
@@ -186,28 +187,42 @@ class MergeWorkers:
                 plan = filled[shard.path][index.table]
                 index.series[plan.ids] = plan.series
 
-    def crossrank(self, group: h5py.Group, index: SeriesIndex, stage: RowStage) -> None:
-        """``CrossRank`` of one table, its groups split into ranges of about equal rows."""
+    def crossrank(self, group: h5py.Group, index: SeriesIndex, stage: RowStage, rows: RowCompressor) -> None:
+        """``CrossRank`` of one table, its groups split into ranges of about equal rows; and its
+        rows compressed, each process a share of the chunks: this one in its threads (they store
+        the chunks), the others into a file of theirs that this one then stores from."""
         groups = index.groups
         bounds = _ranges(groups["row_stop"], self.jobs)
+        shares = [(rows.chunks * k // self.jobs, rows.chunks * (k + 1) // self.jobs) for k in range(self.jobs)]
+        rows.submit(*shares[0])
         light = replace(index, series=recfunctions.repack_fields(index.series[CROSSRANK_SERIES_FIELDS]),
                         global_ids=[])
         files = stage.where[index.table]
-        answers = self._ask([("crossrank", light, files, a, b) for a, b in bounds], lambda n: None)
-        stats = Appender(group, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
-        slowest = Appender(group, layout.SLOWEST, layout.SLOWEST_DTYPE)
-        for (a, b), (rows, slow, report) in zip(bounds, answers, strict=True):
-            report["stat_start"] += stats.size
-            report["stat_stop"] += stats.size
-            groups[a:b] = report
-            stats.extend(rows)
-            slowest.extend(slow)
-        stats.flush()
-        slowest.flush()
+        mine = [(shares[0][0], shares[0][0])]  # this process compresses in its threads, not in _handle
+        answers = self._ask([("crossrank", light, files, a, b, c0, c1, rows.chunk)
+                             for (a, b), (c0, c1) in zip(bounds, mine + shares[1:], strict=True)], lambda n: None,
+                            discard=lambda answer: answer[3].remove())
+        try:
+            stats = Appender(group, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
+            slowest = Appender(group, layout.SLOWEST, layout.SLOWEST_DTYPE)
+            for (a, b), (stat_rows, slow, report, _) in zip(bounds, answers, strict=True):
+                report["stat_start"] += stats.size
+                report["stat_stop"] += stats.size
+                groups[a:b] = report
+                stats.extend(stat_rows)
+                slowest.extend(slow)
+            stats.flush()
+            slowest.flush()
+            for *_, chunks in answers:
+                chunks.store_into(rows)
+        finally:
+            for *_, chunks in answers:
+                chunks.remove()
 
-    def _ask(self, messages: list[tuple], tick: Tick) -> list[Any]:
+    def _ask(self, messages: list[tuple], tick: Tick, discard: Callable[[Any], None] | None = None) -> list[Any]:
         """Send each worker its message (worker 0's is handled here, meanwhile); gather the
-        answers, passing on progress ticks. Every worker answers before a failure is raised."""
+        answers, passing on progress ticks. Every worker answers before a failure is raised;
+        then ``discard`` gets the answers that came (files they name are removed)."""
         for conn, message in zip(self._conns, messages[1:], strict=True):
             self._send(conn, message)
         ticks = [0] * self.jobs
@@ -237,6 +252,8 @@ class MergeWorkers:
                 elif failure is None:
                     failure = payload
         if failure is not None:
+            for answer in answers.values() if discard is not None else ():
+                discard(answer)
             raise failure
         return [answers[n] for n in range(self.jobs)]
 
@@ -325,8 +342,10 @@ def _handle(request: tuple, state: _State, tick: Tick) -> Any:
             close_kept(list(kept.values()))  # those copied elsewhere: no file left open
         return done
     if kind == "crossrank":
-        _, index, where, first, stop = request
+        _, index, where, first, stop, chunk_first, chunk_stop, chunk_rows = request
         stats, slowest = ArraySink(layout.CROSSRANK_DTYPE), ArraySink(layout.SLOWEST_DTYPE)
-        CrossRank(index, open_rows(where), stats, slowest).run(first, stop)
-        return stats.array(), slowest.array(), index.groups[first:stop]
+        rows = open_rows(where)
+        CrossRank(index, rows, stats, slowest).run(first, stop)
+        chunks = ChunkFile.write(where.path.parent, rows, chunk_first, chunk_stop, chunk_rows)
+        return stats.array(), slowest.array(), index.groups[first:stop], chunks
     raise MergeError(f"unknown merge worker request {kind!r}")

@@ -122,7 +122,7 @@ def copy_rows(chunks: Iterable[np.ndarray], declared: np.ndarray, rank: int, ids
         out = np.empty(len(chunk), dtype=layout.ROW_DTYPE)
         tails, out_tails = chunk.view(_TAIL)["tail"], out.view(_MERGED_TAIL)["tail"]
         k = len(segments)
-        if k <= len(chunk) // MIN_PERIODIC_SEGMENT and (slot[k:] == slot[:-k]).all():
+        if repeating(slot, k):
             residue = np.empty(len(ids), dtype=np.int64)  # row i belongs to series slot[i % k]
             residue[slot[:k]] = np.arange(k)
             for seg, start, n in zip(segments.tolist(), starts.tolist(), lengths.tolist(), strict=True):
@@ -137,6 +137,13 @@ def copy_rows(chunks: Iterable[np.ndarray], declared: np.ndarray, rank: int, ids
     return latest if latest > -math.inf else math.nan
 
 
+def repeating(slot: np.ndarray, k: int) -> bool:
+    """Whether a chunk's rows, of ``k`` series, repeat one pattern: row ``i`` of the series of
+    row ``i % k`` (each series then has at least ``MIN_PERIODIC_SEGMENT`` rows)."""
+    return k <= len(slot) // MIN_PERIODIC_SEGMENT and bool((slot[k:2 * k] == slot[:k]).all()) \
+        and bool((slot[k:] == slot[:-k]).all())
+
+
 def _field_view(dtype: np.dtype, fields: tuple[str, ...], name: str, kind: str) -> np.dtype:
     """One field ``name`` of type ``kind`` over ``fields`` of ``dtype``, which must be adjacent."""
     first = dtype.fields[fields[0]][1]
@@ -147,6 +154,7 @@ def _field_view(dtype: np.dtype, fields: tuple[str, ...], name: str, kind: str) 
     return np.dtype({"names": [name], "formats": [kind.format(size)], "offsets": [first], "itemsize": dtype.itemsize})
 
 
+COPY_BLOCK_ROWS = 1 << 18  # rows kept by the scan are copied in blocks of the reader's slice size
 MIN_PERIODIC_SEGMENT = 16  # rows per series in a chunk below which the strided copies cost more than a sort
 _TAIL = _field_view(schema.ROW_DTYPE, ("step", "value", "time"), "tail", "V{}")
 _MERGED_TAIL = _field_view(layout.ROW_DTYPE, ("step", "value", "time"), "tail", "V{}")
@@ -197,8 +205,9 @@ def copy_shard(shard: ShardInfo, tables: dict[str, TablePlan], rows: dict[str, R
     shard.rows, shard.reader = None, None
 
 
-def _blocks(rows: np.ndarray, size: int = 1 << 18) -> Iterator[np.ndarray]:
+def _blocks(rows: np.ndarray) -> Iterator[np.ndarray]:
     """Kept rows in the reader's slice size: the copy's temporaries stay bounded."""
+    size = COPY_BLOCK_ROWS
     for start in range(0, len(rows), size):
         yield rows[start:start + size]
 
