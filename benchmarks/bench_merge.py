@@ -18,7 +18,9 @@ Columns, all measured in the same run:
 - ``jobs 2 s``: the same merge with ``jobs=2`` (``prov4ml-dist merge --jobs 2``), ``speedup`` =
   merge / jobs 2;
 - with ``--baseline DIR``: ``before s``, the merge of the prov4ml_dist in DIR on the same shards,
-  interleaved with the others (``--repeat N``: the fastest of N each), and ``before/now``.
+  interleaved with the others (``--repeat N``: the fastest of N each), and ``before/now``;
+- ``cpu s``, ``jobs 2 cpu``, ``before cpu``: the CPU time of those merges (every thread and
+  worker process), which a machine busy with other work inflates less than their wall time.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def child(run_dir: Path, jobs: int) -> None:
                        **({"jobs": jobs} if jobs > 1 else {}))  # an older merge_run has no jobs
     seconds = time.perf_counter() - started
     assert not result.problems, result.problems
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     print(json.dumps({"seconds": seconds, "prov_s": time.perf_counter() - stages["prov"],
+                      "cpu_s": sum(u.ru_utime + u.ru_stime for u in used),
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "prov_kb": result.prov_json.stat().st_size / 1024}))
 
@@ -169,6 +173,7 @@ def measure(base: Path, ranks: int, points: int, keys: int, repeat: int = 1,
             "sha_s": sha, "merge_s": merged["seconds"], "prov_s": merged["prov_s"], "ratio": raw / merged["seconds"],
             "ceiling": raw / floor, "x_floor": merged["seconds"] / floor, "jobs2_s": two["seconds"],
             "speedup": merged["seconds"] / two["seconds"], "old_s": old.get("seconds", math.nan),
+            "cpu_s": merged["cpu_s"], "jobs2_cpu_s": two["cpu_s"], "old_cpu_s": old.get("cpu_s", math.nan),
             "old_ratio": old.get("seconds", math.nan) / merged["seconds"],
             "mrows_s": rows / merged["seconds"] / 1e6, "ns_row": merged["seconds"] / rows * 1e9,
             "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"]}
@@ -179,7 +184,9 @@ COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys"
            ("sha s", "sha_s", 6, ".3f"), ("merge s", "merge_s", 8, ".3f"), ("of it PROV s", "prov_s", 12, ".3f"),
            ("ratio", "ratio", 6, ".3f"), ("ceiling", "ceiling", 7, ".2f"), ("x floor", "x_floor", 7, ".2f"),
            ("jobs 2 s", "jobs2_s", 8, ".3f"), ("speedup", "speedup", 7, ".2f"), ("before s", "old_s", 8, ".3f"),
-           ("before/now", "old_ratio", 10, ".2f"), ("Mrows/s", "mrows_s", 8, ".2f"),
+           ("before/now", "old_ratio", 10, ".2f"), ("cpu s", "cpu_s", 6, ".2f"),
+           ("jobs 2 cpu", "jobs2_cpu_s", 10, ".2f"), ("before cpu", "old_cpu_s", 10, ".2f"),
+           ("Mrows/s", "mrows_s", 8, ".2f"),
            ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f")]
 
 
