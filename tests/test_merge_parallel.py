@@ -14,6 +14,7 @@ import pytest
 
 from prov4ml_dist.errors import MergeError
 from prov4ml_dist.merge import compress, layout, merge_run, scan
+from prov4ml_dist.merge.crossrank import CrossRank
 from prov4ml_dist.merge.parallel import PARALLEL_MIN_SHARDS, MergeWorkers, default_jobs
 
 from .test_cli_support import cli, merged_content, prov_structure
@@ -141,3 +142,21 @@ def test_workers_compress_their_share_of_the_rows(tmp_path: Path, monkeypatch: p
     assert 0 < len(here) < chunks  # its share; the worker did the rest
     assert merged_content(two / "merged.h5") == merged_content(one / "merged.h5")
     assert sorted(p.name for p in two.iterdir()) == ["merged.h5", "prov.json", "shards"]
+
+
+def test_cross_rank_statistics_split_over_threads_equal_one_thread(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process computes the cross-rank statistics in a thread per core, the groups split
+    into ranges as between processes: the tables are those of one thread, every path of the
+    cross-rank pass included."""
+    _varied_run(tmp_path / "src")
+    monkeypatch.setattr(compress, "cores", lambda: 1)
+    one = _merge_copy(tmp_path / "src", tmp_path / "one", 1)
+    monkeypatch.setattr(compress, "cores", lambda: 3)
+    split = CrossRank.in_range
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(CrossRank, "in_range", classmethod(lambda cls, index, rows, a, b: seen.append((a, b))
+                                                            or split(index, rows, a, b)))
+    three = _merge_copy(tmp_path / "src", tmp_path / "three", 1)
+    assert len([r for r in seen if r[1] > r[0]]) >= 3  # metrics in 2 ranges or more (by rows), system in 1
+    assert merged_content(three / "merged.h5") == merged_content(one / "merged.h5")

@@ -63,10 +63,14 @@ def staging(run_dir: Path) -> Iterator[h5py.File]:
             path.unlink()
 
 
+def cores() -> int:
+    """The cores this process may use, at most ``MAX_THREADS``: how many threads share its work."""
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+
+
 def threads() -> ThreadPoolExecutor:
-    """The pool that compresses: one thread per core this process may use (at most ``MAX_THREADS``)."""
-    count = max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
-    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="prov4ml-deflate")
+    """The pool that compresses: a thread per core."""
+    return ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="prov4ml-deflate")
 
 
 def shuffled(data: np.ndarray, rows: int) -> np.ndarray:

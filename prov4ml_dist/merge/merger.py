@@ -183,7 +183,7 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
                 if workers is not None:
                     workers.crossrank(group, index, rows, compressors[index.table])
                 else:
-                    CrossRank.into(group, index, rows.rows(index.table)).run()
+                    CrossRank.in_threads(group, index, rows.rows(index.table), compress.cores())
                 write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
                 write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
             for compressor in compressors.values():

@@ -34,17 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 from numpy.lib import recfunctions
 
 from ..errors import MergeError
-from . import layout
 from .compress import ChunkFile, RowCompressor
-from .crossrank import CrossRank
+from .crossrank import CrossRank, gather, ranges
 from .rowstage import RowStage, RowWriter, open_rows
 from .scan import ROW_CACHE_BYTES, RowBudget, ShardInfo, close_kept, read_shards
 from .series import SeriesIndex, TablePlan, copy_shard, table_plan
-from .store import Appender, ArraySink
 
 Tick = Callable[[int], None]
 JOIN_SECONDS = 10.0
@@ -192,7 +189,7 @@ class MergeWorkers:
         rows compressed, each process a share of the chunks: this one in its threads (they store
         the chunks), the others into a file of theirs that this one then stores from."""
         groups = index.groups
-        bounds = _ranges(groups["row_stop"], self.jobs)
+        bounds = ranges(groups["row_stop"], self.jobs)
         shares = [(rows.chunks * k // self.jobs, rows.chunks * (k + 1) // self.jobs) for k in range(self.jobs)]
         rows.submit(*shares[0])
         light = replace(index, series=recfunctions.repack_fields(index.series[CROSSRANK_SERIES_FIELDS]),
@@ -203,16 +200,7 @@ class MergeWorkers:
                              for (a, b), (c0, c1) in zip(bounds, mine + shares[1:], strict=True)], lambda n: None,
                             discard=lambda answer: answer[3].remove())
         try:
-            stats = Appender(group, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
-            slowest = Appender(group, layout.SLOWEST, layout.SLOWEST_DTYPE)
-            for (a, b), (stat_rows, slow, report, _) in zip(bounds, answers, strict=True):
-                report["stat_start"] += stats.size
-                report["stat_stop"] += stats.size
-                groups[a:b] = report
-                stats.extend(stat_rows)
-                slowest.extend(slow)
-            stats.flush()
-            slowest.flush()
+            gather(group, groups, bounds, [answer[:3] for answer in answers])
             for *_, chunks in answers:
                 chunks.store_into(rows)
         finally:
@@ -269,15 +257,6 @@ class MergeWorkers:
             return conn.recv()
         except (EOFError, OSError):
             raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
-
-
-def _ranges(row_stop: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges of groups with about equal rows (some may be empty)."""
-    total = int(row_stop[-1]) if len(row_stop) else 0
-    cuts = [0] + [int(np.searchsorted(row_stop, total * k / parts, side="left")) for k in range(1, parts)]
-    cuts.append(len(row_stop))
-    cuts = np.maximum.accumulate(cuts).tolist()
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def serve(fd: int) -> None:
@@ -343,9 +322,8 @@ def _handle(request: tuple, state: _State, tick: Tick) -> Any:
         return done
     if kind == "crossrank":
         _, index, where, first, stop, chunk_first, chunk_stop, chunk_rows = request
-        stats, slowest = ArraySink(layout.CROSSRANK_DTYPE), ArraySink(layout.SLOWEST_DTYPE)
         rows = open_rows(where)
-        CrossRank(index, rows, stats, slowest).run(first, stop)
+        answer = CrossRank.in_range(index, rows, first, stop)
         chunks = ChunkFile.write(where.path.parent, rows, chunk_first, chunk_stop, chunk_rows)
-        return stats.array(), slowest.array(), index.groups[first:stop], chunks
+        return (*answer, chunks)
     raise MergeError(f"unknown merge worker request {kind!r}")
