@@ -4,7 +4,10 @@ must give exactly the rows that were logged, and the same merged.h5 as the plain
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+import threading
 from concurrent.futures import Executor, Future
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from prov4ml_dist.merge import compress, layout, merge_run, series
+from prov4ml_dist.merge import compress, layout, merge_run, scan, series
 
 from .test_cli_support import merged_content
 from .test_merge_support import T0, log_series, open_shard
@@ -114,3 +117,16 @@ def test_series_logged_round_robin_are_copied_without_a_sort_as_with_one(tmp_pat
         np.testing.assert_array_equal(got["value"], rank + want / 7 + len(key))
         assert (got["series"] == np.flatnonzero((table["key"] == s["key"]) & (table["rank"] == rank))[0]).all()
         assert s["count"] == len(want) and s["last"] == rank + want[-1] / 7 + len(key)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_deflate_and_checksum_threads_yield_to_the_copy() -> None:
+    """The threads whose work can wait (deflate, sha256) run at a lower priority than the
+    thread that copies, whose end the merge waits for; the process keeps its own."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    with compress.threads() as pool:
+        theirs = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    with scan.ShardHasher([]) as hasher:
+        hashing = hasher._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert theirs == hashing == min(19, before + compress.BEHIND_NICE) > before
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before

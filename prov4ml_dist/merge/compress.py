@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -69,8 +70,20 @@ def cores() -> int:
 
 
 def threads() -> ThreadPoolExecutor:
-    """The pool that compresses: a thread per core."""
-    return ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="prov4ml-deflate")
+    """The pool that compresses: a thread per core, each yielding to the thread that copies."""
+    return ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="prov4ml-deflate", initializer=behind)
+
+
+BEHIND_NICE = 5  # half a core's weight against the copying thread: 7-40 % faster 32 x 10^6 merges (README)
+
+
+def behind() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread's own nice value): work that can
+    wait, like deflating a chunk or a checksum, then leaves a core to the copy whose end the
+    merge waits for, and uses what that leaves. Elsewhere a no-op (it would renice the process)."""
+    if sys.platform == "linux" and BEHIND_NICE:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BEHIND_NICE)
 
 
 def shuffled(data: np.ndarray, rows: int) -> np.ndarray:

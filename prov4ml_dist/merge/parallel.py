@@ -11,7 +11,10 @@ still opened once:
    the rows the layout gave them (disjoint ranges, so no locking) and returns their summaries;
 3. cross-rank: the groups are split into ranges of about equal rows; each worker computes its
    range's statistics and straggler report with the same ``CrossRank`` code; a group's
-   statistics do not depend on the range it is in, so the parent only concatenates them.
+   statistics do not depend on the range it is in, so the parent only concatenates them
+   (``crossrank.gather``). Meanwhile each process compresses a share of the rows' chunks
+   (deflate is most of the per-point work): the parent in its threads, straight into
+   merged.h5; a worker into a file of its own (``compress.ChunkFile``) the parent stores from.
 
 The parent writes every table of merged.h5 itself, so the file is the same as with one process
 (``tests/test_merge_parallel.py`` compares them). A worker that fails or dies fails the merge
@@ -50,7 +53,9 @@ CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "r
 # Below it, starting worker processes (an interpreter each) costs more than they save. What the
 # workers share well is the per-shard cost (open, check, summarise), not the per-point cost: on 2
 # idle cores `--jobs 2` took 0.53x at 128 shards, 0.98x at 256, 1.41x at 1,024 (x 10^3 points),
-# and 0.96x at 32 shards x 10^6 points (README "Merge at thousands of ranks").
+# and 0.96x at 32 shards x 10^6 points (README "Merge at thousands of ranks"). Measured again once the
+# workers compressed their share too (busy VM, load 3-4): 0.48x at 128, 1.05x at 256, 0.97x at 512,
+# 0.87-1.08x at 1,024-4,096, 0.48x at 8 x 10^6 and 0.92x at 32 x 10^6: no reason to start sooner.
 PARALLEL_MIN_SHARDS = 512
 SYS_PATH_VARIABLE = "PROV4ML_MERGE_WORKER_SYS_PATH"
 SCAN_BATCH = 64  # shards per scan request (fewer for a small run: about 4 batches per worker)
