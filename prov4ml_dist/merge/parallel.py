@@ -54,8 +54,9 @@ CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "r
 # workers share well is the per-shard cost (open, check, summarise), not the per-point cost: on 2
 # idle cores `--jobs 2` took 0.53x at 128 shards, 0.98x at 256, 1.41x at 1,024 (x 10^3 points),
 # and 0.96x at 32 shards x 10^6 points (README "Merge at thousands of ranks"). Measured again once the
-# workers compressed their share too (busy VM, load 3-4): 0.48x at 128, 1.05x at 256, 0.97x at 512,
-# 0.87-1.08x at 1,024-4,096, 0.48x at 8 x 10^6 and 0.92x at 32 x 10^6: no reason to start sooner.
+# workers compressed their share too and one process used a second core better (load 0.2-2.7):
+# 0.70x at 128, 0.98x at 256, 1.22x at 512, 1.03x at 1,024, 1.32x at 4,096, 0.65x at 8 x 10^6 and
+# 0.76x at 32 x 10^6: the same threshold.
 PARALLEL_MIN_SHARDS = 512
 SYS_PATH_VARIABLE = "PROV4ML_MERGE_WORKER_SYS_PATH"
 SCAN_BATCH = 64  # shards per scan request (fewer for a small run: about 4 batches per worker)
