@@ -26,7 +26,9 @@ Columns, all measured in the same run:
   merged.h5), ``merged MB`` what rank 0 writes; ``1f ...``: the same with ``single_file``
   (rows copied into one self-contained merged.h5 of ``1f MB``);
 - with ``--baseline DIR``: ``before s``, the merge of the prov4ml_dist in DIR on the same shards,
-  interleaved with the others (``--repeat N``: the fastest of N each), and ``before/now``.
+  interleaved with the others (``--repeat N``: the fastest of N each), and ``before/now``;
+- ``cpu s``, ``jobs 2 cpu``, ``before cpu``: the CPU time of those merges (every thread and
+  worker process), which a machine busy with other work inflates less than their wall time.
 """
 
 from __future__ import annotations
@@ -142,9 +144,10 @@ def merge_in_child(run_dir: Path, jobs: int = 1, code: Path | None = None) -> di
 
 
 def _cpu() -> float:
-    """CPU seconds of this process, every thread (the compressing threads count)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of this process, every thread (the compressing threads count), and of its
+    children that ended (``--jobs`` workers)."""
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in used)
 
 
 def hier_in_child(run_dir: Path, single_file: bool) -> dict[str, float]:
@@ -226,10 +229,11 @@ def measure(base: Path, ranks: int, points: int, keys: int, repeat: int = 1,
             "sha_s": sha, "merge_s": merged["seconds"], "prov_s": merged["prov_s"], "ratio": raw / merged["seconds"],
             "ceiling": raw / floor, "x_floor": merged["seconds"] / floor, "jobs2_s": two["seconds"],
             "speedup": merged["seconds"] / two["seconds"], "old_s": old.get("seconds", math.nan),
+            "cpu_s": merged["cpu_s"], "jobs2_cpu_s": two["cpu_s"], "old_cpu_s": old.get("cpu_s", math.nan),
             "old_ratio": old.get("seconds", math.nan) / merged["seconds"],
             "mrows_s": rows / merged["seconds"] / 1e6, "ns_row": merged["seconds"] / rows * 1e9,
             "rss_mb": merged["rss_mb"], "prov_kb": merged["prov_kb"], "hier_s": hier["seconds"],
-            "hier_cpu_s": hier["cpu_s"], "cpu_s": merged["cpu_s"], "hier_ratio": hier["cpu_s"] / merged["cpu_s"],
+            "hier_cpu_s": hier["cpu_s"], "hier_ratio": hier["cpu_s"] / merged["cpu_s"],
             "node_s": hier["node_s"], "parts_mb": hier["parts_mb"], "merged_mb": hier["merged_mb"],
             "single_cpu_s": copied["cpu_s"], "single_ratio": copied["cpu_s"] / merged["cpu_s"],
             "single_mb": copied["merged_mb"]}
@@ -240,9 +244,11 @@ COLUMNS = [("ranks", "ranks", 5, ""), ("points/rank", "points", 11, ""), ("keys"
            ("sha s", "sha_s", 6, ".3f"), ("merge s", "merge_s", 8, ".3f"), ("of it PROV s", "prov_s", 12, ".3f"),
            ("ratio", "ratio", 6, ".3f"), ("ceiling", "ceiling", 7, ".2f"), ("x floor", "x_floor", 7, ".2f"),
            ("jobs 2 s", "jobs2_s", 8, ".3f"), ("speedup", "speedup", 7, ".2f"), ("before s", "old_s", 8, ".3f"),
-           ("before/now", "old_ratio", 10, ".2f"), ("Mrows/s", "mrows_s", 8, ".2f"),
+           ("before/now", "old_ratio", 10, ".2f"), ("cpu s", "cpu_s", 6, ".2f"),
+           ("jobs 2 cpu", "jobs2_cpu_s", 10, ".2f"), ("before cpu", "old_cpu_s", 10, ".2f"),
+           ("Mrows/s", "mrows_s", 8, ".2f"),
            ("ns/row", "ns_row", 7, ".0f"), ("RSS MB", "rss_mb", 7, ".0f"), ("prov KB", "prov_kb", 8, ".0f"),
-           ("hier r0 s", "hier_s", 9, ".3f"), ("r0 CPU s", "hier_cpu_s", 8, ".3f"), ("1p CPU s", "cpu_s", 8, ".3f"),
+           ("hier r0 s", "hier_s", 9, ".3f"), ("r0 CPU s", "hier_cpu_s", 8, ".3f"),
            ("r0/1p", "hier_ratio", 5, ".2f"), ("node s", "node_s", 6, ".3f"), ("parts MB", "parts_mb", 8, ".1f"),
            ("merged MB", "merged_mb", 9, ".1f"), ("1f r0 CPU s", "single_cpu_s", 11, ".3f"),
            ("1f r0/1p", "single_ratio", 8, ".2f"), ("1f MB", "single_mb", 6, ".1f")]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from prov4ml_dist.errors import MergeError
-from prov4ml_dist.merge import merge_run, scan
+from prov4ml_dist.merge import compress, layout, merge_run, scan
+from prov4ml_dist.merge.crossrank import CrossRank
 from prov4ml_dist.merge.parallel import PARALLEL_MIN_SHARDS, MergeWorkers, default_jobs
 
 from .test_cli_support import cli, merged_content, prov_structure
@@ -121,3 +122,41 @@ def test_the_default_is_parallel_only_for_runs_of_many_shards(tmp_path):
     many = [*few, tmp_path / "rank-99999.h5"]
     assert default_jobs(few) == 1
     assert default_jobs(many) == len(os.sched_getaffinity(0))
+
+
+def test_workers_compress_their_share_of_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --jobs 2 the per-point work is split, deflate included: this process compresses
+    only its share of the rows' chunks, the worker the rest (into a file of its own, removed
+    after); merged.h5 is what one process writes, and plain h5py reads it."""
+    _varied_run(tmp_path / "src")
+    monkeypatch.setattr(layout, "ROWS_CHUNK_ROWS", 1000)
+    one = _merge_copy(tmp_path / "src", tmp_path / "one", 1)
+    here: list[int] = []
+    real = compress.compressed_chunk
+    monkeypatch.setattr(compress, "compressed_chunk", lambda source, start, rows, *rest: here.append(start)
+                        or real(source, start, rows, *rest))
+    two = _merge_copy(tmp_path / "src", tmp_path / "two", 2)
+    with h5py.File(two / "merged.h5") as f:
+        chunks = -(-len(f["metrics/rows"]) // 1000)
+        assert f["metrics/rows"].chunks == (1000,) and chunks >= 20
+    assert 0 < len(here) < chunks  # its share; the worker did the rest
+    assert merged_content(two / "merged.h5") == merged_content(one / "merged.h5")
+    assert sorted(p.name for p in two.iterdir()) == ["merged.h5", "prov.json", "shards"]
+
+
+def test_cross_rank_statistics_split_over_threads_equal_one_thread(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process computes the cross-rank statistics in a thread per core, the groups split
+    into ranges as between processes: the tables are those of one thread, every path of the
+    cross-rank pass included."""
+    _varied_run(tmp_path / "src")
+    monkeypatch.setattr(compress, "cores", lambda: 1)
+    one = _merge_copy(tmp_path / "src", tmp_path / "one", 1)
+    monkeypatch.setattr(compress, "cores", lambda: 3)
+    split = CrossRank.in_range
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(CrossRank, "in_range", classmethod(lambda cls, index, rows, a, b: seen.append((a, b))
+                                                            or split(index, rows, a, b)))
+    three = _merge_copy(tmp_path / "src", tmp_path / "three", 1)
+    assert len([r for r in seen if r[1] > r[0]]) >= 3  # metrics in 2 ranges or more (by rows), system in 1
+    assert merged_content(three / "merged.h5") == merged_content(one / "merged.h5")

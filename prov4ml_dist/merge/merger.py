@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,20 +158,29 @@ def _write(out: h5py.File, run_dir: Path, shards: list[ShardInfo], world_size: i
     write_header(out, shards, world_size)
     write_journal(out, run_dir, shards, problems)
 
-    # The rows, staged uncompressed until complete (rowstage.py), then compressed into merged.h5.
-    with compress.staging(run_dir) as stage:
+    # The rows, staged uncompressed until complete (rowstage.py), compressed into merged.h5 chunk by
+    # chunk as they are (compress.py): during the copy and the cross-rank pass, in threads.
+    with compress.staging(run_dir) as stage, compress.threads() as pool:
         rows = RowStage(stage)
-        indexes = _copy_all(rows, shards, problems, report, workers)
-        for done, index in enumerate(indexes):
-            report("crossrank", done, len(indexes))
-            group = out.create_group(index.table)
-            if workers is not None:
-                workers.crossrank(group, index, rows)
-            else:
-                CrossRank.into(group, index, rows.rows(index.table)).run()
-            write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
-            write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
-            compress.write_compressed(group, layout.ROWS, rows.rows(index.table))
+        indexes, compressors = _copy_all(out, rows, shards, problems, report, workers, pool)
+        try:
+            if workers is None:
+                for compressor in compressors.values():
+                    compressor.submit_all()  # what the copy did not complete
+            for done, index in enumerate(indexes):
+                report("crossrank", done, len(indexes))
+                group = out[index.table]
+                if workers is not None:
+                    workers.crossrank(group, index, rows, compressors[index.table])
+                else:
+                    CrossRank.in_threads(group, index, rows.rows(index.table), compress.cores())
+                write_table(group, layout.SERIES, layout.SERIES_DTYPE, index.series)
+                write_table(group, layout.GROUPS, layout.GROUP_DTYPE, index.groups)
+            for compressor in compressors.values():
+                compressor.finish()
+        finally:
+            for compressor in compressors.values():
+                compressor.abandon()
         report("crossrank", len(indexes), len(indexes))
 
 
@@ -209,31 +219,53 @@ def _write_ranks(out: h5py.File, shards: list[ShardInfo], missing: dict[int, str
     out.attrs[layout.PROBLEMS_ATTR] = json.dumps(problems)
 
 
-def _copy_all(stage: RowStage, shards: list[ShardInfo], problems: list[str], report: Progress,
-              workers: MergeWorkers | None) -> list[SeriesIndex]:
-    """Lay out and copy every row. Row counts from end records are checked on the way; if
+def _copy_all(out: h5py.File | None, stage: RowStage, shards: list[ShardInfo], problems: list[str],
+              report: Progress, workers: MergeWorkers | None,
+              pool: ThreadPoolExecutor | None) -> tuple[list[SeriesIndex], dict[str, compress.RowCompressor]]:
+    """Lay out and copy every row; each table's compressor (into ``out``, in ``pool``) gets the
+    chunks the copy completes. Without ``out`` the rows are only staged (a node's part numbers
+    them anew before it compresses them). Row counts from end records are checked on the way; if
     one was wrong, those shards are counted and the copy is done again."""
     while True:  # twice at most: a recount leaves no count from an end record
         indexes = [build_index(table, shards) for table in schema.TABLES]
+        compressors = {}
         for index in indexes:
             stage.create(index.table, index.total_rows)
+            if out is None or pool is None:
+                continue
+            group = out.require_group(index.table)
+            dataset = compress.create_rows(group, layout.ROWS, index.total_rows, layout.ROW_DTYPE)
+            compressors[index.table] = compress.RowCompressor(dataset, stage.rows(index.table), pool)
         try:
             if workers is not None:
                 workers.copy(shards, indexes, stage, lambda n: report("copy", n, len(shards)))
             else:
-                _copy(shards, indexes, stage, report)
+                _copy(shards, indexes, stage, report, compressors)
             report("copy", len(shards), len(shards))
-            return indexes
+            return indexes, compressors
         except RowCountMismatch as exc:
             trusted = [s for s in shards if any(decl.from_end for decl in s.tables.values())]
+            _drop(out, compressors)
             if not trusted:
                 raise
             problems.append(f"row counts in end records disagree with the rows ({exc}); counted them instead")
             recount(trusted)
+        except BaseException:
+            _drop(out, compressors)
+            raise
 
 
-def _copy(shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, report: Progress) -> None:
-    """Every row of every shard, in this process."""
+def _drop(out: h5py.File | None, compressors: dict[str, compress.RowCompressor]) -> None:
+    """Stop compressing rows laid out wrongly, and remove them."""
+    for table, compressor in compressors.items():
+        compressor.abandon()
+        del out[table][layout.ROWS]
+
+
+def _copy(shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, report: Progress,
+          compressors: dict[str, compress.RowCompressor]) -> None:
+    """Every row of every shard, in this process; after each shard, the chunks it completed
+    are compressed meanwhile."""
     writers = {index.table: stage.writer(index.table) for index in indexes}
     try:
         for n, shard in enumerate(shards):
@@ -241,7 +273,10 @@ def _copy(shards: list[ShardInfo], indexes: list[SeriesIndex], stage: RowStage, 
             tables = {index.table: table_plan(index, shard, n) for index in indexes}
             copy_shard(shard, tables, writers)
             for index in indexes:
-                index.series[tables[index.table].ids] = tables[index.table].series
+                plan = tables[index.table]
+                index.series[plan.ids] = plan.series
+                if index.table in compressors:
+                    compressors[index.table].staged(plan.series["row_start"], plan.series["row_stop"])
     finally:
         for writer in writers.values():
             writer.close()

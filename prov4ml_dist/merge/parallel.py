@@ -11,7 +11,10 @@ still opened once:
    the rows the layout gave them (disjoint ranges, so no locking) and returns their summaries;
 3. cross-rank: the groups are split into ranges of about equal rows; each worker computes its
    range's statistics and straggler report with the same ``CrossRank`` code; a group's
-   statistics do not depend on the range it is in, so the parent only concatenates them.
+   statistics do not depend on the range it is in, so the parent only concatenates them
+   (``crossrank.gather``). Meanwhile each process compresses a share of the rows' chunks
+   (deflate is most of the per-point work): the parent in its threads, straight into
+   merged.h5; a worker into a file of its own (``compress.ChunkFile``) the parent stores from.
 
 The parent writes every table of merged.h5 itself, so the file is the same as with one process
 (``tests/test_merge_parallel.py`` compares them). A worker that fails or dies fails the merge
@@ -34,16 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 from numpy.lib import recfunctions
 
 from ..errors import MergeError
-from . import layout
-from .crossrank import CrossRank
+from .compress import ChunkFile, RowCompressor
+from .crossrank import CrossRank, gather, ranges
 from .rowstage import RowStage, RowWriter, open_rows
 from .scan import ROW_CACHE_BYTES, RowBudget, ShardInfo, close_kept, read_shards
 from .series import SeriesIndex, TablePlan, copy_shard, table_plan
-from .store import Appender, ArraySink
 
 Tick = Callable[[int], None]
 JOIN_SECONDS = 10.0
@@ -52,7 +53,10 @@ CROSSRANK_SERIES_FIELDS = ["rank", "group", "row_start", "row_stop", "count", "r
 # Below it, starting worker processes (an interpreter each) costs more than they save. What the
 # workers share well is the per-shard cost (open, check, summarise), not the per-point cost: on 2
 # idle cores `--jobs 2` took 0.53x at 128 shards, 0.98x at 256, 1.41x at 1,024 (x 10^3 points),
-# and 0.96x at 32 shards x 10^6 points (README "Merge at thousands of ranks").
+# and 0.96x at 32 shards x 10^6 points (README "Merge at thousands of ranks"). Measured again once the
+# workers compressed their share too and one process used a second core better (load 0.2-2.7):
+# 0.70x at 128, 0.98x at 256, 1.22x at 512, 1.03x at 1,024, 1.32x at 4,096, 0.65x at 8 x 10^6 and
+# 0.76x at 32 x 10^6: the same threshold.
 PARALLEL_MIN_SHARDS = 512
 SYS_PATH_VARIABLE = "PROV4ML_MERGE_WORKER_SYS_PATH"
 SCAN_BATCH = 64  # shards per scan request (fewer for a small run: about 4 batches per worker)
@@ -186,28 +190,33 @@ class MergeWorkers:
                 plan = filled[shard.path][index.table]
                 index.series[plan.ids] = plan.series
 
-    def crossrank(self, group: h5py.Group, index: SeriesIndex, stage: RowStage) -> None:
-        """``CrossRank`` of one table, its groups split into ranges of about equal rows."""
+    def crossrank(self, group: h5py.Group, index: SeriesIndex, stage: RowStage, rows: RowCompressor) -> None:
+        """``CrossRank`` of one table, its groups split into ranges of about equal rows; and its
+        rows compressed, each process a share of the chunks: this one in its threads (they store
+        the chunks), the others into a file of theirs that this one then stores from."""
         groups = index.groups
-        bounds = _ranges(groups["row_stop"], self.jobs)
+        bounds = ranges(groups["row_stop"], self.jobs)
+        shares = [(rows.chunks * k // self.jobs, rows.chunks * (k + 1) // self.jobs) for k in range(self.jobs)]
+        rows.submit(*shares[0])
         light = replace(index, series=recfunctions.repack_fields(index.series[CROSSRANK_SERIES_FIELDS]),
                         global_ids=[])
         files = stage.where[index.table]
-        answers = self._ask([("crossrank", light, files, a, b) for a, b in bounds], lambda n: None)
-        stats = Appender(group, layout.CROSSRANK, layout.CROSSRANK_DTYPE)
-        slowest = Appender(group, layout.SLOWEST, layout.SLOWEST_DTYPE)
-        for (a, b), (rows, slow, report) in zip(bounds, answers, strict=True):
-            report["stat_start"] += stats.size
-            report["stat_stop"] += stats.size
-            groups[a:b] = report
-            stats.extend(rows)
-            slowest.extend(slow)
-        stats.flush()
-        slowest.flush()
+        mine = [(shares[0][0], shares[0][0])]  # this process compresses in its threads, not in _handle
+        answers = self._ask([("crossrank", light, files, a, b, c0, c1, rows.chunk)
+                             for (a, b), (c0, c1) in zip(bounds, mine + shares[1:], strict=True)], lambda n: None,
+                            discard=lambda answer: answer[3].remove())
+        try:
+            gather(group, groups, bounds, [answer[:3] for answer in answers])
+            for *_, chunks in answers:
+                chunks.store_into(rows)
+        finally:
+            for *_, chunks in answers:
+                chunks.remove()
 
-    def _ask(self, messages: list[tuple], tick: Tick) -> list[Any]:
+    def _ask(self, messages: list[tuple], tick: Tick, discard: Callable[[Any], None] | None = None) -> list[Any]:
         """Send each worker its message (worker 0's is handled here, meanwhile); gather the
-        answers, passing on progress ticks. Every worker answers before a failure is raised."""
+        answers, passing on progress ticks. Every worker answers before a failure is raised;
+        then ``discard`` gets the answers that came (files they name are removed)."""
         for conn, message in zip(self._conns, messages[1:], strict=True):
             self._send(conn, message)
         ticks = [0] * self.jobs
@@ -237,6 +246,8 @@ class MergeWorkers:
                 elif failure is None:
                     failure = payload
         if failure is not None:
+            for answer in answers.values() if discard is not None else ():
+                discard(answer)
             raise failure
         return [answers[n] for n in range(self.jobs)]
 
@@ -252,15 +263,6 @@ class MergeWorkers:
             return conn.recv()
         except (EOFError, OSError):
             raise MergeError(f"merge worker {n} died (exit status {self._procs[n - 1].wait()})") from None
-
-
-def _ranges(row_stop: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges of groups with about equal rows (some may be empty)."""
-    total = int(row_stop[-1]) if len(row_stop) else 0
-    cuts = [0] + [int(np.searchsorted(row_stop, total * k / parts, side="left")) for k in range(1, parts)]
-    cuts.append(len(row_stop))
-    cuts = np.maximum.accumulate(cuts).tolist()
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def serve(fd: int) -> None:
@@ -325,8 +327,9 @@ def _handle(request: tuple, state: _State, tick: Tick) -> Any:
             close_kept(list(kept.values()))  # those copied elsewhere: no file left open
         return done
     if kind == "crossrank":
-        _, index, where, first, stop = request
-        stats, slowest = ArraySink(layout.CROSSRANK_DTYPE), ArraySink(layout.SLOWEST_DTYPE)
-        CrossRank(index, open_rows(where), stats, slowest).run(first, stop)
-        return stats.array(), slowest.array(), index.groups[first:stop]
+        _, index, where, first, stop, chunk_first, chunk_stop, chunk_rows = request
+        rows = open_rows(where)
+        answer = CrossRank.in_range(index, rows, first, stop)
+        chunks = ChunkFile.write(where.path.parent, rows, chunk_first, chunk_stop, chunk_rows)
+        return (*answer, chunks)
     raise MergeError(f"unknown merge worker request {kind!r}")

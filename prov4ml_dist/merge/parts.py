@@ -146,7 +146,8 @@ def write_part(scan: NodeScan, ids: Mapping[str, np.ndarray], part_path: Path,
             out.attrs["run_dir_name"] = scan.run_dir_name
             with compress.staging(part_path.parent) as stage:
                 rows = RowStage(stage)
-                indexes = _copy_all(rows, shards, problems.copy, report, None) if shards else scan.indexes
+                copied = _copy_all(None, rows, shards, problems.copy, report, None, None) if shards else None
+                indexes = copied[0] if copied else scan.indexes
                 for index, scanned in zip(indexes, scan.indexes, strict=True):
                     if not np.array_equal(index.series["row_stop"], scanned.series["row_stop"]):
                         raise MergeError(f"{part_path}: row counts changed while the node's shards were merged")

@@ -20,6 +20,7 @@ import numpy as np
 from ..artifacts import sha256_file
 from ..errors import MergeError, ShardError
 from ..shard import ShardReader, schema
+from .compress import behind
 
 # What reading a damaged file can raise: the reader's own error, and HDF5's when a corrupt
 # file gets past the reader's checks (e.g. a chunk index cut off by truncation).
@@ -212,7 +213,7 @@ class ShardHasher:
 
     def __init__(self, shards: Sequence[ShardInfo]) -> None:
         workers = max(1, min(HASH_THREADS, (os.cpu_count() or 1) - 1))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prov4ml-sha256")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prov4ml-sha256", initializer=behind)
         self._jobs = [(shard, self._pool.submit(sha256_file, shard.path)) for shard in shards]
 
     def __enter__(self) -> ShardHasher:
