@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from prov4ml_dist.shard import ShardReader, ShardWriter, ring, writer
 
 ATTRS = {"run_id": "r", "rank": 0, "attempt": 0}
@@ -20,22 +22,9 @@ def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
     capacity = ring.CAPACITY["metrics"]
     path = tmp_path / "s.h5"
     w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=4 * capacity)
-    sid = w.metrics.register("x", "c", "")
     rows = 2 * capacity + 100
-
-    def burst() -> None:
-        for step in range(rows):
-            w.metrics.append(sid, step, float(step), 1.0)
-
-    logger = threading.Thread(target=burst, daemon=True)
-    logger.start()
-    logger.join(30)
-    stuck = logger.is_alive()
-    w.close()
+    stuck, steps, end = _burst_then_close(w, rows)
     assert not stuck, "a logging call waited for the flusher's next poll"
-    with ShardReader(path) as reader:
-        steps = reader.read_table("metrics")["step"]
-        end = reader.end_record()
     assert steps.tolist() == list(range(rows))
     assert end["ring_waits"]["metrics"] >= 1 and end["lost_rows"]["metrics"] == 0
 
@@ -52,8 +41,16 @@ def test_a_full_ring_never_waits_forever_for_a_flusher_that_is_gone(tmp_path, mo
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # its traceback is expected
     path = tmp_path / "s.h5"
     w = ShardWriter(path, ATTRS, flush_interval=60)
-    sid = w.metrics.register("x", "c", "")
     rows = 10 * 64
+    stuck, steps, _ = _burst_then_close(w, rows)
+    assert not stuck, "a logging call waited forever for a dead flusher"
+    assert steps.tolist() == list(range(rows))
+
+
+def _burst_then_close(w: ShardWriter, rows: int) -> tuple[bool, np.ndarray, dict]:
+    """Log steps 0..rows-1 of one series from a thread, give it 30 s, close the shard; whether
+    the thread was still stuck, the steps the shard holds and its end record."""
+    sid = w.metrics.register("x", "c", "")
 
     def burst() -> None:
         for step in range(rows):
@@ -64,7 +61,5 @@ def test_a_full_ring_never_waits_forever_for_a_flusher_that_is_gone(tmp_path, mo
     logger.join(30)
     stuck = logger.is_alive()
     w.close()
-    assert not stuck, "a logging call waited forever for a dead flusher"
-    with ShardReader(path) as reader:
-        steps = reader.read_table("metrics")["step"]
-    assert steps.tolist() == list(range(rows))
+    with ShardReader(w.path) as reader:
+        return stuck, reader.read_table("metrics")["step"], reader.end_record()
