@@ -15,11 +15,14 @@ import h5py
 import numpy as np
 import pytest
 
+import prov4ml_dist as prov4ml
 from prov4ml_dist.cli import main
 from prov4ml_dist.cli.progress import MergeProgress
 from prov4ml_dist.cli.summary import render
-from prov4ml_dist.merge import load_merged
+from prov4ml_dist.merge import load_merged, merge_run
 from prov4ml_dist.paths import is_temporary
+from prov4ml_dist.run import Run, RunConfig
+from prov4ml_dist.topology import Topology
 
 from .conftest import child_env
 from .test_cli_support import (
@@ -314,6 +317,23 @@ def test_plot_notes_what_a_run_lacks(small, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "no GPU series" in done.stderr and "no energy series" in done.stderr
     assert {p.name for p in tmp_path.glob("*.png")} == {"metric_loss_TRAINING.png", "metric_val_acc_VALIDATION.png"}
+
+
+def test_plot_of_values_at_the_float_limit_and_infinities(tmp_path):
+    """A loss that reached ±1.7e308 and ±inf: a linear axis would span inf (matplotlib failed
+    placing ticks); the plot uses a symmetric log scale and says so."""
+    run = Run(RunConfig(experiment_name="huge", provenance_save_dir=tmp_path, sample_interval=None),
+              Topology(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, launcher="none",
+                       hostname="node0", pid=1))
+    for step, value in enumerate([1.0, np.inf, -np.inf, 1.7e308, -1.7e308, np.nan, 2.0]):
+        run.log_metric("loss", value, prov4ml.Context.TRAINING, step=step)
+        run.log_metric("acc", 0.5, prov4ml.Context.TRAINING, step=step)
+    run.close()
+    merge_run(run.run_dir, world_size=1)
+    done = cli("plot", run.run_dir, "-o", tmp_path / "png")
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "png").glob("*.png")} == {"metric_loss_TRAINING.png", "metric_acc_TRAINING.png"}
+    assert done.stderr.count("symmetric log scale") == 1, done.stderr
 
 
 def test_export_csv_streams_every_point(small, tmp_path):

@@ -41,6 +41,15 @@ ENERGY_LABELS = {"gpu_joules": "GPUs", "rapl_joules": "RAPL (CPU packages, DRAM)
 DASHES = ("-", "--", "-.", ":")
 SINGLE_SAMPLE = ("one system sample per series: the run was shorter than its sample interval "
                  "(start_run(sample_interval=...)), so these plots show single points")
+HUGE_SPAN = ("values too far apart for a linear axis (near the float limit): those plots use a symmetric "
+             "log scale; infinities and NaN are not drawn")
+
+
+def _span_overflows(finite: np.ndarray) -> bool:
+    """Whether finite values span more than a float holds (1.7e308 and -1.7e308 in one plot),
+    or so close to it that the axis's margins would."""
+    with np.errstate(over="ignore"):
+        return len(finite) > 0 and not np.isfinite(2 * (float(finite.max()) - float(finite.min())))
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -160,9 +169,15 @@ class _Plotter:
             self._band(ax, curves, scale)
         ax.set_xlabel("time since the run started [s]" if by_time else "step")
         if by_time and max(len(x) for _, x, _ in curves) <= 1:
-            ax.text(0.5, 0.92, SINGLE_SAMPLE, transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
-            if SINGLE_SAMPLE not in self.notes:
-                self.notes.append(SINGLE_SAMPLE)
+            self._note(ax, SINGLE_SAMPLE)
+        ys = np.concatenate([y for _, _, y in curves]) / scale
+        finite = ys[np.isfinite(ys)]
+        if _span_overflows(finite):
+            # A linear axis over ±1.7e308 spans inf: matplotlib cannot place a tick. Its
+            # autoscale cannot either (the margins overflow), hence the explicit limits.
+            ax.set_yscale("symlog")
+            ax.set_ylim(float(finite.min()), float(finite.max()))
+            self._note(ax, HUGE_SPAN)
         xs = np.concatenate([x for _, x, _ in curves])
         if xs.min() == xs.max():  # one step: matplotlib would show a ±0.05 axis
             ax.set_xlim(xs.min() - 1, xs.max() + 1)
@@ -170,6 +185,12 @@ class _Plotter:
             ax.xaxis.set_major_locator(self.mpl.integer_ticks())
         ax.set_ylabel(f"{ylabel} [{unit_label}]" if unit_label else ylabel)
         self._save(fig, ax, title, name)
+
+    def _note(self, ax: Any, note: str) -> None:
+        """Say ``note`` on the plot, and once on stderr."""
+        ax.text(0.5, 0.92, note.split(":")[0], transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
+        if note not in self.notes:
+            self.notes.append(note)
 
     @staticmethod
     def _unit(unit: str, curves: list) -> tuple[float, str]:
