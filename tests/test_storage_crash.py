@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from prov4ml_dist.shard import ShardReader, ShardWriter, ring
+from prov4ml_dist.shard import ShardReader, ShardWriter, ring, schema
 
 from .conftest import BIN, child_env
 from .faultkit import SCRIPTS, merged_points, read_shard, signal_trials
@@ -162,3 +162,32 @@ def test_a_clean_close_leaves_no_ring_and_a_forked_child_never_writes_it(tmp_pat
     assert not ring.ring_path(path).exists() and not ring.wal_path(path).exists()
     with ShardReader(path) as reader:
         assert reader.read_table("metrics")["step"].tolist() == [0]
+
+
+def test_the_flusher_takes_the_committed_rows_up_to_a_torn_slot_and_no_further(tmp_path, monkeypatch):
+    """``Ring.pending`` checks a piece's commit marks with one sum (a slot's mark is never ahead
+    of the one it expects); a torn slot on the ring's second lap, with committed rows after it,
+    keeps its old mark, so the flusher takes the rows before it, and the rest once it is
+    written. The rows reach HDF5 as logged, field for field (one byte copy per piece)."""
+    monkeypatch.setitem(ring.CAPACITY, "metrics", 16)
+    writer = ShardWriter(tmp_path / "s.h5", ATTRS, flush_interval=3600)
+    table, r = writer.metrics, writer.metrics.ring
+    sid = table.register("x", "c", "")
+    for step in range(12):
+        table.append(sid, step, float(step), 1.0)
+    writer.flush()  # the next slots land on rows of the first lap
+    for step in range(12, 15):
+        table.append(sid, step, step * 0.5, 2.0)
+    torn = next(r.next_slot)  # taken, not yet written: its row still holds slot torn - 16's mark
+    for step in range(16, 20):
+        table.append(sid, step, -float(step), 3.0)
+    assert table.take(100)["step"].tolist() == [12, 13, 14]  # taken, not released: still due
+    ring.PACK(r.mm, r.base + (torn & r.mask) * ring.ROW_BYTES, sid, 15, np.inf, 2.5, torn + 1)
+    assert table.take(100)["step"].tolist() == [12, 13, 14, 15]  # up to the ring's end; the rest after the wrap
+    writer.close()
+    with ShardReader(tmp_path / "s.h5") as reader:
+        rows = reader.read_table("metrics")
+        assert reader.ring_rows["metrics"] == 0
+    assert rows.dtype == schema.ROW_DTYPE and rows["step"].tolist() == list(range(20))
+    assert rows["value"][12:].tolist() == [6.0, 6.5, 7.0, np.inf, -16.0, -17.0, -18.0, -19.0]
+    assert rows["time"][12:].tolist() == [2.0] * 3 + [2.5] + [3.0] * 4 and set(rows["series"].tolist()) == {sid}

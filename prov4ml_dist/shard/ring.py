@@ -150,9 +150,15 @@ class Ring:
         bounded time per piece. The rows stay in the ring until ``release``."""
         start = self.drained
         at = start & self.mask
-        n = min(max_rows, self.capacity - at)
-        expected = np.arange(start + 1, start + 1 + n, dtype=np.uint64)
-        torn = np.flatnonzero(self._view["seq"][at:at + n] != expected)
+        n = max(0, min(max_rows, self.capacity - at, self.issued() - start))
+        seq = self._view["seq"][at:at + n]
+        # A slot's seq is at most its expected value (a slot is never written a lap ahead of
+        # the drain), so the sums are equal only when every row is committed: one numpy call
+        # instead of three. Each numpy call lets the GIL go, and taking it back from a logger
+        # that runs Python without pause costs the flusher a switch interval (5 ms).
+        if int(seq.sum(dtype=np.uint64)) == (n * start + n * (n + 1) // 2) % (1 << 64):
+            return as_rows(self._view[at:at + n])
+        torn = np.flatnonzero(seq != np.arange(start + 1, start + 1 + n, dtype=np.uint64))
         return as_rows(self._view[at:at + (int(torn[0]) if len(torn) else n)])
 
     def issued(self) -> int:
@@ -191,10 +197,13 @@ class Ring:
 
 
 def as_rows(ring_rows: np.ndarray) -> np.ndarray:
-    out = np.empty(len(ring_rows), dtype=schema.ROW_DTYPE)
-    for name in schema.ROW_DTYPE.names:
-        out[name] = ring_rows[name]
-    return out
+    """Ring rows as ``schema.ROW_DTYPE`` rows: the first bytes of a ring row are one (asserted
+    below), so one strided byte copy does it (one numpy call, not one per field)."""
+    raw = np.ascontiguousarray(ring_rows).view(np.uint8).reshape(len(ring_rows), ROW_BYTES)
+    return np.ascontiguousarray(raw[:, :schema.ROW_DTYPE.itemsize]).view(schema.ROW_DTYPE).reshape(len(ring_rows))
+
+
+assert all(RING_DTYPE.fields[name] == schema.ROW_DTYPE.fields[name] for name in schema.ROW_DTYPE.names)
 
 
 class CrashLog:

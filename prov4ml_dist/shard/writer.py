@@ -9,7 +9,7 @@ the flusher (back-pressure, never an overwrite). Journal records also go to the 
 (one ``os.write``) before they are buffered.
 
 A flush goes in pieces of at most ``FLUSH_PIECE_ROWS`` rows per table, each all or nothing,
-with a short sleep after each millisecond of them (the GIL goes to the logging threads). When a
+each letting the GIL go to the logging threads a few times (see ``FLUSH_PIECE_ROWS``). When a
 write fails (disk full, quota), the tables and the journal are cut back to their last flushed
 length (a longer extent would read back as rows of zeros), the journal lines are queued again,
 and the piece's rows are dropped and counted: the ``end`` record says how many, and a
@@ -31,6 +31,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5d, h5p, h5s
 
 from ..artifacts import drop_world_write
 from . import schema
@@ -38,21 +39,21 @@ from .ring import CrashLog, Ring
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BUFFER_ROWS = 8192
+DEFAULT_MAX_BUFFER_ROWS = 65536
 BUFFER_POLL_S = 0.02
-# A flush writes at most FLUSH_PIECE_ROWS rows of a table per piece, and after GIL_SLICE_S of
-# pieces it sleeps GIL_YIELD_S, so that a logging thread waiting for the GIL gets it. h5py holds
-# the GIL while HDF5 writes, so a logging call may wait for one piece's write (65,536 rows: under
-# 2 ms on an idle core). Each time the flusher lets the GIL go (numpy copies, the sleep) it waits a
-# switch interval (5 ms) to get it back from a logger that runs Python without pause, a few times
-# per piece whatever its size, so larger pieces drain faster: per 10^6 points logged in a tight
-# loop, calls that found the ring full (each a stall of several ms) were 56-59 with 16,384-row
-# pieces and a ring of 2^16 rows, 0-4 with 65,536-row pieces and 2^18 (bench_log_metric.py).
+# A flush writes at most FLUSH_PIECE_ROWS committed rows of a table per piece (fewer when fewer
+# are issued). The flusher shares the GIL with the logging threads: h5py lets it go inside
+# H5Dwrite and the file's flush, numpy in its bulk loops, and each time the flusher waits a
+# switch interval (5 ms) to get it back from a logger that runs Python without pause. So a piece
+# makes few calls (h5py's low-level API, one numpy call per step) and no sleeps: about 7 GIL
+# hand-overs, ~35 ms, whatever the piece's size, so the flusher keeps up with any logging rate
+# (a piece takes what was logged during the last one), and what it runs between hand-overs,
+# while a logger waits, is short. Per 10^6 points logged in a tight loop (bench_log_metric.py):
+# calls that found the ring full 3-11 -> 0, batches over 2 ms 2-10 -> 0-1.
 FLUSH_PIECE_ROWS = 65536
-GIL_SLICE_S = 0.001
-GIL_YIELD_S = 0.0002
 MAX_FAILURE_MESSAGES = 20  # kept for the end record; failure_count has them all
 MAX_REQUEUE_BYTES = 4 << 20  # journal bytes kept for the next flush while flushing fails
+CHUNK_CACHE_BYTES = 4 * schema.TABLE_CHUNK_ROWS * schema.ROW_DTYPE.itemsize  # per open dataset
 CLOSE_WAIT_S = 10.0  # close waits this long for the flusher thread, then for a flush in progress
 
 # Writers of this process, for the fork hook below: a forked child must never write its parent's file.
@@ -154,6 +155,7 @@ class ShardWriter:
         self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
         self._file = self._create(attrs)
         self._fd = self._file.id.get_vfd_handle()
+        self._datasets = _open_datasets(self._file)
         self._flushed = dict.fromkeys((*schema.TABLES, schema.JOURNAL), 0)  # lengths at the last good flush
         self._inflight: tuple[list[bytes], dict[str, np.ndarray]] | None = None
         self._failing = False
@@ -275,7 +277,7 @@ class ShardWriter:
 
     def _run(self) -> None:
         """Flush every ``flush_interval``, as soon as a buffer holds ``max_buffer_rows`` (and
-        again at once, after a GIL yield, while it still does), and at once when a logging call
+        again at once while it still does), and at once when a logging call
         found a ring full (it waits for this flush). Flushes start ``flush_interval`` apart (not
         after the previous one ended), so a point waits at most ``flush_interval`` plus one
         flush's time for the file."""
@@ -286,7 +288,6 @@ class ShardWriter:
             if woken or now >= due or any(t.pending(self._max_rows) for t in self.tables.values()):
                 due = now + self.flush_interval
                 self.flush()
-                time.sleep(GIL_YIELD_S)
             else:
                 self._wake.wait(max(0.0, min(BUFFER_POLL_S, due - now)))
             woken = self._wake.is_set()
@@ -303,7 +304,6 @@ class ShardWriter:
             if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
                 self._abandon(keep_rows=True)
             due = {name: table.ring.issued() for name, table in self.tables.items()}
-            slice_end = time.perf_counter() + GIL_SLICE_S
             failure: Exception | None = None
             while True:  # piece by piece, up to the slots issued when this flush began
                 try:
@@ -319,9 +319,6 @@ class ShardWriter:
                     raise
                 if not more:
                     break
-                if time.perf_counter() >= slice_end:
-                    time.sleep(GIL_YIELD_S)
-                    slice_end = time.perf_counter() + GIL_SLICE_S
             if failure is not None:
                 self._failed(failure)
         if self._deferred:
@@ -342,7 +339,7 @@ class ShardWriter:
         for name, values in data.items():
             if len(values):
                 self._append(name, values)
-        self._file.flush()
+        self._file.flush()  # the datasets' cached chunks too: a write that fails (disk full) fails here
         self._inflight = None
         for name, values in data.items():
             self._flushed[name] += len(values)
@@ -360,13 +357,14 @@ class ShardWriter:
 
     def _append(self, name: str, values: np.ndarray) -> None:
         """Write ``values`` after the last flushed row (over whatever a failed flush left).
-        ``Dataset.flush`` writes the cached chunks now: left to the dataset's destructor, a
-        failed write (disk full) would only be printed as an ignored exception."""
-        # Looked up per piece, not kept open: an open dataset keeps its HDF5 chunk cache (RSS +8 MB).
-        dataset, start = self._file[name], self._flushed[name]
-        dataset.resize((start + len(values),))
-        dataset[start:] = values
-        dataset.flush()
+        h5py's low-level calls: its high-level ``Dataset`` runs a few hundred Python calls per
+        write (lookup, selection), all holding the GIL, and a logging thread waited for them
+        (stalls of 2+ ms in a tight logging loop); h5py lets the GIL go inside ``H5Dwrite``."""
+        dataset, start = self._datasets[name], self._flushed[name]
+        dataset.set_extent((start + len(values),))
+        target = dataset.get_space()
+        target.select_hyperslab((start,), (len(values),))
+        dataset.write(h5s.create_simple((len(values),)), target, values)
 
     def _abandon(self, keep_rows: bool) -> None:
         """Undo the flush in flight: cut the datasets back, queue its journal lines again, and
@@ -377,9 +375,9 @@ class ShardWriter:
         self._inflight = None
         for name, length in self._flushed.items():
             with contextlib.suppress(Exception):  # the next flush writes from _flushed anyway
-                dataset = self._file[name]
+                dataset = self._datasets[name]
                 if dataset.shape[0] != length:
-                    dataset.resize((length,))
+                    dataset.set_extent((length,))
         with self._journal_lock:
             if keep_rows or sum(map(len, lines)) <= MAX_REQUEUE_BYTES:
                 self._journal_buf[:0] = lines
@@ -458,6 +456,19 @@ class ShardWriter:
             self._flush_lock.release()
         if self._deferred:  # a signal that arrived during this close acts now
             self._run_deferred()
+
+
+def _open_datasets(file: h5py.File) -> dict[str, h5py.h5d.DatasetID]:
+    """The tables and the journal, open for the writer's life, each with a chunk cache of a
+    few chunks (HDF5's default of 1 MiB each was +8 MB of RSS): appends fill chunks in order,
+    and the file's flush writes the cached ones after every piece."""
+    datasets = {}
+    for name in (*schema.TABLES, schema.JOURNAL):
+        access = h5p.create(h5p.DATASET_ACCESS)
+        slots, _, w0 = access.get_chunk_cache()
+        access.set_chunk_cache(slots, CHUNK_CACHE_BYTES, w0)
+        datasets[name] = h5d.open(file.id, name.encode(), access)
+    return datasets
 
 
 def _disown_inherited_writers() -> None:
