@@ -220,9 +220,10 @@ def test_a_rank_that_exits_before_end_run_is_merged_as_missing(tmp_path, launche
     check_merged(run_dir, list(range(n)) if not local else list(range(gone)), n)
 
 
+# Each launcher once with each rank skewed and each offset, paired differently (the full
+# product, 8 jobs, took 74 s of CI for what these 4 cover).
 @pytest.mark.parametrize(("launcher", "skewed", "offset"), [
-    ("torchrun", 1, -120.0), ("torchrun", 0, 120.0), ("torchrun", 1, -3600.0), ("torchrun", 0, 3600.0),
-    ("mpi", 1, -120.0), ("mpi", 0, 120.0), ("mpi", 1, -3600.0), ("mpi", 0, 3600.0),
+    ("torchrun", 1, -120.0), ("torchrun", 0, 3600.0), ("mpi", 1, -3600.0), ("mpi", 0, 120.0),
 ])
 def test_a_rank_whose_clock_is_off_is_merged_all_the_same(tmp_path, launcher, skewed, offset):
     """One rank's wall clock is off by 2 minutes or an hour, far more than merge_timeout (5 s),

@@ -45,7 +45,7 @@ from .faultkit import (
 
 FLUSH_S = 0.1
 LOG_S = 0.5
-KILL_TRIALS = 20
+KILL_TRIALS = 12
 
 
 def _assert_prefix(rows: np.ndarray) -> None:

@@ -843,35 +843,43 @@ def _end_status(shard: Path) -> str | None:
         return next((r.get("status") for r in reader.records() if r["kind"] == "end"), None)
 
 
-@pytest.mark.parametrize(("template", "sbatch_args", "extra_env"), [
-    ("torchrun-single-node.sbatch", ["--gpus-per-node=1", "--cpus-per-task=1"], {"NPROC_PER_NODE": "2"}),
-    ("srun-per-gpu.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"], {}),
-], ids=["single-node", "srun"])
-def test_time_limit_leaves_closed_shards_staged_out(slurm_cluster, tmp_path, template, sbatch_args, extra_env):
-    """A job that trains past its 3-minute limit, shards on node-local directories: the
-    template's warning signal (Slurm sends it 100-130 s before the limit here) stops training
-    (every shard closed by its SIGTERM handler), and the batch script, still alive, copies the
-    shards into the shared run directory before the limit. Before: no --signal, the batch
-    script was killed with the training at the limit and the node-local shards never left."""
-    # Epochs of a few seconds: each saves a model version, and thousands of files would make
-    # the stage-out slow on a loaded machine.
-    env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 65536 --sample-interval 0.5",
-           "PROV4ML_PROV_DIR": str(tmp_path / "prov"), "PROV4ML_EXPERIMENT": "limit",
-           "PROV4ML_LOCAL_DIR": str(tmp_path / "local-%N"), **extra_env}
-    job = slurm_cluster.submit(template, tmp_path, env=env, timeout=300,
-                               sbatch_args=[*sbatch_args, "--time=3", _signal_option(template, 100)])
-    run_dir = tmp_path / "prov" / "limit" / default_run_id(template, job.job_id)
-    with explained(job):
-        assert job.state != "TIMEOUT"  # it ended by itself, before the limit
-        assert "stage-out" not in job.stdout  # no copy failed
-        shards = sorted((run_dir / "shards").iterdir())
-        assert [p.name for p in shards] == ["rank-00000.h5", "rank-00001.h5"]
-        assert [_end_status(p) for p in shards] == ["killed-by-SIGTERM"] * 2
-        local = {p.name: p for p in tmp_path.glob("local-*/limit/*/shards/*.h5")}
-        assert sorted(local) == [p.name for p in shards]
-        assert all(local[p.name].read_bytes() == p.read_bytes() for p in shards)  # copied after closing
-        if template == "torchrun-single-node.sbatch":
-            assert "SIGTERM (time limit near?): stopping torchrun" in job.stdout
+TIME_LIMIT_CASES = {  # template: (sbatch arguments, environment); the two fit the cluster at once
+    "torchrun-single-node.sbatch": (["--gpus-per-node=1", "--cpus-per-task=1"], {"NPROC_PER_NODE": "2"}),
+    "srun-per-gpu.sbatch": (["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"], {}),
+}
+
+
+def test_time_limit_leaves_closed_shards_staged_out(slurm_cluster, tmp_path):
+    """A job that trains past its 3-minute limit, shards on node-local directories, for each
+    template (both jobs at once: each mostly waits for Slurm's signal): the template's warning
+    signal (Slurm sends it 100-130 s before the limit here) stops training (every shard closed
+    by its SIGTERM handler), and the batch script, still alive, copies the shards into the
+    shared run directory before the limit. Before: no --signal, the batch script was killed
+    with the training at the limit and the node-local shards never left."""
+    jobs = {}
+    for template, (sbatch_args, extra_env) in TIME_LIMIT_CASES.items():
+        work = tmp_path / template.split(".")[0]
+        # Epochs of a few seconds: each saves a model version, and thousands of files would
+        # make the stage-out slow on a loaded machine.
+        env = {"TRAIN_SCRIPT": str(TRAIN_SCRIPT), "TRAIN_ARGS": "--epochs 100000 --samples 65536 --sample-interval 0.5",
+               "PROV4ML_PROV_DIR": str(work / "prov"), "PROV4ML_EXPERIMENT": "limit",
+               "PROV4ML_LOCAL_DIR": str(work / "local-%N"), **extra_env}
+        jobs[template] = (work, slurm_cluster.sbatch(template, work, env=env, sbatch_args=[
+            *sbatch_args, "--time=3", _signal_option(template, 100)]))
+    for template, (work, job_id) in jobs.items():
+        job = slurm_cluster.collect(job_id, work, *slurm_cluster.wait(job_id, 300))
+        run_dir = work / "prov" / "limit" / default_run_id(template, job.job_id)
+        with explained(job):
+            assert job.state != "TIMEOUT"  # it ended by itself, before the limit
+            assert "stage-out" not in job.stdout  # no copy failed
+            shards = sorted((run_dir / "shards").iterdir())
+            assert [p.name for p in shards] == ["rank-00000.h5", "rank-00001.h5"]
+            assert [_end_status(p) for p in shards] == ["killed-by-SIGTERM"] * 2
+            local = {p.name: p for p in work.glob("local-*/limit/*/shards/*.h5")}
+            assert sorted(local) == [p.name for p in shards]
+            assert all(local[p.name].read_bytes() == p.read_bytes() for p in shards)  # copied after closing
+            if template == "torchrun-single-node.sbatch":
+                assert "SIGTERM (time limit near?): stopping torchrun" in job.stdout
 
 
 # -- rendezvous on an address torch cannot match to the first node (the InfiniBand case) -------------

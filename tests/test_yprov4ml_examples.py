@@ -36,7 +36,7 @@ def run_example(cwd: Path, script: str, ranks: int | None, *args: str) -> str:
     ("torch_example.py", None), ("torch_example.py", 2),
     ("wrappers_example.py", None), ("wrappers_example.py", 2),
     ("cnn_example.py", None), ("cnn_example.py", 2),
-    ("hpc_example.py", None), ("hpc_example.py", 2), ("hpc_example.py", 4),
+    ("hpc_example.py", None), ("hpc_example.py", 2),
     ("plot_example.py", None), ("plot_example.py", 2),
     ("benchmark_example.py", None), ("benchmark_example.py", 2),
     ("logger_example.py", None), ("logger_example.py", 2),
