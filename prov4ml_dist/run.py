@@ -336,8 +336,8 @@ class Run:
         ring = self._ring
         slot = next(ring.next_slot)
         try:  # free unless it raises
-            if slot >= ring.limit:  # the flusher is a whole ring behind: wait for it, never overwrite
-                ring.wait_for(slot)
+            if slot >= ring.limit:  # wake the flusher, or wait for it when a whole ring behind (never overwrite)
+                ring.at_limit(slot)
             # The commit mark (slot + 1) is packed last: a row killed half-written is never read.
             _pack(ring.mm, ring.base + (slot & ring.mask) * ROW_BYTES, series[0], step, value, _now(), slot + 1)
         except BaseException:  # KeyboardInterrupt mid-write: the flusher must not wait for this slot

@@ -6,6 +6,7 @@ benchmarks/bench_log_metric.py."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -15,10 +16,9 @@ ATTRS = {"run_id": "r", "rank": 0, "attempt": 0}
 
 
 def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
-    """The flusher polls every minute here and no buffer threshold is ever reached: only a
+    """The flush interval is a minute here and no buffer threshold is ever reached: only a
     logging call that found the ring full can start a flush. A burst of twice the ring's
     capacity finishes within seconds, and every row lands once, in order."""
-    monkeypatch.setattr(writer, "BUFFER_POLL_S", 60.0)
     capacity = ring.CAPACITY["metrics"]
     path = tmp_path / "s.h5"
     w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=4 * capacity)
@@ -27,6 +27,30 @@ def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
     assert not stuck, "a logging call waited for the flusher's next poll"
     assert steps.tolist() == list(range(rows))
     assert end["ring_waits"]["metrics"] >= 1 and end["lost_rows"]["metrics"] == 0
+
+
+def test_max_buffer_rows_waiting_wake_the_flusher_which_never_polls(tmp_path):
+    """The flusher sleeps until its flush interval (a minute here), without polling the rings
+    (each poll took the GIL from the logging threads); the logging call that makes
+    ``max_buffer_rows`` rows wait wakes it, and the rows are in the file within seconds. One
+    row fewer, nothing wakes it."""
+    path = tmp_path / "s.h5"
+    w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=1000)
+    sid = w.metrics.register("loss", "TRAINING", "")
+    try:
+        for step in range(999):
+            w.metrics.append(sid, step, float(step), 1.0)
+        time.sleep(0.5)
+        assert w.metrics.rows_written == 0
+        w.metrics.append(sid, 999, 999.0, 1.0)
+        deadline = time.monotonic() + 10
+        while w.metrics.rows_written < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.metrics.rows_written == 1000
+        with ShardReader(path) as reader:  # a reader of the live shard sees them in HDF5
+            assert reader.read_table("metrics")["step"].tolist() == list(range(1000))
+    finally:
+        w.close()
 
 
 def test_a_full_ring_never_waits_forever_for_a_flusher_that_is_gone(tmp_path, monkeypatch):

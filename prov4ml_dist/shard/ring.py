@@ -90,8 +90,8 @@ def _table_layout(caps: list[int]) -> list[int]:
 class Ring:
     """One table's ring in the shared mapping: the hot path writes slots, the flusher drains."""
 
-    __slots__ = ("mm", "base", "mask", "capacity", "limit", "drained", "next_slot", "abandoned", "unstorable",
-                 "given_up", "waits", "on_full", "_delta_at", "_view", "_hole")
+    __slots__ = ("mm", "base", "mask", "capacity", "limit", "wake_rows", "drained", "next_slot", "abandoned",
+                 "unstorable", "given_up", "waits", "on_due", "on_full", "_delta_at", "_view", "_hole")
 
     def __init__(self, mm: mmap.mmap, base: int, capacity: int, delta_at: int) -> None:
         self.mm = mm
@@ -99,13 +99,18 @@ class Ring:
         self.capacity = capacity
         self.mask = capacity - 1
         self.drained = 0  # slots before this are in HDF5 (or counted lost)
-        self.limit = capacity  # the hot path may write slots below this without overwriting any
+        # The hot path compares each slot with ``limit`` (one comparison it makes anyway):
+        # ``wake_rows`` past the drain point it wakes the flusher (``at_limit``), which then
+        # needs no polling; a whole ring past it, it waits.
+        self.wake_rows = capacity
+        self.limit = capacity - 1
         self.next_slot = itertools.count()
         self.abandoned: set[int] = set()  # slots taken by a call that raised before committing
         self.unstorable = 0  # rows refused by the packer (values the API never lets through)
         self.given_up = 0  # slots skipped after HOLE_TIMEOUT_S unwritten
         self.waits = 0  # logging calls that found the ring full and waited for the flusher
-        self.on_full: Callable[[], None] | None = None  # wakes the flusher (set by the writer)
+        self.on_due: Callable[[], None] | None = None  # wakes the flusher: wake_rows wait (set by the writer)
+        self.on_full: Callable[[], None] | None = None  # wakes it, or flushes when it is gone (set by the writer)
         self._hole: tuple[int, float] = (-1, 0.0)  # (slot, since) of an unwritten slot blocking the drain
         self._delta_at = delta_at
         self._view = np.frombuffer(mm, dtype=RING_DTYPE, count=capacity, offset=base)
@@ -115,7 +120,7 @@ class Ring:
         slot = next(self.next_slot)
         try:
             if slot >= self.limit:
-                self.wait_for(slot)
+                self.at_limit(slot)
             PACK(self.mm, self.base + (slot & self.mask) * ROW_BYTES, sid, step, value, t, slot + 1)
         except (struct.error, TypeError, OverflowError):
             self.abandon(slot)
@@ -128,14 +133,26 @@ class Ring:
         """A logging call that took ``slot`` raised before committing it: the flusher skips it."""
         self.abandoned.add(slot)
 
-    def wait_for(self, slot: int) -> None:
-        """Back-pressure: the ring is full (the flusher is ``capacity`` rows behind); wait until
-        it drained enough for ``slot`` (never overwrite a row that is not in HDF5 yet)."""
+    def set_wake_rows(self, rows: int) -> None:
+        """Wake the flusher (``on_due``) once ``rows`` rows wait (at most the ring's capacity)."""
+        self.wake_rows = max(1, min(rows, self.capacity))
+        self.limit = self.drained + self.wake_rows - 1  # the call writing the wake_rows-th row wakes it
+
+    def at_limit(self, slot: int) -> None:
+        """``slot`` reached ``limit``: ``wake_rows`` rows wait, so wake the flusher, once (the
+        limit moves to the ring's end until the next drain); or the ring is full (the flusher
+        is ``capacity`` rows behind): back-pressure, wait until it drained enough for ``slot``
+        (never overwrite a row that is not in HDF5 yet)."""
+        if slot < self.drained + self.capacity:
+            self.limit = self.drained + self.capacity
+            if self.on_due is not None:
+                self.on_due()
+            return
         self.waits += 1
-        while slot >= self.limit:
-            if self.on_full is not None:  # the flusher may be asleep until its next poll, or gone
+        while slot >= self.drained + self.capacity:
+            if self.on_full is not None:  # the flusher may be asleep, or gone
                 self.on_full()
-            if slot >= self.limit:
+            if slot >= self.drained + self.capacity:
                 time.sleep(BACKPRESSURE_SLEEP_S)
 
     def committed(self, at_least: int = 1) -> bool:
@@ -193,7 +210,7 @@ class Ring:
     def release(self, n: int) -> None:
         """The flusher is done with the next ``n`` rows (written or counted lost)."""
         self.drained += n
-        self.limit = self.drained + self.capacity
+        self.limit = self.drained + self.wake_rows - 1
 
 
 def as_rows(ring_rows: np.ndarray) -> np.ndarray:

@@ -40,7 +40,6 @@ from .ring import CrashLog, Ring
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BUFFER_ROWS = 65536
-BUFFER_POLL_S = 0.02
 # A flush writes at most FLUSH_PIECE_ROWS committed rows of a table per piece (fewer when fewer
 # are issued). The flusher shares the GIL with the logging threads: h5py lets it go inside
 # H5Dwrite and the file's flush, numpy in its bulk loops, and each time the flusher waits a
@@ -150,7 +149,7 @@ class ShardWriter:
         self._journal_buf: list[bytes] = []
         self._flush_lock = threading.RLock()
         self._stop = threading.Event()
-        self._wake = threading.Event()  # set by close and by a logging call that found a ring full
+        self._wake = threading.Event()  # set by close, and by a logging call when max_buffer_rows wait
         self._owner_pid = os.getpid()
         self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
         self._file = self._create(attrs)
@@ -173,6 +172,8 @@ class ShardWriter:
         self.tables = {name: SeriesTable(name, self.record, self.crash.rings[name]) for name in schema.TABLES}
         for ring in self.crash.rings.values():
             ring.on_full = self._ring_full
+            ring.on_due = self._wake.set
+            ring.set_wake_rows(max_buffer_rows)
         self.metrics = self.tables["metrics"]
         self.system = self.tables["system"]
         self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
@@ -276,22 +277,22 @@ class ShardWriter:
             self.flush()
 
     def _run(self) -> None:
-        """Flush every ``flush_interval``, as soon as a buffer holds ``max_buffer_rows`` (and
-        again at once while it still does), and at once when a logging call
-        found a ring full (it waits for this flush). Flushes start ``flush_interval`` apart (not
+        """Flush every ``flush_interval``, as soon as a ring holds ``max_buffer_rows`` (and
+        again at once while it still does), and at once when a logging call found a ring full
+        (it waits for this flush). Flushes start ``flush_interval`` apart (not
         after the previous one ended), so a point waits at most ``flush_interval`` plus one
         flush's time for the file."""
         due = time.monotonic() + self.flush_interval
         woken = False
         while not self._stop.is_set():
             now = time.monotonic()
+            self._wake.clear()  # before the checks: a wake from here on ends the wait below
             if woken or now >= due or any(t.pending(self._max_rows) for t in self.tables.values()):
                 due = now + self.flush_interval
                 self.flush()
-            else:
-                self._wake.wait(max(0.0, min(BUFFER_POLL_S, due - now)))
-            woken = self._wake.is_set()
-            self._wake.clear()
+                woken = False
+            else:  # no polling: a ring wakes this thread when max_buffer_rows wait (Ring.at_limit)
+                woken = self._wake.wait(max(0.0, due - now))
 
     def flush(self) -> None:
         """Write everything buffered. A failure (disk full, ...) is recorded, not raised."""
