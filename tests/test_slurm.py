@@ -94,8 +94,11 @@ class SlurmCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = clean_environ()
+        # UCX_TLS: MPICH's UCX between the emulated nodes (one machine) once failed MPI_Init with
+        # "shmat(...) failed: Invalid argument" in its SysV shared-memory transport (an upstream
+        # UCX issue, openucx/ucx#8511); its POSIX one serves the same purpose. Test cluster only.
         env.update(SLURM_CONF=self.slurm_conf, PYTHON=PYTHON, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   PATH=f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}")
+                   PATH=f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}", UCX_TLS="^sysv")
         env.update(extra)
         return env
 
