@@ -322,9 +322,7 @@ def test_plot_notes_what_a_run_lacks(small, tmp_path):
 def test_plot_of_values_at_the_float_limit_and_infinities(tmp_path):
     """A loss that reached ±1.7e308 and ±inf: a linear axis would span inf (matplotlib failed
     placing ticks); the plot uses a symmetric log scale and says so."""
-    run = Run(RunConfig(experiment_name="huge", provenance_save_dir=tmp_path, sample_interval=None),
-              Topology(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, launcher="none",
-                       hostname="node0", pid=1))
+    run = Run(RunConfig(experiment_name="huge", provenance_save_dir=tmp_path, sample_interval=None), Topology())
     for step, value in enumerate([1.0, np.inf, -np.inf, 1.7e308, -1.7e308, np.nan, 2.0]):
         run.log_metric("loss", value, prov4ml.Context.TRAINING, step=step)
         run.log_metric("acc", 0.5, prov4ml.Context.TRAINING, step=step)

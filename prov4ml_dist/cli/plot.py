@@ -177,7 +177,7 @@ class _Plotter:
             # autoscale cannot either (the margins overflow), hence the explicit limits.
             ax.set_yscale("symlog")
             ax.set_ylim(float(finite.min()), float(finite.max()))
-            self._note(ax, HUGE_SPAN)
+            self._note(ax, HUGE_SPAN, "values too far apart for a linear axis: symmetric log scale")
         xs = np.concatenate([x for _, x, _ in curves])
         if xs.min() == xs.max():  # one step: matplotlib would show a ±0.05 axis
             ax.set_xlim(xs.min() - 1, xs.max() + 1)
@@ -186,9 +186,9 @@ class _Plotter:
         ax.set_ylabel(f"{ylabel} [{unit_label}]" if unit_label else ylabel)
         self._save(fig, ax, title, name)
 
-    def _note(self, ax: Any, note: str) -> None:
-        """Say ``note`` on the plot, and once on stderr."""
-        ax.text(0.5, 0.92, note.split(":")[0], transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
+    def _note(self, ax: Any, note: str, label: str | None = None) -> None:
+        """Say ``note`` on the plot (or its shorter ``label``), and once on stderr."""
+        ax.text(0.5, 0.92, label or note, transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
         if note not in self.notes:
             self.notes.append(note)
 

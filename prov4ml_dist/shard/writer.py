@@ -463,13 +463,10 @@ def _open_datasets(file: h5py.File) -> dict[str, h5py.h5d.DatasetID]:
     """The tables and the journal, open for the writer's life, each with a chunk cache of a
     few chunks (HDF5's default of 1 MiB each was +8 MB of RSS): appends fill chunks in order,
     and the file's flush writes the cached ones after every piece."""
-    datasets = {}
-    for name in (*schema.TABLES, schema.JOURNAL):
-        access = h5p.create(h5p.DATASET_ACCESS)
-        slots, _, w0 = access.get_chunk_cache()
-        access.set_chunk_cache(slots, CHUNK_CACHE_BYTES, w0)
-        datasets[name] = h5d.open(file.id, name.encode(), access)
-    return datasets
+    access = h5p.create(h5p.DATASET_ACCESS)
+    slots, _, w0 = access.get_chunk_cache()
+    access.set_chunk_cache(slots, CHUNK_CACHE_BYTES, w0)
+    return {name: h5d.open(file.id, name.encode(), access) for name in (*schema.TABLES, schema.JOURNAL)}
 
 
 def _disown_inherited_writers() -> None:
