@@ -10,7 +10,9 @@ perf_counter_ns (a clock read costs about as much as a call); the mean from timi
 loop. ``max ms``: the slowest batch of 16, an upper bound of the slowest single call (the other
 15 take microseconds); ``>2ms``: batches that took over 2 ms, i.e. the calls that stalled that
 long (a batch holding two of them counts once). ``waits``: logging calls that found the crash
-ring full and waited for the flusher (back-pressure; -1 where not recorded).
+ring full and waited for the flusher (back-pressure; -1 where not recorded). ``prov4ml_dist``
+is the default (the shard written by a drain process, ``shard/drain.py``), ``… thread only``
+the same with ``PROV4ML_DRAIN_PROCESS=off`` (the flusher thread shares the GIL with the loop).
 """
 
 from __future__ import annotations
@@ -61,9 +63,13 @@ def time_calls(fn: Callable, contexts: list, n: int) -> dict[str, float]:
             "stalls": len(batches) - bisect.bisect_right(batches, STALL_NS)}
 
 
-def bench_prov4ml_dist(n: int, root: Path) -> dict[str, float]:
+def bench_prov4ml_dist(n: int, root: Path, drain_process: str = "on") -> dict[str, float]:
+    """``drain_process``: ``on`` (the default: the shard written by a drain process), ``off``
+    (by the flusher thread, which shares the GIL with the loop)."""
     import prov4ml_dist as prov4ml
+    from prov4ml_dist.shard import drain
 
+    os.environ[drain.ENV] = drain_process
     contexts = [prov4ml.Context.TRAINING, prov4ml.Context.VALIDATION]
     t0 = time.perf_counter()
     run_dir = prov4ml.start_run(experiment_name="bench", provenance_save_dir=root, sample_interval=None)
@@ -157,6 +163,7 @@ def main() -> None:
             for rep in range(args.repeat):
                 rows = [("no-op call", time_calls(noop, [0, 1], n)),
                         ("prov4ml_dist", bench_prov4ml_dist(n, Path(tmp) / f"p{n}-{rep}")),
+                        ("… thread only", bench_prov4ml_dist(n, Path(tmp) / f"t{n}-{rep}", "off")),
                         ("yProv4ML", bench_yprov4ml(n, Path(tmp) / f"y{n}-{rep}"))]
                 for name, r in rows:
                     print_row(name, n, r)

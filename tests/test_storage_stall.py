@@ -8,9 +8,11 @@ from __future__ import annotations
 import threading
 import time
 
+import h5py
 import numpy as np
+import pytest
 
-from prov4ml_dist.shard import ShardReader, ShardWriter, ring, writer
+from prov4ml_dist.shard import ShardReader, ShardWriter, drain, ring, writer
 
 ATTRS = {"run_id": "r", "rank": 0, "attempt": 0}
 
@@ -29,28 +31,39 @@ def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
     assert end["ring_waits"]["metrics"] >= 1 and end["lost_rows"]["metrics"] == 0
 
 
-def test_max_buffer_rows_waiting_wake_the_flusher_which_never_polls(tmp_path):
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_max_buffer_rows_waiting_wake_the_flusher_which_never_polls(tmp_path, monkeypatch, mode):
     """The flusher sleeps until its flush interval (a minute here), without polling the rings
     (each poll took the GIL from the logging threads); the logging call that makes
     ``max_buffer_rows`` rows wait wakes it, and the rows are in the file within seconds. One
-    row fewer, nothing wakes it."""
+    row fewer, nothing wakes it. The same for a drain process (``on``), woken over its socket."""
+    monkeypatch.setenv(drain.ENV, mode)
     path = tmp_path / "s.h5"
     w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=1000)
     sid = w.metrics.register("loss", "TRAINING", "")
+    deadline = time.monotonic() + 30
+    while mode == "on" and w._drain is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (w._drain is not None) == (mode == "on")
     try:
         for step in range(999):
             w.metrics.append(sid, step, float(step), 1.0)
         time.sleep(0.5)
-        assert w.metrics.rows_written == 0
+        assert _rows_in_file(path) == 0
         w.metrics.append(sid, 999, 999.0, 1.0)
         deadline = time.monotonic() + 10
-        while w.metrics.rows_written < 1000 and time.monotonic() < deadline:
+        while _rows_in_file(path) < 1000 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert w.metrics.rows_written == 1000
         with ShardReader(path) as reader:  # a reader of the live shard sees them in HDF5
             assert reader.read_table("metrics")["step"].tolist() == list(range(1000))
     finally:
         w.close()
+
+
+def _rows_in_file(path) -> int:
+    """Rows in HDF5 (the reader would add the crash ring's)."""
+    with h5py.File(path, "r", swmr=True) as f:
+        return f["metrics"].shape[0]
 
 
 def test_a_full_ring_never_waits_forever_for_a_flusher_that_is_gone(tmp_path, monkeypatch):

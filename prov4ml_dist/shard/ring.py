@@ -8,8 +8,10 @@ clean close both files are removed; after a node crash (kernel gone) the loss bo
 flush interval.
 
 Ring file layout (little-endian): a ``HEADER_BYTES`` header — ``MAGIC``, then per table of
-``schema.TABLES`` its capacity (u8, a power of two) and ``delta`` (i8) — then each table's ring
-of ``capacity`` rows of ``RING_DTYPE``. Slot ``s`` (a per-table counter) lives at row
+``schema.TABLES`` its capacity (u8, a power of two) and ``delta`` (i8), the journal's delta,
+then per table its ``drained`` slot count (u8: what the logging calls may overwrite, published
+by whichever process drains the ring) — then each table's ring of ``capacity`` rows of
+``RING_DTYPE``. Slot ``s`` (a per-table counter) lives at row
 ``s % capacity``; its ``seq`` (``s + 1``) is its last field, and one ``struct.pack_into`` stores
 the fields in order (CPython packs field by field, straight into the mapping), so a process
 killed mid-row leaves a prefix of it: a row whose ``seq`` is not the one its slot expects is
@@ -46,6 +48,13 @@ ROW_BYTES = 40
 RING_DTYPE = np.dtype({"names": ["series", "step", "value", "time", "seq"],
                        "formats": ["<i4", "<i8", "<f8", "<f8", "<u8"],
                        "offsets": [0, 4, 12, 20, 28], "itemsize": ROW_BYTES})
+# The same bytes seen without the commit mark: the fields of ``schema.ROW_DTYPE`` at their ring
+# offsets, so that HDF5 converts ring rows to file rows itself, inside ``H5Dwrite`` (h5py lets
+# the GIL go there), with no numpy copy before it.
+ROW_VIEW_DTYPE = np.dtype({"names": list(schema.ROW_DTYPE.names),
+                           "formats": [schema.ROW_DTYPE.fields[n][0] for n in schema.ROW_DTYPE.names],
+                           "offsets": [RING_DTYPE.fields[n][1] for n in schema.ROW_DTYPE.names],
+                           "itemsize": ROW_BYTES})
 PACK = struct.Struct("<iqddQ").pack_into  # series, step, value, time, then the commit mark
 _U8 = struct.Struct("<q")
 # Rows per ring: 10 MiB and 160 KiB of file, allocated at start (a page written into a hole of
@@ -59,6 +68,7 @@ _U8 = struct.Struct("<q")
 CAPACITY = {"metrics": 1 << 18, "system": 1 << 12}
 MIN_CAPACITY_SHIFT = 6  # at most 1/64 of CAPACITY, before giving up
 JOURNAL_DELTA = len(schema.TABLES)  # header field index of the journal's delta
+DRAINED = 2 * JOURNAL_DELTA + 1  # header field index of the first table's drained count
 WAL_FRAME = struct.Struct("<II")
 MAX_WAL_RECORD = 16 << 20
 BACKPRESSURE_SLEEP_S = 0.0005
@@ -91,9 +101,10 @@ class Ring:
     """One table's ring in the shared mapping: the hot path writes slots, the flusher drains."""
 
     __slots__ = ("mm", "base", "mask", "capacity", "limit", "wake_rows", "drained", "next_slot", "abandoned",
-                 "unstorable", "given_up", "waits", "on_due", "on_full", "_delta_at", "_view", "_hole")
+                 "unstorable", "given_up", "waits", "reported", "on_due", "on_full", "on_abandon", "_delta_at",
+                 "_drained_at", "_view", "_rows", "_hole")
 
-    def __init__(self, mm: mmap.mmap, base: int, capacity: int, delta_at: int) -> None:
+    def __init__(self, mm: mmap.mmap, base: int, capacity: int, delta_at: int, drained_at: int) -> None:
         self.mm = mm
         self.base = base
         self.capacity = capacity
@@ -104,16 +115,20 @@ class Ring:
         # needs no polling; a whole ring past it, it waits.
         self.wake_rows = capacity
         self.limit = capacity - 1
-        self.next_slot = itertools.count()
+        self.next_slot: itertools.count | None = itertools.count()
+        self.reported = 0  # in a drain process: slots the training process said it issued
         self.abandoned: set[int] = set()  # slots taken by a call that raised before committing
         self.unstorable = 0  # rows refused by the packer (values the API never lets through)
         self.given_up = 0  # slots skipped after HOLE_TIMEOUT_S unwritten
         self.waits = 0  # logging calls that found the ring full and waited for the flusher
         self.on_due: Callable[[], None] | None = None  # wakes the flusher: wake_rows wait (set by the writer)
-        self.on_full: Callable[[], None] | None = None  # wakes it, or flushes when it is gone (set by the writer)
+        self.on_full: Callable[[Ring, int], None] | None = None  # wakes it, or flushes when it is gone (writer)
+        self.on_abandon: Callable[[int, bool], None] | None = None  # tells a drain process (set by the writer)
         self._hole: tuple[int, float] = (-1, 0.0)  # (slot, since) of an unwritten slot blocking the drain
         self._delta_at = delta_at
+        self._drained_at = drained_at
         self._view = np.frombuffer(mm, dtype=RING_DTYPE, count=capacity, offset=base)
+        self._rows = self._view.view(ROW_VIEW_DTYPE)
 
     def write(self, sid: int, step: int, value: float, t: float) -> None:
         """Store one row (thread-safe: the slot counter is atomic under the GIL)."""
@@ -123,15 +138,19 @@ class Ring:
                 self.at_limit(slot)
             PACK(self.mm, self.base + (slot & self.mask) * ROW_BYTES, sid, step, value, t, slot + 1)
         except (struct.error, TypeError, OverflowError):
-            self.abandon(slot)
-            self.unstorable += 1
+            self.abandon(slot, unstorable=True)
         except BaseException:  # KeyboardInterrupt mid-write: the slot must not block the drain
             self.abandon(slot)
             raise
 
-    def abandon(self, slot: int) -> None:
-        """A logging call that took ``slot`` raised before committing it: the flusher skips it."""
+    def abandon(self, slot: int, unstorable: bool = False) -> None:
+        """A logging call that took ``slot`` raised before committing it (``unstorable``: the
+        packer refused its values, which the API never lets through): the flusher skips it."""
+        if self.on_abandon is not None:  # the rows are drained by another process
+            self.on_abandon(slot, unstorable)
+            return
         self.abandoned.add(slot)
+        self.unstorable += unstorable
 
     def set_wake_rows(self, rows: int) -> None:
         """Wake the flusher (``on_due``) once ``rows`` rows wait (at most the ring's capacity)."""
@@ -139,21 +158,40 @@ class Ring:
         self.limit = self.drained + self.wake_rows - 1  # the call writing the wake_rows-th row wakes it
 
     def at_limit(self, slot: int) -> None:
-        """``slot`` reached ``limit``: ``wake_rows`` rows wait, so wake the flusher, once (the
-        limit moves to the ring's end until the next drain); or the ring is full (the flusher
-        is ``capacity`` rows behind): back-pressure, wait until it drained enough for ``slot``
-        (never overwrite a row that is not in HDF5 yet)."""
-        if slot < self.drained + self.capacity:
-            self.limit = self.drained + self.capacity
-            if self.on_due is not None:
-                self.on_due()
+        """``slot`` reached ``limit``: when ``wake_rows`` rows wait, wake the flusher (again
+        ``wake_rows`` slots later while it has not drained them); when the ring is full (the
+        flusher is ``capacity`` rows behind), back-pressure: wait until it drained enough for
+        ``slot`` (never overwrite a row that is not in HDF5 yet). The drain point is read from
+        the ring's header, where the flusher publishes it, in this process or a drain process."""
+        drained = self.published_drained()
+        if slot < drained + self.capacity:
+            if slot - drained + 1 >= self.wake_rows:
+                if self.on_due is not None:
+                    self.on_due()
+                self.limit = min(slot + self.wake_rows, drained + self.capacity)
+            else:
+                self.limit = drained + self.wake_rows - 1
             return
         self.waits += 1
-        while slot >= self.drained + self.capacity:
+        while slot >= self.published_drained() + self.capacity:
             if self.on_full is not None:  # the flusher may be asleep, or gone
-                self.on_full()
-            if slot >= self.drained + self.capacity:
+                self.on_full(self, slot)
+            if slot >= self.published_drained() + self.capacity:
                 time.sleep(BACKPRESSURE_SLEEP_S)
+
+    def published_drained(self) -> int:
+        return _U8.unpack_from(self.mm, self._drained_at)[0]
+
+    def let_go(self, slot: int) -> None:
+        """Nothing drains this ring any more (its drain process is gone): free the oldest slots
+        for ``slot``, so that the ring keeps the newest ``capacity`` rows for the reader, and
+        count them in ``given_up``. The delta moves with them: recovery starts after them."""
+        drained = self.published_drained()
+        skip = slot - self.capacity + 1 - drained
+        if skip > 0:
+            self.set_delta(_U8.unpack_from(self.mm, self._delta_at)[0] + skip)
+            self.given_up += skip
+            _U8.pack_into(self.mm, self._drained_at, drained + skip)
 
     def committed(self, at_least: int = 1) -> bool:
         """Whether ``at_least`` rows wait to be drained (O(1): checks the last of them)."""
@@ -161,10 +199,10 @@ class Ring:
         return int(self._view["seq"][slot & self.mask]) == slot + 1
 
     def pending(self, max_rows: int) -> np.ndarray:
-        """The committed rows from ``drained`` on, as ``schema.ROW_DTYPE``: at most ``max_rows``,
-        up to the first slot not yet written and to the ring's end (the next call goes on
-        after the wrap). One contiguous slice, no gather: the flusher holds the GIL for a
-        bounded time per piece. The rows stay in the ring until ``release``."""
+        """The committed rows from ``drained`` on, as a view of the ring in ``ROW_VIEW_DTYPE``
+        (no copy: HDF5 converts the rows as it writes them): at most ``max_rows``, up to the
+        first slot not yet written and to the ring's end (the next call goes on after the wrap).
+        The rows stay in the ring, unchanged, until ``release``."""
         start = self.drained
         at = start & self.mask
         n = max(0, min(max_rows, self.capacity - at, self.issued() - start))
@@ -174,13 +212,30 @@ class Ring:
         # instead of three. Each numpy call lets the GIL go, and taking it back from a logger
         # that runs Python without pause costs the flusher a switch interval (5 ms).
         if int(seq.sum(dtype=np.uint64)) == (n * start + n * (n + 1) // 2) % (1 << 64):
-            return as_rows(self._view[at:at + n])
+            return self._rows[at:at + n]
         torn = np.flatnonzero(seq != np.arange(start + 1, start + 1 + n, dtype=np.uint64))
-        return as_rows(self._view[at:at + (int(torn[0]) if len(torn) else n)])
+        return self._rows[at:at + (int(torn[0]) if len(torn) else n)]
 
     def issued(self) -> int:
-        """Slots handed out so far (the counter's value, read without advancing it)."""
-        return self.next_slot.__reduce__()[1][0]
+        """Slots handed out so far (the counter's value, read without advancing it). In a drain
+        process, which cannot read the training process's counter: the slots committed from
+        the drain point on, or more when that process said so (``reported``: with each wake,
+        flush and close, so that a slot left unwritten is seen as a hole)."""
+        if self.next_slot is not None:
+            return self.next_slot.__reduce__()[1][0]
+        return max(self.reported, self.drained + self._committed_run())
+
+    def _committed_run(self) -> int:
+        """How many slots from ``drained`` on are committed, without a gap (at most one lap)."""
+        start, at, seq = self.drained, self.drained & self.mask, self._view["seq"]
+        run = 0
+        for lo, hi in ((at, self.capacity), (0, at)):
+            expected = np.arange(start + run + 1, start + run + 1 + hi - lo, dtype=np.uint64)
+            gaps = np.flatnonzero(seq[lo:hi] != expected)
+            if len(gaps):
+                return run + int(gaps[0])
+            run += hi - lo
+        return run
 
     def skip_hole(self, flushed_rows: int, now: float) -> int:
         """Skip the unwritten slots at the drain point that will never be written: abandoned
@@ -210,6 +265,7 @@ class Ring:
     def release(self, n: int) -> None:
         """The flusher is done with the next ``n`` rows (written or counted lost)."""
         self.drained += n
+        _U8.pack_into(self.mm, self._drained_at, self.drained)
         self.limit = self.drained + self.wake_rows - 1
 
 
@@ -226,38 +282,54 @@ assert all(RING_DTYPE.fields[name] == schema.ROW_DTYPE.fields[name] for name in 
 class CrashLog:
     """A shard's ring file and journal WAL, owned by its writer."""
 
-    def __init__(self, shard: Path) -> None:
+    def __init__(self, shard: Path, adopt: bool = False) -> None:
+        """Create the shard's ring file and WAL; or, ``adopt``, map the ones a training process
+        created, to drain them (a drain process: it never writes the WAL, whose records are
+        the training process's, in its order)."""
         self.ring_path, self.wal_path = ring_path(shard), wal_path(shard)
-        fd = os.open(self.ring_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self.ring_path, os.O_RDWR if adopt else os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            caps = _allocate(fd)
+            if adopt:
+                header = os.pread(fd, HEADER_BYTES, 0)
+                caps = [_header_field(header, 2 * i) for i in range(len(schema.TABLES))]
+            else:
+                caps = _allocate(fd)
             self.mm = mmap.mmap(fd, HEADER_BYTES + sum(caps) * ROW_BYTES, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
-            self.ring_path.unlink(missing_ok=True)
+            if not adopt:
+                self.ring_path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        self.mm[:len(MAGIC)] = MAGIC
-        for i, cap in enumerate(caps):
-            _U8.pack_into(self.mm, _field_offset(2 * i), cap)
-        self.rings = {name: Ring(self.mm, base, cap, _field_offset(2 * i + 1))
+        if not adopt:
+            self.mm[:len(MAGIC)] = MAGIC
+            for i, cap in enumerate(caps):
+                _U8.pack_into(self.mm, _field_offset(2 * i), cap)
+        self.rings = {name: Ring(self.mm, base, cap, _field_offset(2 * i + 1), _field_offset(DRAINED + i))
                       for i, (name, base, cap) in enumerate(zip(schema.TABLES, _table_layout(caps), caps, strict=True))}
+        self.wal_error: str | None = None
+        self._wal_lock = threading.Lock()
+        self._wal: int | None = None
+        if adopt:
+            self.wal_error = "a drain process never writes the WAL"
+            for r in self.rings.values():
+                r.drained = r.published_drained()
+                r.next_slot = None  # issued by the training process: see Ring.issued
+            return
         try:
             self._wal = os.open(self.wal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         except BaseException:
             self.mm.close()
             self.ring_path.unlink(missing_ok=True)
             raise
-        self.wal_error: str | None = None
-        self._wal_lock = threading.Lock()
 
-    def append_record(self, line: bytes) -> None:
-        """One journal line, in the page cache when this returns. A failed write (disk full)
-        stops the WAL for good, so that its records stay the HDF5 journal's in order; the
+    def append_record(self, line: bytes) -> bool:
+        """One journal line, in the page cache when this returns True. A failed write (disk
+        full) stops the WAL for good, so that its records stay the HDF5 journal's in order; the
         records still reach the shard at the next flush. ``wal_error`` says why."""
-        if self.wal_error is not None:
-            return
+        if self.wal_error is not None or self._wal is None:
+            return False
         frame = WAL_FRAME.pack(len(line), zlib.crc32(line)) + line
         with self._wal_lock:
             try:
@@ -265,15 +337,19 @@ class CrashLog:
                     raise OSError("short write")
             except OSError as exc:
                 self.wal_error = f"{self.wal_path}: {exc.strerror or exc}"
+                return False
+        return True
 
     def set_journal_delta(self, delta: int) -> None:
         _U8.pack_into(self.mm, _field_offset(2 * JOURNAL_DELTA), delta)
 
     def close(self, remove: bool) -> None:
         """Unmap and close; remove the files when the shard holds everything (a clean close)."""
-        os.close(self._wal)
+        if self._wal is not None:
+            os.close(self._wal)
+            self._wal = None
         for ring in self.rings.values():
-            ring._view = None
+            ring._view = ring._rows = None
         try:
             self.mm.close()
         except BufferError:  # a view still exported (a flusher frame): the mapping goes with the process

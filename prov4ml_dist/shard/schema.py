@@ -35,8 +35,9 @@ Journal record kinds and their fields (besides ``kind`` and ``time``):
 - ``end``: ``status``, ``rows`` (dict table → rows written), ``series_rows`` (dict table → list
   of rows written per series id, so the merge need not count them), ``failures`` (the first
   messages of failed flushes), ``failure_count``, ``lost_rows`` (dict table → rows dropped by failed
-  flushes), ``lost_journal_bytes`` and ``ring_waits`` (dict table → logging calls that found the
-  crash ring full and waited for the flusher); present only after a clean close. Every point logged
+  flushes), ``lost_journal_bytes``, ``ring_waits`` (dict table → logging calls that found the
+  crash ring full and waited for the flusher) and ``written_by`` (``flusher thread`` or ``drain
+  process``: see ``drain.py``); present only after a clean close. Every point logged
   before the close is in ``rows`` or in ``lost_rows``.
 """
 

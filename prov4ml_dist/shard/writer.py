@@ -3,7 +3,9 @@
 The hot path writes each row into the table's crash ring (``ring.py``: a file-backed shared
 mapping that survives the process's death), so a point is safe once the logging call returns.
 A flusher thread copies the committed rows into the SWMR file every ``flush_interval`` seconds,
-or sooner when ``max_buffer_rows`` wait, and frees their slots. No logging call does I/O: a
+or sooner when ``max_buffer_rows`` wait, and frees their slots; once a drain process of the
+rank's own is ready (``drain.py``), the shard is handed to it, which runs the same code there,
+so that the flusher never takes the GIL from the training loop. No logging call does I/O: a
 ring that is full (the flusher ``ring.CAPACITY`` rows behind) makes the logging call wait for
 the flusher (back-pressure, never an overwrite). Journal records also go to the shard's WAL
 (one ``os.write``) before they are buffered.
@@ -34,7 +36,8 @@ import numpy as np
 from h5py import h5d, h5p, h5s
 
 from ..artifacts import drop_world_write
-from . import schema
+from . import drain, schema
+from .drain import DrainClient, DrainGone
 from .ring import CrashLog, Ring
 
 log = logging.getLogger(__name__)
@@ -139,26 +142,8 @@ class ShardWriter:
 
     def __init__(self, path: Path, attrs: dict[str, Any], flush_interval: float = 1.0,
                  max_buffer_rows: int = DEFAULT_MAX_BUFFER_ROWS) -> None:
-        self.path = Path(path)
-        self.flush_interval = flush_interval
-        self.failures: list[str] = []  # the first MAX_FAILURE_MESSAGES messages
-        self.failure_count = 0
-        self.lost_rows = dict.fromkeys(schema.TABLES, 0)  # rows dropped by failed flushes
-        self.lost_journal_bytes = 0
-        self._journal_lock = threading.RLock()  # re-entrant: a signal handler may close mid-record
-        self._journal_buf: list[bytes] = []
-        self._flush_lock = threading.RLock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # set by close, and by a logging call when max_buffer_rows wait
-        self._owner_pid = os.getpid()
-        self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
+        self._setup(Path(path), flush_interval, max_buffer_rows, drain.mode())
         self._file = self._create(attrs)
-        self._fd = self._file.id.get_vfd_handle()
-        self._datasets = _open_datasets(self._file)
-        self._flushed = dict.fromkeys((*schema.TABLES, schema.JOURNAL), 0)  # lengths at the last good flush
-        self._inflight: tuple[list[bytes], dict[str, np.ndarray]] | None = None
-        self._failing = False
-        self._max_rows = max_buffer_rows
         try:
             self.crash = CrashLog(self.path)
         except BaseException:
@@ -166,6 +151,50 @@ class ShardWriter:
                 self._file.close()
             self.path.unlink(missing_ok=True)
             raise
+        self._start()
+
+    @classmethod
+    def adopt(cls, state: dict[str, Any]) -> ShardWriter:
+        """In a drain process (``drain.py``): go on writing the shard a training process handed
+        over, from the state it sent (``_state``), draining the same crash rings."""
+        self = cls.__new__(cls)
+        self._setup(Path(state["path"]), state["flush_interval"], state["max_rows"], "off")
+        self._written_by = "drain process"
+        self._file = h5py.File(self.path, "r+", libver="latest", locking="best-effort")
+        self._file.swmr_mode = True
+        self.crash = CrashLog(self.path, adopt=True)
+        self._start(state)
+        return self
+
+    def _setup(self, path: Path, flush_interval: float, max_buffer_rows: int, drain_mode: str) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self.failures: list[str] = []  # the first MAX_FAILURE_MESSAGES messages
+        self.failure_count = 0
+        self.lost_rows = dict.fromkeys(schema.TABLES, 0)  # rows dropped by failed flushes
+        self.lost_journal_bytes = 0
+        self._journal_lock = threading.RLock()  # re-entrant: a signal handler may close mid-record
+        self._journal_buf: list[bytes] = []
+        self._journal_unlogged = 0  # lines of _journal_buf that are not in the WAL
+        self._flush_lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # set by close, and by a logging call when max_buffer_rows wait
+        self._owner_pid = os.getpid()
+        self._deferred: list[tuple[int, Callable[[], None]]] = []  # (thread, action) for after a flush/record
+        self._flushed = dict.fromkeys((*schema.TABLES, schema.JOURNAL), 0)  # lengths at the last good flush
+        self._inflight: tuple[list[bytes], int, dict[str, np.ndarray]] | None = None
+        self._failing = False
+        self._max_rows = max_buffer_rows
+        self._closed = False
+        self._drain_mode = drain_mode
+        self._spawning: tuple[DrainClient, float] | None = None  # a drain process starting, since
+        self._drain: DrainClient | None = None  # the drain process that writes the shard now
+        self._drain_lost_why: str | None = None
+        self._written_by = "flusher thread"  # for the end record: who wrote the shard at the end
+
+    def _start(self, state: dict[str, Any] | None = None) -> None:
+        self._fd = self._file.id.get_vfd_handle()
+        self._datasets = _open_datasets(self._file)
         self._wal_noted = False
         self._journal_drained = 0  # WAL records in the HDF5 journal or counted lost
         self._journal_lines = 0  # lines in the HDF5 journal
@@ -173,9 +202,11 @@ class ShardWriter:
         for ring in self.crash.rings.values():
             ring.on_full = self._ring_full
             ring.on_due = self._wake.set
-            ring.set_wake_rows(max_buffer_rows)
+            ring.set_wake_rows(self._max_rows)
         self.metrics = self.tables["metrics"]
         self.system = self.tables["system"]
+        if state is not None:
+            self._restore(state)
         self._thread = threading.Thread(target=self._run, name="prov4ml-flusher", daemon=True)
         self._thread.start()
         _live_writers.add(self)
@@ -215,8 +246,15 @@ class ShardWriter:
         if self._owner_pid != os.getpid():
             return  # a forked child: nothing reaches the parent's files
         with self._journal_lock:
-            self.crash.append_record(line)
-            self._journal_buf.append(line)
+            logged = self.crash.append_record(line)
+            if self._drain is not None:
+                try:
+                    self._drain.send(("record", line, logged))
+                except DrainGone as exc:
+                    self._drain_lost(exc)
+            elif self._drain_lost_why is None:
+                self._journal_buf.append(line)
+                self._journal_unlogged += not logged
         if self.crash.wal_error is not None and not self._wal_noted:
             self._wal_noted = True
             self._note(f"journal WAL stopped ({self.crash.wal_error}): records from here on survive a crash "
@@ -229,7 +267,9 @@ class ShardWriter:
         """Whether this thread is inside a flush or a journal append: a signal handler running
         now must not close the shard under it (nor wait for the flusher, which may be waiting
         on this very flush)."""
-        return self._flush_lock._is_owned() or self._journal_lock._is_owned()
+        client = self._drain or (self._spawning[0] if self._spawning else None)
+        return (self._flush_lock._is_owned() or self._journal_lock._is_owned()
+                or (client is not None and client.sending_here()))
 
     def defer(self, action: Callable[[], None]) -> bool:
         """Queue ``action`` to run in this thread as soon as it leaves its flush or journal
@@ -256,43 +296,242 @@ class ShardWriter:
     def _disown(self) -> None:
         """In a forked child: point the inherited descriptor at /dev/null, so that nothing HDF5
         does here (a metadata flush when the file object is deallocated, or at HDF5's exit)
-        reaches the parent's file, and keep the objects alive until the process ends."""
-        devnull = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.dup2(devnull, self._fd)
-        finally:
-            os.close(devnull)
+        reaches the parent's file, drop the parent's drain-process socket, and keep the objects
+        alive until the process ends."""
+        if self._file is not None:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(devnull, self._fd)
+            finally:
+                os.close(devnull)
+        for client in (self._drain, self._spawning[0] if self._spawning else None):
+            if client is not None:
+                client.forget_in_child()
         _inherited.append(self)
 
     def _drop_in_child(self) -> None:
         """A flush asked for in a forked child: nothing may reach the parent's file; drop."""
         self._journal_buf = []
 
-    def _ring_full(self) -> None:
+    def _ring_full(self, ring: Ring, slot: int) -> None:
         """A logging call found a ring full and waits until slots are free: wake the flusher, or,
         when its thread is gone (it died, or stopped while another thread still logs), flush in
-        this thread, so that the call never waits forever (the rows stay safe in the ring)."""
+        this thread, so that the call never waits forever (the rows stay safe in the ring).
+        With a drain process: wake it; when it is gone, let the ring's oldest rows go."""
+        if self._drain is not None:
+            self._drain_wake()
+        if self._drain_lost_why is not None:
+            ring.let_go(slot)
+            return
         self._wake.set()
         if not self._thread.is_alive() and self._file is not None and not self.inherited():
             self.flush()
+
+    # -- the drain process (drain.py) -----------------------------------------------------
+    def _issued(self) -> dict[str, int]:
+        return {name: table.ring.issued() for name, table in self.tables.items()}
+
+    def _drain_wake(self) -> None:
+        try:
+            self._drain.send(("wake", self._issued()))
+        except DrainGone as exc:
+            self._drain_lost(exc)
+        except AttributeError:  # lost by another thread since the caller looked
+            pass
+        if self._deferred:  # a signal that arrived during the send acts now
+            self._run_deferred()
+
+    def _drain_abandon(self, name: str) -> Callable[[int, bool], None]:
+        def abandon(slot: int, unstorable: bool) -> None:
+            try:
+                self._drain.send(("abandon", name, slot, int(unstorable)))
+            except (DrainGone, AttributeError):  # the process is gone: nothing will drain the slot
+                pass
+            if self._deferred:
+                self._run_deferred()
+        return abandon
+
+    def _maybe_spawn(self, rows_woke: int) -> None:
+        """Start a drain process when this rank logs fast (``drain.PROMOTE_AFTER`` flushes in
+        a row started by rows waiting), or at once with ``on``; never with ``off``."""
+        if self._spawning is not None or self._drain_mode == "off" or (
+                self._drain_mode == "auto" and rows_woke < drain.PROMOTE_AFTER):
+            return
+        try:
+            self._spawning = (DrainClient(), time.monotonic())
+        except (OSError, ValueError) as exc:
+            self._drain_mode = "off"
+            log.warning("prov4ml_dist: cannot start a drain process for %s (%s); the shard is written by "
+                        "this process's flusher thread", self.path, exc)
+
+    def _drain_ready(self) -> bool:
+        """Whether the drain process being started waits for the hand-over; gives it up when it
+        exited or takes too long (the flusher thread goes on writing the shard)."""
+        client, since = self._spawning
+        try:
+            if client.ready():
+                return True
+            if time.monotonic() - since < drain.READY_TIMEOUT_S:
+                return False
+            why = f"not ready after {drain.READY_TIMEOUT_S:g} s"
+        except DrainGone as exc:
+            why = str(exc)
+        self._spawning, self._drain_mode = None, "off"
+        client.stop(0.0)
+        log.warning("prov4ml_dist: the drain process for %s did not start (%s); the shard is written by this "
+                    "process's flusher thread", self.path, why)
+        return False
+
+    def _hand_over(self) -> bool:
+        """Close the shard and hand it to the drain process, which goes on from this writer's
+        state (the journal lines not flushed yet with it; the rows not flushed yet stay in the
+        rings, which it drains); says whether it took it (else this thread goes on writing
+        it). The journal lock is held until the process has the shard, so no record falls
+        between."""
+        client, _ = self._spawning
+        self._spawning = None
+        with self._flush_lock:
+            if self._file is None or self._stop.is_set():
+                client.stop(0.0)
+                return False
+            with self._journal_lock:
+                state = self._state()
+                self._close_file()
+                try:
+                    reply = client.request(("adopt", state))
+                    if reply != ("adopted",):
+                        raise DrainGone(f"unexpected reply {reply!r}")
+                except DrainGone as exc:
+                    client.stop(1.0)
+                    self._drain_mode = "off"
+                    return self._take_back(str(exc))
+                self._journal_buf, self._journal_unlogged = [], 0
+                self._drain = client
+                for name, ring in self.crash.rings.items():
+                    ring.on_due = self._drain_wake
+                    ring.on_abandon = self._drain_abandon(name)
+        log.info("prov4ml_dist: %s is written by a drain process (pid %d) from now on", self.path,
+                 client.process.pid)
+        return True
+
+    def _take_back(self, why: str) -> bool:
+        """The drain process failed to take the shard: reopen it here (says False: this thread
+        goes on), or, when the process left it open for writing, keep rows and records in the
+        crash ring and WAL (says True: nothing is left for this thread to do)."""
+        try:
+            self._file = h5py.File(self.path, "r+", libver="latest", locking="best-effort")
+            self._file.swmr_mode = True
+            self._fd = self._file.id.get_vfd_handle()
+            self._datasets = _open_datasets(self._file)
+        except Exception as exc:  # noqa: BLE001 - the crash ring and WAL keep everything
+            self._file = None
+            self._drain_lost(DrainGone(f"{why}; reopening the shard failed: {exc}"))
+            return True
+        log.warning("prov4ml_dist: the drain process did not take %s (%s); this process goes on writing it",
+                    self.path, why)
+        return False
+
+    def _drain_lost(self, exc: Exception) -> None:
+        """The drain process is gone while this process lives: the shard keeps what it flushed;
+        records stay in the WAL and rows in the crash ring, for the reader to recover (a full
+        ring lets its oldest rows go: ``Ring.let_go``)."""
+        with self._journal_lock:
+            if self._drain_lost_why is not None:
+                return
+            self._drain_lost_why = str(exc)
+            client, self._drain = self._drain, None
+        for ring in self.crash.rings.values():
+            ring.on_due, ring.on_abandon = None, None
+        log.warning("prov4ml_dist: the drain process writing %s is gone (%s); the shard keeps what it flushed, "
+                    "and from now on records are kept in its WAL and the newest rows in its crash ring, which "
+                    "`prov4ml-dist merge` recovers", self.path, exc)
+        if client is not None:
+            client.stop(0.0)
+
+    def _state(self) -> dict[str, Any]:
+        """What a drain process needs to go on writing this shard (``adopt``)."""
+        return {"path": str(self.path), "flush_interval": self.flush_interval, "max_rows": self._max_rows,
+                "failures": self.failures, "failure_count": self.failure_count, "lost_rows": self.lost_rows,
+                "lost_journal_bytes": self.lost_journal_bytes, "failing": self._failing, "flushed": self._flushed,
+                "journal_drained": self._journal_drained, "journal_lines": self._journal_lines,
+                "journal": self._journal_buf, "unlogged": self._journal_unlogged,
+                "tables": {name: {"rows_written": t.rows_written, "series_rows": t.series_rows, "dropped": t.dropped,
+                                  "drained": t.ring.drained, "issued": t.ring.issued(),
+                                  "abandoned": sorted(t.ring.abandoned), "unstorable": t.ring.unstorable,
+                                  "given_up": t.ring.given_up}
+                           for name, t in self.tables.items()}}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Take up a training process's ``_state`` (a drain process)."""
+        self.failures, self.failure_count = state["failures"], state["failure_count"]
+        self.lost_rows, self.lost_journal_bytes = state["lost_rows"], state["lost_journal_bytes"]
+        self._failing, self._flushed = state["failing"], state["flushed"]
+        self._journal_drained, self._journal_lines = state["journal_drained"], state["journal_lines"]
+        self._journal_buf, self._journal_unlogged = list(state["journal"]), state["unlogged"]
+        self._wal_noted = True  # this process never writes the WAL: nothing to note
+        for name, saved in state["tables"].items():
+            table = self.tables[name]
+            table.rows_written, table.series_rows, table.dropped = (
+                saved["rows_written"], saved["series_rows"], saved["dropped"])
+            ring = table.ring
+            ring.drained, ring.reported = saved["drained"], saved["issued"]
+            ring.abandoned, ring.unstorable, ring.given_up = (
+                set(saved["abandoned"]), saved["unstorable"], saved["given_up"])
+            ring.set_wake_rows(self._max_rows)
+
+    def take_record(self, line: bytes, logged: bool) -> None:
+        """A journal line from the training process (a drain process); ``logged``: in its WAL."""
+        with self._journal_lock:
+            self._journal_buf.append(line)
+            self._journal_unlogged += not logged
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def summary(self) -> dict[str, Any]:
+        """What the training process mirrors after a flush or the close (a drain process)."""
+        return {"failures": self.failures, "failure_count": self.failure_count,
+                "rows_written": {name: t.rows_written for name, t in self.tables.items()}}
+
+    def _mirror(self, summary: dict[str, Any]) -> None:
+        self.failures, self.failure_count = summary["failures"], summary["failure_count"]
+        for name, rows in summary["rows_written"].items():
+            self.tables[name].rows_written = rows
+
+    def _close_file(self) -> None:
+        self._datasets = {}
+        self._file.close()
+        self._file = None
 
     def _run(self) -> None:
         """Flush every ``flush_interval``, as soon as a ring holds ``max_buffer_rows`` (and
         again at once while it still does), and at once when a logging call found a ring full
         (it waits for this flush). Flushes start ``flush_interval`` apart (not
         after the previous one ended), so a point waits at most ``flush_interval`` plus one
-        flush's time for the file."""
+        flush's time for the file. Hands the shard to a drain process when rows keep waking
+        this thread (``drain.py``), and ends."""
         due = time.monotonic() + self.flush_interval
         woken = False
+        rows_woke = 0  # wakes in a row by rows waiting (not by the flush interval)
+        self._maybe_spawn(rows_woke)  # "on": at once
         while not self._stop.is_set():
             now = time.monotonic()
             self._wake.clear()  # before the checks: a wake from here on ends the wait below
-            if woken or now >= due or any(t.pending(self._max_rows) for t in self.tables.values()):
+            if self._spawning is not None and self._drain_ready() and self._hand_over():
+                return
+            if self._spawning is None:
+                by_rows = woken or any(t.pending(self._max_rows) for t in self.tables.values())
+                rows_woke = rows_woke + 1 if by_rows else 0
+                self._maybe_spawn(rows_woke)
+            if self._spawning is not None:  # a drain process starting: let the rings fill, it takes them
+                by_rows = any(t.pending(t.ring.capacity * 7 // 8) for t in self.tables.values())
+            if by_rows or now >= due:
                 due = now + self.flush_interval
                 self.flush()
                 woken = False
             else:  # no polling: a ring wakes this thread when max_buffer_rows wait (Ring.at_limit)
-                woken = self._wake.wait(max(0.0, due - now))
+                wait = due - now if self._spawning is None else min(due - now, 0.05)
+                woken = self._wake.wait(max(0.0, wait))
 
     def flush(self) -> None:
         """Write everything buffered. A failure (disk full, ...) is recorded, not raised."""
@@ -300,6 +539,12 @@ class ShardWriter:
             self._drop_in_child()
             return
         with self._flush_lock:
+            if self._drain is not None:
+                try:
+                    self._mirror(self._drain.request(("flush", self._issued())))
+                except DrainGone as exc:
+                    self._drain_lost(exc)
+                return
             if self._file is None:
                 return
             if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
@@ -332,9 +577,10 @@ class ShardWriter:
         # Journal first: series records must land before the rows that use their ids.
         with self._journal_lock:
             lines, self._journal_buf = self._journal_buf, []
-            self._inflight = (lines, {})
+            unlogged, self._journal_unlogged = self._journal_unlogged, 0
+            self._inflight = (lines, unlogged, {})
         rows = {name: table.take(FLUSH_PIECE_ROWS) for name, table in self.tables.items()}
-        self._inflight = (lines, rows)
+        self._inflight = (lines, unlogged, rows)
         self._set_deltas()
         data = {schema.JOURNAL: np.frombuffer(b"".join(lines), dtype="u1"), **rows}
         for name, values in data.items():
@@ -345,7 +591,7 @@ class ShardWriter:
         for name, values in data.items():
             self._flushed[name] += len(values)
         self._journal_lines += len(lines)
-        self._journal_drained += len(lines)
+        self._journal_drained += len(lines) - unlogged
         for name, values in rows.items():
             self.tables[name].written(values)
         now = time.monotonic()
@@ -372,7 +618,7 @@ class ShardWriter:
         queue its rows again (``keep_rows``) or count them as lost."""
         if self._inflight is None:  # a signal handler's flush took it over and finished it
             return
-        lines, rows = self._inflight
+        lines, unlogged, rows = self._inflight
         self._inflight = None
         for name, length in self._flushed.items():
             with contextlib.suppress(Exception):  # the next flush writes from _flushed anyway
@@ -382,9 +628,10 @@ class ShardWriter:
         with self._journal_lock:
             if keep_rows or sum(map(len, lines)) <= MAX_REQUEUE_BYTES:
                 self._journal_buf[:0] = lines
+                self._journal_unlogged += unlogged
             else:
                 self.lost_journal_bytes += sum(map(len, lines))
-                self._journal_drained += len(lines)
+                self._journal_drained += len(lines) - unlogged
         if not keep_rows:  # the rows stay in their rings (keep_rows) or are dropped and counted
             for name, data in rows.items():
                 self.lost_rows[name] += len(data)
@@ -416,14 +663,16 @@ class ShardWriter:
         log.warning("prov4ml_dist: %s", message)
         self.record({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
 
-    def close(self, status: str = "ok") -> None:
+    def close(self, status: str = "ok", ring_waits: dict[str, int] | None = None) -> None:
         """Flush, write the ``end`` record and close. Idempotent; nothing in a forked child.
+        With a drain process, the process does it (``ring_waits``: the training process's
+        counts, for the end record) and this process waits for it.
 
         Every wait is bounded by ``CLOSE_WAIT_S``: the flusher is not awaited from inside a
         flush of this thread (it may be waiting on that flush's lock), and a flush stuck in
         I/O leaves the shard as its last flush made it, without an end record.
         """
-        if self._file is None or self._owner_pid != os.getpid():
+        if self._closed or self._owner_pid != os.getpid():
             return
         self._stop.set()
         self._wake.set()
@@ -434,29 +683,59 @@ class ShardWriter:
                         "what its last flush wrote, and no end record", self.path, CLOSE_WAIT_S)
             return
         try:
-            if self._file is None:  # closed while this thread waited
+            if self._closed:  # closed while this thread waited
                 return
-            self.flush()  # rows first, so the end record can count them
-            self.record({"kind": "end", "time": time.time(), "status": status,
-                         "rows": {n: t.rows_written for n, t in self.tables.items()},
-                         "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
-                         "failures": self.failures, "failure_count": self.failure_count,
-                         "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
-                         "lost_journal_bytes": self.lost_journal_bytes,
-                         "ring_waits": {n: t.ring.waits for n, t in self.tables.items()}})
-            self.flush()
-            try:
-                self._file.close()
-                complete = not any(t.pending() for t in self.tables.values())
-            except Exception as exc:  # noqa: BLE001
-                log.warning("closing %s failed: %s", self.path, exc)
-                complete = False
-            self._file = None
-            self.crash.close(remove=complete)  # kept for the reader when the shard lacks something
+            if self._spawning is not None:  # a drain process still starting: not needed any more
+                self._spawning[0].stop(0.0)
+                self._spawning = None
+            if self._drain is not None or self._drain_lost_why is not None:
+                self._close_drained(status)
+            elif self._file is not None:
+                self._close_here(status, ring_waits or {n: t.ring.waits for n, t in self.tables.items()})
+            self._closed = True
         finally:
             self._flush_lock.release()
         if self._deferred:  # a signal that arrived during this close acts now
             self._run_deferred()
+
+    def _close_here(self, status: str, ring_waits: dict[str, int]) -> None:
+        self.flush()  # rows first, so the end record can count them
+        self.record({"kind": "end", "time": time.time(), "status": status,
+                     "rows": {n: t.rows_written for n, t in self.tables.items()},
+                     "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
+                     "failures": self.failures, "failure_count": self.failure_count,
+                     "lost_rows": {n: self.lost_rows[n] + t.dropped for n, t in self.tables.items()},
+                     "lost_journal_bytes": self.lost_journal_bytes, "ring_waits": ring_waits,
+                     "written_by": self._written_by})
+        self.flush()
+        try:
+            self._close_file()
+            complete = not any(t.pending() for t in self.tables.values())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("closing %s failed: %s", self.path, exc)
+            self._file = None
+            complete = False
+        self.crash.close(remove=complete)  # kept for the reader when the shard lacks something
+
+    def _close_drained(self, status: str) -> None:
+        """Have the drain process close the shard (it removes the ring and WAL when the shard
+        holds everything); when it is gone, keep them for the reader."""
+        if self._drain is not None:
+            try:
+                self._mirror(self._drain.request(
+                    ("close", self._issued(), status, {n: t.ring.waits for n, t in self.tables.items()}),
+                    timeout=CLOSE_WAIT_S))
+            except DrainGone as exc:
+                self._drain_lost(exc)
+            else:
+                self._drain.stop(drain.EXIT_WAIT_S)
+                self._drain = None
+        if self._drain_lost_why is not None:
+            lost = {n: t.ring.given_up for n, t in self.tables.items()}
+            log.warning("prov4ml_dist: %s has no end record: its drain process was gone (%s); the offline merge "
+                        "recovers its crash ring and WAL (rows let go from the full ring: %s)",
+                        self.path, self._drain_lost_why, lost)
+        self.crash.close(remove=False)
 
 
 def _open_datasets(file: h5py.File) -> dict[str, h5py.h5d.DatasetID]:
@@ -472,7 +751,7 @@ def _open_datasets(file: h5py.File) -> dict[str, h5py.h5d.DatasetID]:
 def _disown_inherited_writers() -> None:
     """The fork hook: a child process never writes, flushes into or closes its parent's shards."""
     for writer in list(_live_writers):
-        if writer._file is not None and writer.inherited():
+        if not writer._closed and writer.inherited():
             writer._disown()
             writer.crash.forget_in_child()
 
