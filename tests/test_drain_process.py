@@ -7,6 +7,7 @@ child never ends it; ``off`` and ``auto`` keep the flusher thread for a slow log
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -107,6 +108,28 @@ def test_a_forked_child_never_ends_the_drain_process(tmp_path):
     shard = read_shard(Path(result["shard"]))
     assert shard.end["written_by"] == "drain process" and shard.end["rows"]["metrics"] == points
     np.testing.assert_array_equal(shard.rows["step"], np.arange(points))
+
+
+def test_sigterm_during_a_flush_request_closes_the_shard_through_the_drain_process(tmp_path):
+    """The rank flushes after every point (each flush a round trip to the drain process), so the
+    signal lands inside a request: the handler waits for it, then closes the shard through the
+    process, and the rank dies of the signal (a flush that returned early once skipped that)."""
+    save = tmp_path / "prov"
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(save), "sig", "0", "1", "flush-loop"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=child_env())
+    try:
+        result = json.loads(proc.stdout.readline())
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    shard = read_shard(Path(result["shard"]))
+    assert shard.end["status"] == "killed-by-SIGTERM" and shard.end["written_by"] == "drain process"
+    assert shard.end["rows"]["metrics"] == len(shard.rows) > 0
+    np.testing.assert_array_equal(shard.rows["step"], np.arange(len(shard.rows)))
+    assert _gone(result["drain_pid"])
 
 
 @pytest.mark.parametrize(("mode", "points", "written_by"), [

@@ -50,15 +50,9 @@ PROMOTE_AFTER = 1  # "auto": wakes of the flusher in a row by rows waiting, not 
 READY_TIMEOUT_S = 60.0  # a process not ready by then is given up (the flusher goes on in-process)
 REPLY_TIMEOUT_S = 5.0  # for a flush or the hand-over; a close waits writer.CLOSE_WAIT_S
 EXIT_WAIT_S = 2.0  # for the process to exit once it closed the shard, before it is killed
-NICE = 19
-# The process lowers its priority before its imports (they take a core for a few tenths of a
-# second, while the rank logs fast), and imports the shard package without the public API's
-# modules (``prov4ml_dist/__init__``): an empty package module stands for it.
-BOOT = f"""import importlib.util, os, sys, types
-try:
-    os.nice({NICE})
-except OSError:
-    pass
+# The process imports the shard package without the public API's modules
+# (``prov4ml_dist/__init__``): an empty package module stands for it.
+BOOT = """import importlib.util, sys, types
 spec = importlib.util.find_spec("prov4ml_dist")
 package = sys.modules["prov4ml_dist"] = types.ModuleType("prov4ml_dist")
 package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec

@@ -544,31 +544,32 @@ class ShardWriter:
                     self._mirror(self._drain.request(("flush", self._issued())))
                 except DrainGone as exc:
                     self._drain_lost(exc)
-                return
-            if self._file is None:
-                return
-            if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
-                self._abandon(keep_rows=True)
-            due = {name: table.ring.issued() for name, table in self.tables.items()}
-            failure: Exception | None = None
-            while True:  # piece by piece, up to the slots issued when this flush began
-                try:
-                    more = self._flush_locked(due)
-                except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
-                    self._abandon(keep_rows=False)
-                    failure = failure or exc
-                    # The next pieces are tried too: a flush takes (or drops and counts) every
-                    # row due, so that nothing is left for a later flush to drop after the end record.
-                    more = any(t.ring.drained < due[n] and t.pending() for n, t in self.tables.items())
-                except BaseException:  # KeyboardInterrupt mid-flush: nothing is lost, the exit path flushes
-                    self._abandon(keep_rows=True)
-                    raise
-                if not more:
-                    break
-            if failure is not None:
-                self._failed(failure)
-        if self._deferred:
+            elif self._file is not None:
+                self._flush_here()
+        if self._deferred:  # a signal that arrived during the flush acts now
             self._run_deferred()
+
+    def _flush_here(self) -> None:
+        if self._inflight is not None:  # a signal handler interrupted this thread's flush: redo it
+            self._abandon(keep_rows=True)
+        due = {name: table.ring.issued() for name, table in self.tables.items()}
+        failure: Exception | None = None
+        while True:  # piece by piece, up to the slots issued when this flush began
+            try:
+                more = self._flush_locked(due)
+            except Exception as exc:  # noqa: BLE001 - training must go on; the loss is recorded
+                self._abandon(keep_rows=False)
+                failure = failure or exc
+                # The next pieces are tried too: a flush takes (or drops and counts) every
+                # row due, so that nothing is left for a later flush to drop after the end record.
+                more = any(t.ring.drained < due[n] and t.pending() for n, t in self.tables.items())
+            except BaseException:  # KeyboardInterrupt mid-flush: nothing is lost, the exit path flushes
+                self._abandon(keep_rows=True)
+                raise
+            if not more:
+                break
+        if failure is not None:
+            self._failed(failure)
 
     def _flush_locked(self, due: dict[str, int]) -> bool:
         """One piece: the journal, then up to ``FLUSH_PIECE_ROWS`` committed rows of each table;

@@ -4,7 +4,9 @@
 
 MODE: ``end`` (end_run), ``kill-rank`` (SIGKILL itself once the points are logged),
 ``kill-drain`` (SIGKILL the drain process first, then log and end_run), ``fork`` (a forked
-child exits while the parent logs, then end_run). Prints one JSON line before the end.
+child exits while the parent logs, then end_run), ``flush-loop`` (print the JSON line, then log
+and flush, each flush a request to the drain process, until a signal ends it). Prints one JSON
+line before the end.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ if mode == "fork":
     if child == 0:
         os._exit(0)
     os.waitpid(child, 0)
+
+
+if mode == "flush-loop":
+    print(json.dumps({"drain_pid": drain_pid, "shard": str(prov4ml.get_active_run().shard_path)}), flush=True)
+    step = 0
+    while True:
+        prov4ml.log_metric("t0", float(step), prov4ml.Context.TRAINING, step=step)
+        writer.flush()
+        step += 1
 
 
 def log(t: int) -> None:
