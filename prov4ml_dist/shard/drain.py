@@ -193,7 +193,7 @@ def serve(conn: Connection) -> None:
                 writer.flush()
                 conn.send(writer.summary())
             elif kind == "close":
-                writer.close(message[2], ring_waits=message[3])
+                writer.close(message[2], ring_waits=message[3], ended=message[4])  # the rank's clock
                 conn.send(writer.summary())
                 return
 

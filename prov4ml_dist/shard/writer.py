@@ -664,10 +664,10 @@ class ShardWriter:
         log.warning("prov4ml_dist: %s", message)
         self.record({"kind": "warning", "time": time.time(), "where": "shard", "message": message})
 
-    def close(self, status: str = "ok", ring_waits: dict[str, int] | None = None) -> None:
+    def close(self, status: str = "ok", ring_waits: dict[str, int] | None = None, ended: float | None = None) -> None:
         """Flush, write the ``end`` record and close. Idempotent; nothing in a forked child.
-        With a drain process, the process does it (``ring_waits``: the training process's
-        counts, for the end record) and this process waits for it.
+        With a drain process, the process does it (``ring_waits`` and ``ended``: the training
+        process's counts and clock, for the end record) and this process waits for it.
 
         Every wait is bounded by ``CLOSE_WAIT_S``: the flusher is not awaited from inside a
         flush of this thread (it may be waiting on that flush's lock), and a flush stuck in
@@ -692,16 +692,17 @@ class ShardWriter:
             if self._drain is not None or self._drain_lost_why is not None:
                 self._close_drained(status)
             elif self._file is not None:
-                self._close_here(status, ring_waits or {n: t.ring.waits for n, t in self.tables.items()})
+                self._close_here(status, ring_waits or {n: t.ring.waits for n, t in self.tables.items()},
+                                 time.time() if ended is None else ended)
             self._closed = True
         finally:
             self._flush_lock.release()
         if self._deferred:  # a signal that arrived during this close acts now
             self._run_deferred()
 
-    def _close_here(self, status: str, ring_waits: dict[str, int]) -> None:
+    def _close_here(self, status: str, ring_waits: dict[str, int], ended: float) -> None:
         self.flush()  # rows first, so the end record can count them
-        self.record({"kind": "end", "time": time.time(), "status": status,
+        self.record({"kind": "end", "time": ended, "status": status,
                      "rows": {n: t.rows_written for n, t in self.tables.items()},
                      "series_rows": {n: t.series_rows.tolist() for n, t in self.tables.items()},
                      "failures": self.failures, "failure_count": self.failure_count,
@@ -724,7 +725,8 @@ class ShardWriter:
         if self._drain is not None:
             try:
                 self._mirror(self._drain.request(
-                    ("close", self._issued(), status, {n: t.ring.waits for n, t in self.tables.items()}),
+                    ("close", self._issued(), status, {n: t.ring.waits for n, t in self.tables.items()},
+                     time.time()),
                     timeout=CLOSE_WAIT_S))
             except DrainGone as exc:
                 self._drain_lost(exc)
