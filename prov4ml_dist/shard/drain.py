@@ -42,8 +42,6 @@ from typing import Any
 
 from ..errors import InvalidInputError
 
-log = logging.getLogger(__name__)
-
 MODES = ("auto", "off", "on")
 ENV = "PROV4ML_DRAIN_PROCESS"
 PROMOTE_AFTER = 1  # "auto": wakes of the flusher in a row by rows waiting, not by the flush interval

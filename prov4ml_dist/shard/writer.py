@@ -352,8 +352,8 @@ class ShardWriter:
         return abandon
 
     def _maybe_spawn(self, rows_woke: int) -> None:
-        """Start a drain process when this rank logs fast (``drain.PROMOTE_AFTER`` flushes in
-        a row started by rows waiting), or at once with ``on``; never with ``off``."""
+        """Start a drain process at once with ``on``; with ``auto`` once rows waiting woke this
+        thread ``drain.PROMOTE_AFTER`` times in a row (a rank that logs fast); never with ``off``."""
         if self._spawning is not None or self._drain_mode == "off" or (
                 self._drain_mode == "auto" and rows_woke < drain.PROMOTE_AFTER):
             return
