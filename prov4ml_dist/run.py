@@ -310,6 +310,7 @@ class Run:
         if config.sample_interval is not None:
             self.sampler = Sampler(self.writer.system, self.writer.record, self.topology, config.sample_interval)
             self.sampler.start()
+        self.writer.await_drain()  # the drain process has the shard before the first point is logged
 
     # -- hot path -------------------------------------------------------------------------
     def log_metric(self, key: str, value: Any, context: Any, step: Any = None, source: Any = None) -> None:

@@ -133,25 +133,51 @@ def test_sigterm_during_a_flush_request_closes_the_shard_through_the_drain_proce
 
 
 @pytest.mark.parametrize(("mode", "points", "written_by"), [
+    ("on", 1, "drain process"),
     ("off", 300_000, "flusher thread"),
     ("auto", 2_000, "flusher thread"),
     ("auto", 300_000, "drain process"),
 ])
-def test_off_and_auto(tmp_path, monkeypatch, mode, points, written_by):
-    """``off`` never starts a drain process; ``auto`` starts one only for a rank whose rows
-    keep waking the flusher (here: 300,000 points in a tight loop, not 2,000)."""
+def test_modes(tmp_path, monkeypatch, mode, points, written_by):
+    """``on`` (the default): ``start_run`` returns once the drain process has the shard, so even
+    a rank's first point is never written in-process; ``off`` never starts a drain process;
+    ``auto`` starts one only for a rank whose rows keep waking the flusher (here: 300,000 points
+    in a tight loop, not 2,000). The process runs two threads (its own and the writer's flusher),
+    whatever BLAS threads the rank asks for: it does no arithmetic."""
     monkeypatch.setenv(drain.ENV, mode)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
     prov4ml.start_run(experiment_name="modes", provenance_save_dir=tmp_path, sample_interval=None)
-    shard_path = prov4ml.get_active_run().shard_path
+    writer = prov4ml.get_active_run().writer
+    assert (writer._drain is not None) == (mode == "on")
+    if mode == "on":
+        status = Path(f"/proc/{writer._drain.process.pid}/status").read_text()
+        assert status.split("Threads:")[1].split()[0] == "2"
     for step in range(points):
         prov4ml.log_metric("x", float(step), prov4ml.Context.TRAINING, step=step)
-    if written_by == "drain process":  # the hand-over comes a few tenths of a second after the wake
-        deadline = time.monotonic() + 30
-        while prov4ml.get_active_run().writer._drain is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+    if mode == "auto" and written_by == "drain process":  # the hand-over comes a few tenths of a second after the wake
+        assert writer.await_drain(30)
     prov4ml.end_run()
-    shard = read_shard(shard_path)
+    shard = read_shard(writer.path)
     assert shard.end["written_by"] == written_by and shard.end["rows"]["metrics"] == points
+
+
+def test_a_process_slower_than_start_run_takes_the_shard_later(tmp_path, monkeypatch):
+    """``start_run`` waits ``drain.START_WAIT_S`` for the process (here: not at all); a rank that
+    logs meanwhile has its shard written by the flusher thread until the process takes it over,
+    and nothing is lost or doubled across the hand-over."""
+    monkeypatch.setattr(drain, "START_WAIT_S", 0.0)
+    prov4ml.start_run(experiment_name="late", provenance_save_dir=tmp_path, sample_interval=None)
+    writer = prov4ml.get_active_run().writer
+    assert writer._drain is None
+    points = 300_000
+    for step in range(points):
+        prov4ml.log_metric("x", float(step), prov4ml.Context.TRAINING, step=step)
+    assert writer.await_drain(30)
+    prov4ml.end_run()
+    shard = read_shard(writer.path)
+    assert shard.end["written_by"] == "drain process" and shard.end["rows"]["metrics"] == points
+    np.testing.assert_array_equal(shard.rows["step"], np.arange(points))
 
 
 def test_a_misspelt_setting_is_refused_at_start_run(tmp_path, monkeypatch):

@@ -17,13 +17,20 @@ from prov4ml_dist.shard import ShardReader, ShardWriter, drain, ring, writer
 ATTRS = {"run_id": "r", "rank": 0, "attempt": 0}
 
 
-def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_a_full_ring_wakes_the_flusher_at_once(tmp_path, monkeypatch, mode):
     """The flush interval is a minute here and no buffer threshold is ever reached: only a
     logging call that found the ring full can start a flush. A burst of twice the ring's
-    capacity finishes within seconds, and every row lands once, in order."""
+    capacity finishes within seconds, and every row lands once, in order. The flusher thread
+    (``off``: the whole ring, more than a flush piece) and a drain process that has the shard
+    (``on``: a small ring, so that the logger always outruns the process and finds it full)."""
+    monkeypatch.setenv(drain.ENV, mode)
+    if mode == "on":
+        monkeypatch.setitem(ring.CAPACITY, "metrics", 1024)
     capacity = ring.CAPACITY["metrics"]
     path = tmp_path / "s.h5"
     w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=4 * capacity)
+    assert w.await_drain() == (mode == "on")
     rows = 2 * capacity + 100
     stuck, steps, end = _burst_then_close(w, rows)
     assert not stuck, "a logging call waited for the flusher's next poll"
@@ -41,10 +48,7 @@ def test_max_buffer_rows_waiting_wake_the_flusher_which_never_polls(tmp_path, mo
     path = tmp_path / "s.h5"
     w = ShardWriter(path, ATTRS, flush_interval=60, max_buffer_rows=1000)
     sid = w.metrics.register("loss", "TRAINING", "")
-    deadline = time.monotonic() + 30
-    while mode == "on" and w._drain is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert (w._drain is not None) == (mode == "on")
+    assert w.await_drain() == (mode == "on")
     try:
         for step in range(999):
             w.metrics.append(sid, step, float(step), 1.0)

@@ -12,7 +12,8 @@ training process keeps the hot path (a row into the ring; the drain point read f
 header when it must wake the process or wait for it) and sends the process its journal records
 (after writing them to the WAL, as before), wakes, flush and close requests over a socket.
 
-``PROV4ML_DRAIN_PROCESS``: ``on`` (the default: started by ``start_run``), ``auto`` (started
+``PROV4ML_DRAIN_PROCESS``: ``on`` (the default: started first thing by ``start_run``, which
+returns once the process has the shard, ``ShardWriter.await_drain``), ``auto`` (started
 once ``max_buffer_rows`` rows wait before the flush interval: a rank logging tens of thousands
 of points a second), ``off`` (the flusher thread only, no extra process).
 
@@ -46,6 +47,8 @@ MODES = ("auto", "off", "on")
 ENV = "PROV4ML_DRAIN_PROCESS"
 PROMOTE_AFTER = 1  # "auto": wakes of the flusher in a row by rows waiting, not by the flush interval
 READY_TIMEOUT_S = 60.0  # a process not ready by then is given up (the flusher goes on in-process)
+START_WAIT_S = 10.0  # start_run waits this long for the hand-over, then the flusher writes until it
+STARTING_POLL_S = 0.01  # how often the flusher looks whether a process being started is ready
 REPLY_TIMEOUT_S = 5.0  # for a flush or the hand-over; a close waits writer.CLOSE_WAIT_S
 EXIT_WAIT_S = 2.0  # for the process to exit once it closed the shard, before it is killed
 # The process imports the shard package without the public API's modules
@@ -57,6 +60,9 @@ package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
 from prov4ml_dist.shard.drain import main
 main()
 """
+# The process does no arithmetic: numpy's BLAS must not start a thread per core at import
+# (63 on a 64-core node; here it halves the process's start-up CPU).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 IGNORED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
@@ -82,7 +88,7 @@ class DrainClient:
             import prov4ml_dist
 
             package_root = str(Path(prov4ml_dist.__file__).resolve().parent.parent)
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            env = dict(os.environ, **ONE_THREAD, PYTHONPATH=os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
             self.process = subprocess.Popen(
                 [sys.executable, "-c", BOOT, str(theirs.fileno())],

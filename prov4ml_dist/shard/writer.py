@@ -143,13 +143,19 @@ class ShardWriter:
     def __init__(self, path: Path, attrs: dict[str, Any], flush_interval: float = 1.0,
                  max_buffer_rows: int = DEFAULT_MAX_BUFFER_ROWS) -> None:
         self._setup(Path(path), flush_interval, max_buffer_rows, drain.mode())
-        self._file = self._create(attrs)
+        self._maybe_spawn(0)  # "on": first, so that the process imports while the shard is made
         try:
-            self.crash = CrashLog(self.path)
+            self._file = self._create(attrs)
+            try:
+                self.crash = CrashLog(self.path)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._file.close()
+                self.path.unlink(missing_ok=True)
+                raise
         except BaseException:
-            with contextlib.suppress(Exception):
-                self._file.close()
-            self.path.unlink(missing_ok=True)
+            if self._spawning is not None:
+                self._spawning[0].stop(0.0)
             raise
         self._start()
 
@@ -189,6 +195,8 @@ class ShardWriter:
         self._drain_mode = drain_mode
         self._spawning: tuple[DrainClient, float] | None = None  # a drain process starting, since
         self._drain: DrainClient | None = None  # the drain process that writes the shard now
+        self._settled = threading.Event()  # no drain process starting (await_drain)
+        self._settled.set()
         self._drain_lost_why: str | None = None
         self._written_by = "flusher thread"  # for the end record: who wrote the shard at the end
 
@@ -358,11 +366,22 @@ class ShardWriter:
                 self._drain_mode == "auto" and rows_woke < drain.PROMOTE_AFTER):
             return
         try:
+            self._settled.clear()
             self._spawning = (DrainClient(), time.monotonic())
         except (OSError, ValueError) as exc:
+            self._settled.set()
             self._drain_mode = "off"
             log.warning("prov4ml_dist: cannot start a drain process for %s (%s); the shard is written by "
                         "this process's flusher thread", self.path, exc)
+
+    def await_drain(self, timeout: float | None = None) -> bool:
+        """Wait until the drain process being started has taken the shard (or was given up), at
+        most ``timeout`` (``drain.START_WAIT_S``); says whether it writes the shard now.
+        ``start_run`` waits here: until the hand-over the flusher thread writes the shard, and a
+        rank that logs at once in a tight loop would meet the stalls the process is there to
+        remove (README "Zero loss")."""
+        self._settled.wait(drain.START_WAIT_S if timeout is None else timeout)
+        return self._drain is not None
 
     def _drain_ready(self) -> bool:
         """Whether the drain process being started waits for the hand-over; gives it up when it
@@ -377,6 +396,7 @@ class ShardWriter:
         except DrainGone as exc:
             why = str(exc)
         self._spawning, self._drain_mode = None, "off"
+        self._settled.set()
         client.stop(0.0)
         log.warning("prov4ml_dist: the drain process for %s did not start (%s); the shard is written by this "
                     "process's flusher thread", self.path, why)
@@ -390,26 +410,29 @@ class ShardWriter:
         between."""
         client, _ = self._spawning
         self._spawning = None
-        with self._flush_lock:
-            if self._file is None or self._stop.is_set():
-                client.stop(0.0)
-                return False
-            with self._journal_lock:
-                state = self._state()
-                self._close_file()
-                try:
-                    reply = client.request(("adopt", state))
-                    if reply != ("adopted",):
-                        raise DrainGone(f"unexpected reply {reply!r}")
-                except DrainGone as exc:
-                    client.stop(1.0)
-                    self._drain_mode = "off"
-                    return self._take_back(str(exc))
-                self._journal_buf, self._journal_unlogged = [], 0
-                self._drain = client
-                for name, ring in self.crash.rings.items():
-                    ring.on_due = self._drain_wake
-                    ring.on_abandon = self._drain_abandon(name)
+        try:
+            with self._flush_lock:
+                if self._file is None or self._stop.is_set():
+                    client.stop(0.0)
+                    return False
+                with self._journal_lock:
+                    state = self._state()
+                    self._close_file()
+                    try:
+                        reply = client.request(("adopt", state))
+                        if reply != ("adopted",):
+                            raise DrainGone(f"unexpected reply {reply!r}")
+                    except DrainGone as exc:
+                        client.stop(1.0)
+                        self._drain_mode = "off"
+                        return self._take_back(str(exc))
+                    self._journal_buf, self._journal_unlogged = [], 0
+                    self._drain = client
+                    for name, ring in self.crash.rings.items():
+                        ring.on_due = self._drain_wake
+                        ring.on_abandon = self._drain_abandon(name)
+        finally:
+            self._settled.set()  # for await_drain
         log.info("prov4ml_dist: %s is written by a drain process (pid %d) from now on", self.path,
                  client.process.pid)
         return True
@@ -513,7 +536,6 @@ class ShardWriter:
         due = time.monotonic() + self.flush_interval
         woken = False
         rows_woke = 0  # wakes in a row by rows waiting (not by the flush interval)
-        self._maybe_spawn(rows_woke)  # "on": at once
         while not self._stop.is_set():
             now = time.monotonic()
             self._wake.clear()  # before the checks: a wake from here on ends the wait below
@@ -530,7 +552,7 @@ class ShardWriter:
                 self.flush()
                 woken = False
             else:  # no polling: a ring wakes this thread when max_buffer_rows wait (Ring.at_limit)
-                wait = due - now if self._spawning is None else min(due - now, 0.05)
+                wait = due - now if self._spawning is None else min(due - now, drain.STARTING_POLL_S)
                 woken = self._wake.wait(max(0.0, wait))
 
     def flush(self) -> None:
@@ -689,6 +711,7 @@ class ShardWriter:
             if self._spawning is not None:  # a drain process still starting: not needed any more
                 self._spawning[0].stop(0.0)
                 self._spawning = None
+                self._settled.set()
             if self._drain is not None or self._drain_lost_why is not None:
                 self._close_drained(status)
             elif self._file is not None:

@@ -16,17 +16,13 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import prov4ml_dist as prov4ml
 
 save, run_id, points, threads, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 prov4ml.start_run(experiment_name="drain", provenance_save_dir=save, run_id=run_id, sample_interval=None)
 writer = prov4ml.get_active_run().writer
-deadline = time.monotonic() + 60
-while writer._drain is None and time.monotonic() < deadline:  # the process takes the shard once it has started
-    time.sleep(0.01)
-drain_pid = writer._drain.process.pid if writer._drain is not None else None
+drain_pid = writer._drain.process.pid if writer._drain is not None else None  # start_run waited for it
 if mode == "kill-drain":
     os.kill(drain_pid, signal.SIGKILL)
     writer._drain.process.wait()
