@@ -79,7 +79,9 @@ def test_sigterm_during_the_logging_threads_own_flushes_never_hangs_or_loses_wha
     """120 SIGTERMs at random moments into ranks whose logging thread flushes itself every 64
     points while the flusher competes for the lock. The handler used to close the shard from
     inside that flush and join the flusher, which waited on that flush: a hang until SIGKILL.
-    Now every rank dies of the signal within the bound, its shard closed, every point there."""
+    Now every rank dies of the signal within the bound, its shard closed, every point there.
+    Half the ranks have their shard written by a drain process (each flush a request to it),
+    half by their flusher thread."""
     outcomes, stderr = signal_trials(tmp_path, SIGTERM_TRIALS, seed=18)
     assert len(outcomes) == SIGTERM_TRIALS
     assert [o["trial"] for o in outcomes if o["hung"]] == []
@@ -87,6 +89,7 @@ def test_sigterm_during_the_logging_threads_own_flushes_never_hangs_or_loses_wha
     for outcome in outcomes:
         shard = read_shard(Path(outcome["shard"]))
         assert shard.end is not None and shard.end["status"] == "killed-by-SIGTERM", outcome
+        assert shard.end["written_by"] == {"on": "drain process", "off": "flusher thread"}[outcome["drain"]]
         assert shard.end["lost_rows"]["metrics"] == 0 and shard.end["rows"]["metrics"] == len(shard.rows)
         np.testing.assert_array_equal(shard.rows["step"], np.arange(len(shard.rows)))
         np.testing.assert_array_equal(shard.rows["value"], shard.rows["step"].astype(float))

@@ -30,6 +30,7 @@ import prov4ml_dist as prov4ml
 from prov4ml_dist import api
 from prov4ml_dist.errors import Prov4MLError
 from prov4ml_dist.run import as_param_value
+from prov4ml_dist.shard import drain
 
 from .faultkit import merged_points
 
@@ -225,9 +226,11 @@ VALID_SECONDS = st.floats(min_value=0.01, max_value=1000)
 SECONDS = st.one_of(VALID_SECONDS, st.floats(), st.integers(-5, 10), st.none(), st.text(max_size=2), st.booleans())
 
 
-def test_start_run_makes_its_directory_inside_the_save_directory_or_refuses(tmp_path):
+def test_start_run_makes_its_directory_inside_the_save_directory_or_refuses(tmp_path, monkeypatch):
     """Any experiment name, run id and intervals: a run whose directory is inside the save
-    directory, or a refusal that leaves no shard behind (a retry must not find one)."""
+    directory, or a refusal that leaves no shard behind (a retry must not find one). Hundreds
+    of runs: without a drain process each (``test_drain_process.py`` tests those)."""
+    monkeypatch.setenv(drain.ENV, "off")
     save = (tmp_path / "save").resolve()
     fresh = itertools.count()
 

@@ -101,7 +101,8 @@ def main() -> None:
     if args.fill_disk:
         filler = fill(Path(args.save_dir))
         writer = prov4ml.get_active_run().writer
-        step = log_for(30.0, step, args.pause, until=lambda: writer.failure_count > 0)
+        # A drain process reports its failures with each flush's reply: ask for one per batch.
+        step = log_for(30.0, step, args.pause, until=lambda: writer.flush() or writer.failure_count > 0)
         filler.unlink()
     if victim and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == str(args.fail_attempt):
         step = log_for(FAIL_AFTER_S, step, args.pause)

@@ -6,13 +6,14 @@ SIGNAL defaults to SIGTERM, FLUSH_EVERY (rows between the logging thread's own f
 none) to 64.
 
 Imports once, then forks PARALLEL children at a time (no import cost per trial). Each child
-starts a run with a 0.05 s flush interval and flushes in its logging thread every FLUSH_EVERY
+starts a run with a 0.05 s flush interval, its shard written by a drain process in even trials
+and by its flusher thread in odd ones (``PROV4ML_DRAIN_PROCESS``), and flushes in its logging thread every FLUSH_EVERY
 points (as ``end_run`` or a user's flush would) while the flusher thread keeps competing for the flush
 lock, and logs a counter (step = value = 0, 1, 2, ...) in a tight loop, publishing each
 accepted step in shared memory. The driver sends it SIGNAL at a random moment and waits at
 most HANG_S for it to die; one that does not is a hang, SIGKILLed. Prints one JSON line per
 trial: exit status, hung, the moment the signal was sent, how many points the child had
-logged by then, and the shard's path.
+logged by then, the drain setting and the shard's path.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from typing import Any
 
 import prov4ml_dist as prov4ml
 from prov4ml_dist import api
+from prov4ml_dist.shard import drain
 
 HANG_S = 20.0
 FLUSH_S = 0.05
 
 
-def child(save_dir: str, run_id: str, ready_fd: int, logged: Any, flush_every: int) -> None:
+def child(save_dir: str, run_id: str, ready_fd: int, logged: Any, flush_every: int, mode: str) -> None:
+    os.environ[drain.ENV] = mode
     prov4ml.start_run(experiment_name="sigterm", provenance_save_dir=save_dir, run_id=run_id,
                       flush_interval=FLUSH_S, sample_interval=None)
     writer = api.get_active_run().writer
@@ -47,6 +50,10 @@ def child(save_dir: str, run_id: str, ready_fd: int, logged: Any, flush_every: i
         if step == 1000:
             os.write(ready_fd, b"r")
             os.close(ready_fd)
+
+
+def mode(trial: int) -> str:
+    return "on" if trial % 2 == 0 else "off"
 
 
 def wait_dead(pid: int, deadline: float) -> int | None:
@@ -74,7 +81,7 @@ def main() -> None:
             if pid == 0:
                 os.close(read_fd)
                 try:
-                    child(save_dir, f"t{trial:04d}", write_fd, logged, flush_every)
+                    child(save_dir, f"t{trial:04d}", write_fd, logged, flush_every, mode(trial))
                 finally:
                     os._exit(3)
             os.close(write_fd)
@@ -91,7 +98,7 @@ def main() -> None:
                 os.kill(pid, signal.SIGKILL)
                 code = wait_dead(pid, time.monotonic() + HANG_S)
             print(json.dumps({"trial": trial, "code": code, "hung": hung, "sent": sent,
-                              "logged_before": logged_before,
+                              "logged_before": logged_before, "drain": mode(trial),
                               "shard": f"{save_dir}/sigterm/t{trial:04d}/shards/rank-00000.h5"}), flush=True)
 
 
