@@ -380,7 +380,13 @@ class ShardWriter:
         ``start_run`` waits here: until the hand-over the flusher thread writes the shard, and a
         rank that logs at once in a tight loop would meet the stalls the process is there to
         remove (README "Zero loss")."""
-        self._settled.wait(drain.START_WAIT_S if timeout is None else timeout)
+        # Polls: with the rank's main thread blocked in ``self._settled.wait`` here, the MPI
+        # template job on the test cluster failed inside MPICH's PMI2 address exchange 4 times
+        # in 4 (requests garbled with this process's heap); polling passed 3 of 3. Not
+        # understood: see README "Zero loss", the drain process.
+        deadline = time.monotonic() + (drain.START_WAIT_S if timeout is None else timeout)
+        while not self._settled.is_set() and time.monotonic() < deadline:
+            time.sleep(drain.STARTING_POLL_S / 2)
         return self._drain is not None
 
     def _drain_ready(self) -> bool:
