@@ -382,7 +382,7 @@ class ShardWriter:
         remove (README "Zero loss")."""
         # Polls: with the rank's main thread blocked in ``self._settled.wait`` here, the MPI
         # template job on the test cluster failed inside MPICH's PMI2 address exchange 4 times
-        # in 4 (requests garbled with this process's heap); polling passed 3 of 3. Not
+        # in 4 (requests garbled with this process's heap); polling passed 4 of 4. Not
         # understood: see README "Zero loss", the drain process.
         deadline = time.monotonic() + (drain.START_WAIT_S if timeout is None else timeout)
         while not self._settled.is_set() and time.monotonic() < deadline:
