@@ -72,11 +72,11 @@ def test_forked_helpers_that_exit_or_are_terminated_do_not_close_the_parents_sha
 
 
 # -- SIGTERM ---------------------------------------------------------------------------------
-SIGTERM_TRIALS = 120
+SIGTERM_TRIALS = 80
 
 
 def test_sigterm_during_the_logging_threads_own_flushes_never_hangs_or_loses_what_was_due(tmp_path):
-    """120 SIGTERMs at random moments into ranks whose logging thread flushes itself every 64
+    """80 SIGTERMs at random moments into ranks whose logging thread flushes itself every 64
     points while the flusher competes for the lock. The handler used to close the shard from
     inside that flush and join the flusher, which waited on that flush: a hang until SIGKILL.
     Now every rank dies of the signal within the bound, its shard closed, every point there.

@@ -211,3 +211,7 @@ def main() -> None:
         serve(Connection(int(sys.argv[1])))
     except (BrokenPipeError, ConnectionResetError):  # the training process is gone: nothing to say
         pass
+    # The shard is closed (or left as a death leaves it): skip the interpreter's teardown of
+    # numpy and h5py, ~60 ms that the rank's end_run would wait for.
+    sys.stderr.flush()
+    os._exit(0)
