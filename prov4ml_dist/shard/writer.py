@@ -195,8 +195,6 @@ class ShardWriter:
         self._drain_mode = drain_mode
         self._spawning: tuple[DrainClient, float] | None = None  # a drain process starting, since
         self._drain: DrainClient | None = None  # the drain process that writes the shard now
-        self._settled = threading.Event()  # no drain process starting (await_drain)
-        self._settled.set()
         self._drain_lost_why: str | None = None
         self._written_by = "flusher thread"  # for the end record: who wrote the shard at the end
 
@@ -366,10 +364,8 @@ class ShardWriter:
                 self._drain_mode == "auto" and rows_woke < drain.PROMOTE_AFTER):
             return
         try:
-            self._settled.clear()
             self._spawning = (DrainClient(), time.monotonic())
         except (OSError, ValueError) as exc:
-            self._settled.set()
             self._drain_mode = "off"
             log.warning("prov4ml_dist: cannot start a drain process for %s (%s); the shard is written by "
                         "this process's flusher thread", self.path, exc)
@@ -380,12 +376,12 @@ class ShardWriter:
         ``start_run`` waits here: until the hand-over the flusher thread writes the shard, and a
         rank that logs at once in a tight loop would meet the stalls the process is there to
         remove (README "Zero loss")."""
-        # Polls: with the rank's main thread blocked in ``self._settled.wait`` here, the MPI
+        # Polls: with the rank's main thread blocked in a ``threading.Event.wait`` here, the MPI
         # template job on the test cluster failed inside MPICH's PMI2 address exchange 4 times
         # in 4 (requests garbled with this process's heap); polling passed 4 of 4. Not
         # understood: see README "Zero loss", the drain process.
         deadline = time.monotonic() + (drain.START_WAIT_S if timeout is None else timeout)
-        while not self._settled.is_set() and time.monotonic() < deadline:
+        while self._spawning is not None and time.monotonic() < deadline:
             time.sleep(drain.STARTING_POLL_S / 2)
         return self._drain is not None
 
@@ -402,7 +398,6 @@ class ShardWriter:
         except DrainGone as exc:
             why = str(exc)
         self._spawning, self._drain_mode = None, "off"
-        self._settled.set()
         client.stop(0.0)
         log.warning("prov4ml_dist: the drain process for %s did not start (%s); the shard is written by this "
                     "process's flusher thread", self.path, why)
@@ -413,9 +408,8 @@ class ShardWriter:
         state (the journal lines not flushed yet with it; the rows not flushed yet stay in the
         rings, which it drains); says whether it took it (else this thread goes on writing
         it). The journal lock is held until the process has the shard, so no record falls
-        between."""
+        between. ``_spawning`` stays set until it is done: ``await_drain`` waits on it."""
         client, _ = self._spawning
-        self._spawning = None
         try:
             with self._flush_lock:
                 if self._file is None or self._stop.is_set():
@@ -438,7 +432,7 @@ class ShardWriter:
                         ring.on_due = self._drain_wake
                         ring.on_abandon = self._drain_abandon(name)
         finally:
-            self._settled.set()  # for await_drain
+            self._spawning = None
         log.info("prov4ml_dist: %s is written by a drain process (pid %d) from now on", self.path,
                  client.process.pid)
         return True
@@ -717,7 +711,6 @@ class ShardWriter:
             if self._spawning is not None:  # a drain process still starting: not needed any more
                 self._spawning[0].stop(0.0)
                 self._spawning = None
-                self._settled.set()
             if self._drain is not None or self._drain_lost_why is not None:
                 self._close_drained(status)
             elif self._file is not None:
